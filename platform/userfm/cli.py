@@ -1,0 +1,182 @@
+"""The ``userfm`` command line. Each subcommand is a thin shell over one stage's library function;
+heavy imports (Ray, torch) happen inside the subcommand, so ``userfm --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from userfm import __version__
+from userfm.errors import UserfmError
+
+
+class CLIError(UserfmError):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="config file; keys are the config dataclass field names")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key (repeatable), applied after --config",
+    )
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+
+
+# ---------------------------------------------------------------------------------- subcommands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.synth import SynthConfig, generate
+
+    cfg = load_config(
+        SynthConfig, args.config, args.overrides,
+        n_users=args.users, events_per_user=args.events_per_user, seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    truth = generate(cfg, args.out, progress=print)
+    stats = truth.get("activity", {})
+    print(f"[synth] wrote {args.out} in {time.perf_counter() - t0:.1f}s: " + json.dumps(stats))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from userfm.convert import convert
+
+    manifest = convert(args.format, args.src, args.out, service=args.service)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _ingest_config(args: argparse.Namespace):
+    from userfm.config import load_config
+    from userfm.ingest import IngestConfig
+
+    return load_config(
+        IngestConfig, args.config, args.overrides,
+        inputs=tuple(args.inputs) or None, out=args.out,
+        attributes=tuple(args.attributes) or None, overwrite=args.overwrite or None,
+    )
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from userfm.dataset import format_summary, summarize
+    from userfm.ingest import run_ingest
+    from userfm.runtime import init_ray
+
+    cfg = _ingest_config(args)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    run_ingest(cfg)
+    print(format_summary(summarize(cfg.out)))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from userfm.dataset import format_summary, summarize
+
+    s = summarize(args.dataset)
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from userfm.demo import DemoConfig, run_demo
+
+    from userfm.config import load_config
+
+    cfg = load_config(
+        DemoConfig, args.config, args.overrides,
+        out=args.out, data=args.data, format=args.format, n_users=args.users,
+    )
+    run_demo(cfg, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="userfm",
+        description="User foundation models: pretrain one user encoder on multi-service behaviour logs, "
+        "serve frozen user embeddings to many downstream heads. Runs on an embedded local Ray or a cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"userfm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="end-to-end demo: synthesize (or convert) logs -> ingest -> summary",
+                       description="Run the whole pipeline on an embedded local Ray and print a summary.")
+    p.add_argument("--out", help="run folder (default: runs/demo)")
+    p.add_argument("--data", help="real logs instead of synthetic ones (a folder in --format)")
+    p.add_argument("--format", help="format of --data: movielens, online-retail, amazon-reviews, or events (canonical Parquet/CSV/JSONL)")
+    p.add_argument("--users", type=int, help="synthetic users (default from DemoConfig)")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("synth", help="generate synthetic multi-service logs with known ground truth",
+                       description="Write events/, future_events/, attributes.parquet, future_labels.parquet and "
+                       "ground_truth.json: personas shared across services, heavy-tailed activity, noisy labels.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--users", type=int, help="number of users (SynthConfig.n_users)")
+    p.add_argument("--events-per-user", type=float, help="mean events per user (heavy-tailed)")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same data)")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("convert", help="convert a public dataset to the canonical event schema",
+                       description="FORMAT: movielens (100k, 1m, latest-small), online-retail (CSV/XLSX), "
+                       "amazon-reviews (JSON lines or concatenated JSON, optionally .gz).")
+    p.add_argument("format", choices=["movielens", "online-retail", "amazon-reviews"], metavar="FORMAT",
+                   help="movielens | online-retail | amazon-reviews")
+    p.add_argument("src", help="source file or folder")
+    p.add_argument("out", help="output folder (events.parquet, attributes.parquet, rejected.parquet, manifest)")
+    p.add_argument("--service", help="service name for the events (amazon-reviews; default: reviews)")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("ingest", help="validate logs with Ray Data and build per-user sequences",
+                       description="Read Parquet/CSV/JSONL events, quarantine bad rows with a reason, build "
+                       "per-user time-sorted sequences (combined and per service) and a user-disjoint split.")
+    p.add_argument("inputs", nargs="*", help="event files, folders or globs (or IngestConfig.inputs)")
+    p.add_argument("--out", help="output dataset folder (IngestConfig.out)")
+    p.add_argument("--attributes", action="append", default=[], metavar="PATH",
+                   help="user attribute/label table (user_id + columns), Parquet or CSV; repeatable")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing dataset at --out")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("summary", help="print counts of an ingested dataset",
+                       description="Rows kept/quarantined by reason, users by split, services, history lengths.")
+    p.add_argument("dataset", help="dataset folder written by userfm ingest")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(fn=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.fn(args) or 0)
+    except (UserfmError, FileNotFoundError) as exc:
+        print(f"userfm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"userfm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Sequence building on hand-made events: order, truncation, dedupe, per-service rows, splits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from userfm.schema import EVENT_SCHEMA, SEQUENCE_SCHEMA
+from userfm.sequences import assign_split, build_partition, partition_of, split_fraction
+
+UTC = dt.timezone.utc
+
+
+def ev(user, day, service, text, item=None, cat=None, value=None):
+    return dict(user_id=user, ts=dt.datetime(2024, 1, day, tzinfo=UTC), service=service, text=text, item_id=item, category=cat, value=value)
+
+
+EVENTS = pa.Table.from_pylist(
+    [
+        ev("b", 5, "news", "n-b"),
+        ev("a", 3, "shop", "s3", "i3", ["A", "C"], 3.0),
+        ev("a", 1, "shop", "s1", "i1", ["A"], 1.0),
+        ev("a", 2, "news", "n2"),
+        ev("a", 3, "shop", "s3", "i3", ["A", "C"], 3.0),  # exact duplicate of the row above
+        ev("a", 3, "shop", "s3", "i3", ["A", "D"], 3.0),  # same but another category: not a duplicate
+        ev("a", 4, "search", "q4"),
+    ],
+    schema=EVENT_SCHEMA,
+)
+
+
+def test_sequences_sorted_deduped_and_truncated():
+    res = build_partition(EVENTS, max_events=3, fractions=(1.0, 0.0, 0.0))
+    assert res.sequences.schema == SEQUENCE_SCHEMA
+    rows = {r["user_id"]: r for r in res.sequences.to_pylist()}
+    a = rows["a"]
+    assert a["n_events"] == 5 and a["scope"] == "all" and a["split"] == "train"
+    # the 3 most recent of a's 5 clean events, oldest first; same-ts ties ordered by the sort keys
+    assert a["text"] == ["s3", "s3", "q4"]
+    assert a["category"] == [["A", "C"], ["A", "D"], None]
+    assert [t.day for t in a["ts"]] == [3, 3, 4]
+    assert rows["b"]["text"] == ["n-b"] and rows["b"]["n_events"] == 1
+    assert res.duplicates.column("reason").to_pylist() == ["duplicate_event"]
+    assert res.stats["duplicates"] == 1
+    assert res.stats["events_kept"] == 6 and res.events.num_rows == 6
+    assert res.stats["events_in_sequences"] == 4 and res.stats["events_beyond_max_events"] == 2
+
+
+def test_per_service_sequences():
+    res = build_partition(EVENTS, max_events=10, fractions=(1.0, 0.0, 0.0))
+    got = {(r["user_id"], r["scope"]): (r["n_events"], r["text"]) for r in res.service_sequences.to_pylist()}
+    assert got == {
+        ("a", "news"): (1, ["n2"]),
+        ("a", "search"): (1, ["q4"]),
+        ("a", "shop"): (3, ["s1", "s3", "s3"]),
+        ("b", "news"): (1, ["n-b"]),
+    }
+    assert all(set(r["service"]) == {r["scope"]} for r in res.service_sequences.to_pylist())
+
+
+def test_single_event_user_and_empty_partition():
+    one = build_partition(EVENTS.slice(0, 1), max_events=4, fractions=(0.8, 0.1, 0.1))
+    assert one.sequences.num_rows == 1 and one.sequences.column("text").to_pylist() == [["n-b"]]
+    empty = build_partition(EVENTS.slice(0, 0), max_events=4, fractions=(0.8, 0.1, 0.1))
+    assert empty.sequences.num_rows == 0 and empty.stats["users"] == 0
+
+
+def test_split_is_the_documented_blake2b_rule():
+    for uid in ["u0000001", "alice", "éva"]:
+        digest = hashlib.blake2b(uid.encode(), digest_size=8).digest()
+        assert split_fraction(uid) == int.from_bytes(digest, "big") / 2**64
+    # fixed expectations: a change of hash or rule would move users between splits
+    assert assign_split(["u0000001", "u0000002", "alice", "bob", "42", "éva"], (0.8, 0.1, 0.1)) == [
+        "train", "train", "train", "train", "train", "test",
+    ]
+    assert assign_split(["u0000002", "alice", "éva"], (0.2, 0.2, 0.6)) == ["train", "val", "test"]  # 0.18, 0.30, 0.99
+
+
+def test_split_fractions_and_disjointness():
+    ids = [f"user-{i}" for i in range(20000)]
+    splits = assign_split(ids, (0.8, 0.1, 0.1))
+    counts = {s: splits.count(s) for s in ("train", "val", "test")}
+    assert abs(counts["train"] / 20000 - 0.8) < 0.015 and abs(counts["val"] / 20000 - 0.1) < 0.01
+    assert splits == assign_split(ids, (0.8, 0.1, 0.1))  # deterministic
+    with pytest.raises(ValueError, match="sum"):
+        assign_split(ids[:1], (0.5, 0.1, 0.1))
+
+
+def test_partition_hash_is_stable_across_processes():
+    ids = ["u0000001", "u0000002", "alice", "bob", "42", "éva"]
+    here = partition_of(pa.array(ids), 7).tolist()
+    code = f"import pyarrow as pa; from userfm.sequences import partition_of; print(partition_of(pa.array({ids!r}), 7).tolist())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
+    assert here == eval(other.stdout) == [1, 3, 1, 6, 6, 3]
+    # rows of one user always go to the same partition, whatever else is in the block
+    assert partition_of(pa.array(["bob", "x", "bob"]), 7).tolist()[::2] == [6, 6]
