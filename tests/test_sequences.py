@@ -99,3 +99,36 @@ def test_partition_hash_is_stable_across_processes():
     assert here == eval(other.stdout) == [1, 3, 1, 6, 6, 3]
     # rows of one user always go to the same partition, whatever else is in the block
     assert partition_of(pa.array(["bob", "x", "bob"]), 7).tolist()[::2] == [6, 6]
+
+
+def test_fast_order_equals_full_sort_on_tie_heavy_data():
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from userfm.sequences import _event_order
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    events = pa.table(
+        {
+            "user_id": pa.array(rng.choice(["a", "b", "c", "é"], n)),
+            "ts": pa.array(rng.integers(0, 5, n) * 1_000_000 + 1_700_000_000_000_000).cast(EVENT_SCHEMA.field("ts").type),
+            "service": pa.array(rng.choice(["x", "y"], n)),
+            "text": pa.array(rng.choice(["t1", "t2", "t3"], n)),
+            "item_id": pa.array([None if r < 0.3 else f"i{int(r * 3)}" for r in rng.random(n)], pa.string()),
+            "category": pa.array([None if r < 0.5 else (["A"] if r < 0.8 else ["A", "B"]) for r in rng.random(n)], EVENT_SCHEMA.field("category").type),
+            "value": pa.array([None if r < 0.5 else float(int(r * 4)) for r in rng.random(n)], pa.float64()),
+        },
+        schema=EVENT_SCHEMA,
+    )
+    order, tied = _event_order(events)
+    full = events.append_column("_cat", pc.binary_join(events.column("category"), "\x1f"))
+    keys = ("user_id", "ts", "service", "text", "item_id", "value", "_cat")
+    expected = pc.sort_indices(full, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
+    assert events.take(pa.array(order)).equals(events.take(pa.array(expected)))
+    assert tied.sum() > n * 0.9  # the test really exercises the tie path
+    # and dedupe finds exactly the rows pandas calls duplicated
+    res = build_partition(events, max_events=10_000, fractions=(0.8, 0.1, 0.1))
+    df = events.to_pandas()
+    df["category"] = df["category"].map(lambda c: None if c is None else tuple(c))
+    assert res.stats["duplicates"] == int(df.duplicated().sum())

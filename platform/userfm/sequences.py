@@ -64,6 +64,43 @@ def check_fractions(fractions) -> None:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
 
 
+def _ranks(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Dense lexicographic rank of each value (int64), so numpy can sort strings as integers."""
+    enc = pc.dictionary_encode(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    dict_rank = pc.rank(enc.dictionary, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    return dict_rank[idx] if len(idx) else np.zeros(0, dtype=np.int64)
+
+
+def _event_order(events: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Row order by (user_id, ts, service, text, item_id, value, category), nulls last; and a mask,
+    in that sorted order, of rows whose (user_id, ts) is shared with a neighbour.
+
+    Sorting 7 keys of strings is the slow part of ingest, and ties on (user_id, ts) are rare (same
+    second): sort by two integer keys, then fully sort only inside the tie groups. Same result as
+    the full sort, at a fraction of the cost.
+    """
+    n = events.num_rows
+    users = _ranks(events.column("user_id"))
+    ts = events.column("ts").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
+    order = np.lexsort((ts, users))
+    su, st = users[order], ts[order]
+    same = np.zeros(n, dtype=bool)
+    if n > 1:
+        eq = (su[1:] == su[:-1]) & (st[1:] == st[:-1])
+        same[1:] |= eq
+        same[:-1] |= eq
+    if same.any():
+        pos = np.flatnonzero(same)  # contiguous tie groups, already in (user, ts) order
+        rows = order[pos]
+        sub = events.take(pa.array(rows))
+        sub = sub.append_column("_cat", pc.binary_join(sub.column("category"), "\x1f"))
+        keys = ("user_id", "ts", "service", "text", "item_id", "value", "_cat")
+        sub_order = pc.sort_indices(sub, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
+        order[pos] = rows[sub_order]  # (user, ts) is the primary key, so groups keep their places
+    return order, same
+
+
 @dataclass
 class PartitionResult:
     events: pa.Table  # clean events, EVENT_SCHEMA, sorted by user_id, ts
@@ -133,19 +170,19 @@ def build_partition(
     if max_events < 1:
         raise ValueError(f"max_events must be >= 1, got {max_events}")
     events = events.select(list(EVENT_SCHEMA.names)).cast(EVENT_SCHEMA)
-    # A path can't be a sort key; its joined form can. \x1f never appears in category names we keep.
-    cat_key = pc.binary_join(events.column("category"), "\x1f")
-    t = events.append_column("_cat", cat_key)
-    order = pc.sort_indices(
-        t,
-        sort_keys=[(c, "ascending") for c in ("user_id", "ts", "service", "text", "item_id", "value", "_cat")],
-    )  # nulls sort last (Arrow's default)
-    t = t.take(order)
-    n = t.num_rows
-    cols = [t.column(c).combine_chunks() for c in ("user_id", "ts", "service", "text", "item_id", "value", "_cat")]
-    dup = _same_as_previous(cols, n)
-    dups = t.filter(pa.array(dup)).drop_columns(["_cat"])
-    clean = t.filter(pa.array(~dup)).drop_columns(["_cat"]) if dup.any() else t.drop_columns(["_cat"])
+    n = events.num_rows
+    order, tied = _event_order(events)
+    t = events.take(pa.array(order))
+    # Exact duplicates share (user, ts), so they only occur inside tie groups: compare those rows.
+    dup = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(tied)
+    if len(idx):
+        sub = t.take(pa.array(idx))
+        cols = [sub.column(c).combine_chunks() for c in ("user_id", "ts", "service", "text", "item_id", "value")]
+        cols.append(pc.binary_join(sub.column("category"), "\x1f").combine_chunks())
+        dup[idx] = _same_as_previous(cols, len(idx))  # tie groups are contiguous runs in t
+    dups = t.filter(pa.array(dup))
+    clean = t.filter(pa.array(~dup)) if dup.any() else t
 
     dup_records = dups.to_pylist()
     duplicates = pa.Table.from_pydict(
@@ -167,8 +204,8 @@ def build_partition(
     seq_all = _sequences(clean, offsets, max_events, splits, None)
 
     # per-service: the same rows ordered by (user, service, ts); stable, so ties keep the order above
-    svc_order = pc.sort_indices(clean, sort_keys=[("user_id", "ascending"), ("service", "ascending")])
-    by_svc = clean.take(svc_order)
+    svc_order = np.lexsort((_ranks(clean.column("service")), _ranks(user_col)))
+    by_svc = clean.take(pa.array(svc_order))
     svc_col = by_svc.column("service").combine_chunks()
     svc_offsets = _group_offsets([by_svc.column("user_id").combine_chunks(), svc_col], m)
     scope = svc_col.take(pa.array(svc_offsets[:-1])) if m else pa.array([], pa.string())
