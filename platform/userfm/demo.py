@@ -87,7 +87,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     icfg = IngestConfig(inputs=inputs, out=str(dataset), attributes=attributes, max_events=cfg.max_events)
     stages.run("start Ray", lambda: init_ray(address, num_cpus=num_cpus))
     manifest = stages.run("ingest with Ray Data", lambda: run_ingest(icfg))
-    summary = summarize(dataset)
+    summary = stages.run("summarize", lambda: summarize(dataset))
     print(format_summary(summary))
 
     result = {

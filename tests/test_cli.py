@@ -1,0 +1,71 @@
+"""The command line: every subcommand has --help, errors are one line with exit 2, the demo runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from userfm.cli import build_parser, main
+
+SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "summary"]
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "userfm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert f"\n    {name} " in out.stdout
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: userfm {name}")
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    out = run_cli("summary", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"userfm summary: error: {tmp_path}: no manifest.json (not a userfm sequence dataset, or ingest did not finish)"
+    out = run_cli("ingest", str(tmp_path / "nothing.parquet"), "--out", str(tmp_path / "o"), "--set", "max_events=0")
+    assert out.returncode == 2 and "max_events must be >= 1, got 0" in out.stderr
+    out = run_cli("synth", "--out", str(tmp_path / "s"), "--set", "n_userz=3")
+    assert out.returncode == 2 and "unknown key(s) ['n_userz']" in out.stderr
+    out = run_cli("convert", "movielens", str(tmp_path / "missing"), str(tmp_path / "o"))
+    assert out.returncode == 2 and "no such file or folder" in out.stderr
+    assert run_cli().returncode == 2  # no subcommand: help, exit 2
+
+
+@pytest.mark.timeout(300)
+def test_demo_end_to_end(tmp_path, ray_local, capsys):
+    """The README's main job (small): synth -> ingest -> summary; every count lines up with the generator."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--users", "400"]) == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    truth = json.loads((out / "raw" / "ground_truth.json").read_text())
+    assert summary["ingest"]["rows_in"] == truth["activity"]["n_events"] == summary["ingest"]["rows_kept"]
+    assert summary["ingest"]["rows_quarantined"] == 0
+    assert summary["ingest"]["users"]["total"] == 400
+    assert summary["ingest"]["services"] == truth["activity"]["events_per_service"]
+    seqs = pq.read_table(out / "dataset" / "sequences" / "all")
+    assert seqs.num_rows == 400
+    printed = capsys.readouterr().out
+    assert "[demo 3/4] ingest with Ray Data done" in printed and "[demo 4/4] summarize done" in printed and "[demo] finished" in printed
+    # a second run replaces the run folder; a foreign folder is refused
+    assert main(["demo", "--out", str(out), "--users", "50"]) == 0
+    assert json.loads((out / "demo_summary.json").read_text())["ingest"]["users"]["total"] == 50
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "mine"), "--users", "50"]) == 2
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
