@@ -49,3 +49,16 @@ def test_missing_file_and_non_mapping(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(Cfg, bad)
+
+
+def test_shipped_configs_load_into_their_dataclasses():
+    from pathlib import Path
+
+    from userfm.ingest import IngestConfig
+    from userfm.synth import SynthConfig
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    ingest = load_config(IngestConfig, root / "ingest" / "default.yaml", ["out=x"])
+    assert ingest == IngestConfig(out="x")  # the file documents the defaults, and must stay in sync
+    synth = load_config(SynthConfig, root / "synth" / "default.yaml")
+    assert synth.services == ("shopping", "search", "news")
