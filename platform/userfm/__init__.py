@@ -6,3 +6,13 @@ per-user sequence building), ``ingest`` (the Ray Data pipeline that runs them at
 """
 
 __version__ = "0.1.0"
+
+
+def load_encoder(path, device: str = "cpu"):
+    """Load an exported user encoder (safetensors + JSON, no pickle, no Ray).
+
+    Returns ``(model in eval mode, vocabs or None, tokenizer or None)``; see ``encoders.load_encoder``.
+    """
+    from userfm.encoders import load_encoder as _load  # torch is imported only when a model is loaded
+
+    return _load(path, device=device)
