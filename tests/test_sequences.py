@@ -132,3 +132,12 @@ def test_fast_order_equals_full_sort_on_tie_heavy_data():
     df = events.to_pandas()
     df["category"] = df["category"].map(lambda c: None if c is None else tuple(c))
     assert res.stats["duplicates"] == int(df.duplicated().sum())
+
+
+def test_service_rows_from_combined_rows_equal_the_by_service_output():
+    from userfm.sequences import service_rows
+
+    res = build_partition(EVENTS, max_events=10, fractions=(1.0, 0.0, 0.0))
+    got = service_rows(res.sequences).sort_by([("user_id", "ascending"), ("scope", "ascending")])
+    want = res.service_sequences.sort_by([("user_id", "ascending"), ("scope", "ascending")])
+    assert got.equals(want)

@@ -79,6 +79,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.runtime import init_ray
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides, data=args.data, out=args.out)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    run_pretrain(cfg, resume=args.resume)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from userfm.dataset import format_summary, summarize
 
@@ -153,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("pretrain", help="pretrain the user encoder (mlm | simclr | clue) on Ray Train",
+                       description="Fit vocabularies/tokenizer, featurize with Ray Data, train with DDP on Ray Train "
+                       "workers, checkpoint, validate, and export OUT/model (load with userfm.load_encoder).")
+    p.add_argument("--data", help="sequence dataset folder from `userfm ingest` (PretrainConfig.data)")
+    p.add_argument("--out", help="run folder (PretrainConfig.out)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("summary", help="print counts of an ingested dataset",
                        description="Rows kept/quarantined by reason, users by split, services, history lengths.")

@@ -228,3 +228,27 @@ def build_partition(
         else {},
     }
     return PartitionResult(clean, duplicates, seq_all, seq_svc, stats)
+
+
+def service_rows(sequences: pa.Table) -> pa.Table:
+    """Combined ("all") sequence rows -> one row per (user, service) with that service's events.
+
+    Each output row keeps its events in the order they had in the combined row (time order), so a
+    training batch can pair a user's services (CLUE) from one row per user, without needing every
+    by_service row of that user to land in the same batch.
+    """
+    sequences = sequences.select(list(SEQUENCE_SCHEMA.names)).cast(SEQUENCE_SCHEMA)
+    lengths = pc.list_value_length(sequences.column("ts")).to_numpy(zero_copy_only=False)
+    lengths = np.nan_to_num(lengths.astype(float)).astype(np.int64)
+    parents = np.repeat(np.arange(sequences.num_rows), lengths)
+    cols = {"user_id": sequences.column("user_id").take(pa.array(parents))}
+    for name in LIST_COLUMNS:
+        cols[name] = pc.list_flatten(sequences.column(name))
+    flat = pa.table(cols)
+    order = np.lexsort((_ranks(flat.column("service")), parents))  # stable: time order kept
+    flat = flat.take(pa.array(order))
+    svc = flat.column("service").combine_chunks()
+    offsets = _group_offsets([pa.array(parents[order]), svc], flat.num_rows)
+    splits = dict(zip(sequences.column("user_id").to_pylist(), sequences.column("split").to_pylist()))
+    scope = svc.take(pa.array(offsets[:-1])) if flat.num_rows else pa.array([], pa.string())
+    return _sequences(flat, offsets, max(int(lengths.max(initial=1)), 1), splits, scope)

@@ -1,0 +1,665 @@
+"""``userfm pretrain``: contrastive / masked pretraining of the user encoder on Ray Train (DDP).
+
+Layout, as in Ray's docs code: the driver (:func:`run_pretrain`) fits vocabularies and the tokenizer,
+builds the featurized Ray Datasets (sequence batches; CLUE service pairs), and launches a
+``TorchTrainer``; the per-worker loop (:func:`train_loop`) only iterates its dataset shard.
+
+Determinism, which resume and recovery rely on: every random draw of step ``s`` on rank ``r``
+(dropout, masking, augmentation) is seeded from ``(seed, s, r)``, and the shard order is fixed
+(``preserve_order`` + a per-epoch seeded local shuffle), so a run resumed from the checkpoint of step
+``s`` computes the same step ``s + 1`` as an uninterrupted run.
+
+Run folder (``out``)::
+
+    config.json             PretrainConfig + EncoderConfig
+    vocabs.json tokenizer.json
+    metrics.jsonl metrics.csv  one row per log interval (rank 0), plus validation rows
+    tb/                     TensorBoard event files
+    ray/                    Ray Train storage: checkpoints (model/head safetensors, optimizer, step)
+    model/                  the exported encoder: userfm.load_encoder(out + "/model")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from userfm.errors import UserfmError
+
+OBJECTIVES = ("mlm", "simclr", "clue")
+PRECISIONS = ("fp32", "bf16")
+
+
+class PretrainError(UserfmError):
+    """Bad pretraining config or data."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: str = ""  # sequence dataset folder (from `userfm ingest`)
+    out: str = "runs/pretrain"  # run folder: metrics, checkpoints, exported model
+    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue
+    item_encoder: str = "text"  # category | text (BPE + item transformer) | minilm (frozen vectors)
+    size: str = "tiny"  # named encoder size: tiny | small | base | large
+    out_dim: int = 0  # user embedding size; 0 = the model width
+    pooling: str = "mean"  # cls | mean
+    dropout: float = 0.1  # dropout probability
+    max_events: int = 64  # most recent events per user fed to the encoder
+    max_text_tokens: int = 16  # BPE tokens per event text (text item encoder)
+    text_vocab: int = 2048  # BPE vocabulary size to fit (text item encoder)
+    minilm_cache: str = ""  # MiniLM vector cache folder (minilm); "" = <data>/minilm_cache
+    batch_size: int = 32  # users per worker per step (the global contrastive batch = x num_workers)
+    mini_batch_size: int = 0  # GradCache mini-batch per worker (simclr/clue); 0 = plain backward
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_steps: int = 10  # linear warm-up steps, then cosine decay to 10% of lr
+    max_steps: int = 100  # optimizer steps in total
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    temperature: float = 0.07  # contrastive softmax temperature (initial value if learnable)
+    learnable_temperature: bool = False  # learn the temperature (CLIP-style)
+    mask_rate: float = 0.15  # mlm: fraction of events masked
+    single_service: str = "time_split"  # clue: users of one service: time_split | skip
+    precision: str = "fp32"  # fp32 | bf16 (autocast; GPU, or CPU with bf16 support)
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 0.5  # Ray CPU reservation per worker (fractional: leaves room for Ray Data)
+    threads_per_worker: int = 1  # torch intra-op threads per worker (Ray sets 1 by default)
+    log_every: int = 10  # steps between metric rows
+    eval_every: int = 50  # steps between validation-loss evaluations; 0 = only at the end
+    eval_batches: int = 4  # validation batches per evaluation (per worker)
+    checkpoint_every: int = 50  # steps between checkpoints (the last step always checkpoints)
+    keep_checkpoints: int = 2  # checkpoints kept on storage
+    max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
+    peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU; 0 = measure fp32 matmul at start
+    seed: int = 0  # seeds model init, data order, masking, augmentation, dropout
+    stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
+    fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "max_steps", "num_workers", "max_events", "log_every", "checkpoint_every", "threads_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
+            raise ValueError(f"mini_batch_size must be in [0, batch_size], got {self.mini_batch_size}")
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _objective_config(cfg: PretrainConfig):
+    from userfm.objectives import ObjectiveConfig
+
+    return ObjectiveConfig(
+        objective=cfg.objective,
+        mask_rate=cfg.mask_rate,
+        temperature=cfg.temperature,
+        learnable_temperature=cfg.learnable_temperature,
+        single_service=cfg.single_service,
+        mini_batch_size=cfg.mini_batch_size,
+    )
+
+
+def _pad(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """Pad every (B, L, ...) array to L = width, so Ray Data sees fixed-shape tensor columns."""
+    out = {}
+    for k, v in batch.items():
+        if v.ndim >= 2 and k.split(".")[-1] not in ("length", "pair_kind"):
+            if v.shape[1] < width:
+                pad = [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2)
+                v = np.pad(v, pad)
+        out[k] = v
+    return out
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _resources(vocabs_json: str, tokenizer_json: str | None, vectors_dir: str | None):
+    """Vocabs / tokenizer / MiniLM vectors, built once per worker process."""
+    key = f"{hash(vocabs_json)}-{hash(tokenizer_json)}-{vectors_dir}"
+    if key not in _CACHE:
+        from userfm.features import Vocabs
+        from userfm.tokenizer import TextTokenizer
+
+        vocabs = Vocabs.from_json(vocabs_json)
+        tok = TextTokenizer.from_json(tokenizer_json) if tokenizer_json else None
+        vectors = None
+        if vectors_dir:
+            from userfm.minilm import VectorCache
+
+            vectors = VectorCache.load(vectors_dir)
+        _CACHE.clear()
+        _CACHE[key] = (vocabs, tok, vectors)
+    return _CACHE[key]
+
+
+def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_json: str | None,
+              vectors_dir: str | None, max_events: int, single_service: str, seed: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: sequence rows -> fixed-shape feature rows.
+
+    mlm / simclr: one row per user with events (masking and augmentation are drawn per step in the
+    loop, so every epoch sees new ones). clue: one row per user pair (a.* / b.*: two services, or an
+    earlier/later split of a one-service history), built here, not in the loop.
+    """
+    from userfm.features import make_batch
+    from userfm.objectives import _with_vectors, clue_batch
+    from userfm.sequences import service_rows
+
+    import pyarrow.compute as pc
+
+    vocabs, tok, vectors = _resources(vocabs_json, tokenizer_json, vectors_dir)
+    batch = batch.filter(pc.equal(batch.column("split"), split))
+    if objective == "clue":
+        uid = batch.column("user_id").to_pylist()
+        # a per-batch seed from its content: the same pairs whatever block boundaries Ray Data chose
+        s = seed + sum(hash_user(u) for u in uid) % 1_000_003
+        out = clue_batch(service_rows(batch), vocabs, tok, single_service=single_service, seed=s, vectors=vectors)
+    else:
+        out = _with_vectors(make_batch(batch, vocabs, tok), vectors)
+        keep = out["length"] > 0
+        out = {k: v[keep] for k, v in out.items()}
+    return _pad(out, max_events)
+
+
+def hash_user(user_id: str) -> int:
+    from userfm.sequences import split_fraction
+
+    return int(split_fraction(user_id) * 2**31)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of everything random in step ``step`` on ``rank`` (independent of where a run resumed)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine to 0.1 x ``lr`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views."""
+    from userfm.objectives import _prefixed, augment, mask_events
+
+    if cfg.objective == "mlm":
+        return mask_events(nb, cfg.mask_rate, rng)
+    if cfg.objective == "simclr":
+        ocfg = _objective_config(cfg)
+        a, b = augment(nb, ocfg, rng), augment(nb, ocfg, rng)
+        a.pop("replaced"), b.pop("replaced")
+        return _prefixed(a, b)
+    return {k: v for k, v in nb.items() if k != "pair_kind"}
+
+
+def eval_loss(model, head, batch, cfg: PretrainConfig):
+    """Pretext loss without gradients (the validation loss of the scaling study)."""
+    import torch
+
+    from userfm.losses import nt_xent, symmetric_info_nce
+    from userfm.objectives import _concat_torch, mlm_loss, split_views
+
+    with torch.no_grad():
+        if cfg.objective == "mlm":
+            _, h, _ = model(batch, return_hidden=True)
+            loss, _ = mlm_loss(h, batch, head)
+            return loss
+        a, b = split_views(batch)
+        n = len(a["length"])
+        z = model(_concat_torch([a, b]))
+        fn = symmetric_info_nce if cfg.objective == "clue" else nt_xent
+        return fn(z[:n], z[n:], head())
+
+
+def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> float:
+    """fp32 matmul FLOP/s at ``threads`` torch threads (the MFU denominator on CPU)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    torch.set_num_threads(old)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig, enc_json: str) -> None:
+    """Unwrapped weights as safetensors, optimizer via torch.save (read back with weights_only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    m = getattr(model, "module", model)
+    save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(path / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()} or {"_empty": torch.zeros(1)},
+              str(path / "head.safetensors"))
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    (path / "state.json").write_text(json.dumps({"step": step}))
+    (path / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_json)}))
+
+
+def load_checkpoint(path: Path, model, head, opt) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    head_state = load_file(str(path / "head.safetensors"))
+    head_state.pop("_empty", None)
+    head.load_state_dict(head_state)
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+# ------------------------------------------------------------------------------ per-worker loop
+
+
+class _MetricsLog:
+    """Rank 0's metric rows: JSONL, CSV (columns fixed by the first row) and TensorBoard."""
+
+    def __init__(self, out: Path):
+        from tensorboardX import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.csv_path = out / "metrics.csv"
+        self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted(row), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, row["step"])
+        self.tb.flush()
+
+    def close(self):
+        self.jsonl.close()
+        self.tb.close()
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train per-worker function (every rank runs it)."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from userfm.encoders import EncoderConfig, UserEncoder, flops_per_sample
+    from userfm.features import to_torch
+    from userfm.objectives import build_head, loss_and_backward
+
+    cfg = PretrainConfig(**config["cfg"])
+    enc_cfg = EncoderConfig.from_json(config["encoder"])
+    ocfg = _objective_config(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+
+    model = UserEncoder(enc_cfg)
+    head = build_head(ocfg, enc_cfg)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    step = 0
+    restored = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
+    resume_from = config.get("resume_from")
+    if restored is not None:
+        with restored.as_directory() as d:
+            step = load_checkpoint(Path(d), model, head, opt)
+    elif resume_from:
+        step = load_checkpoint(Path(resume_from), model, head, opt)
+    head.to(device)
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    no_sync = getattr(model, "no_sync", None)
+    for g in opt.param_groups:  # optimizer state tensors follow the parameters' device
+        for p in g["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    opt.state[p][k] = v.to(device)
+
+    out = Path(cfg.out)
+    log = _MetricsLog(out) if rank == 0 else None
+    peak = cfg.peak_flops or measure_peak_flops(cfg.threads_per_worker)
+    steps_per_epoch = config["steps_per_epoch"]
+    events_per_sample = config["events_per_sample"]
+    views = 1 if cfg.objective == "mlm" else 2
+    flops_sample = flops_per_sample(enc_cfg, n_events=max(1, round(events_per_sample)), n_tokens=cfg.max_text_tokens) * views
+    if cfg.mini_batch_size:
+        flops_sample *= 4 / 3  # GradCache: one extra forward
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    cum_flops = config.get("cum_flops_at_start", 0.0) + step * flops_sample * cfg.batch_size * world
+    window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "loss": [], "metrics": {}}
+
+    def run_eval() -> float | None:
+        model.eval()
+        total, count = torch.zeros(2, dtype=torch.float64), 0
+        rng = np.random.default_rng(step_seed(cfg.seed, -1, rank))  # the same masks every evaluation
+        torch.manual_seed(step_seed(cfg.seed, -1, rank))
+        for i, nb in enumerate(val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True)):
+            if i >= cfg.eval_batches:
+                break
+            batch = to_torch(step_inputs(nb, cfg, rng), device)
+            with autocast:
+                total[0] += float(eval_loss(model, head, batch, cfg))
+            total[1] += 1
+        if world > 1:
+            dist.all_reduce(total)
+        model.train()
+        return float(total[0] / total[1]) if total[1] else None
+
+    model.train()
+    epoch_start = step // steps_per_epoch
+    for epoch in range(epoch_start, 10**9):
+        if step >= cfg.max_steps:
+            break
+        skip = step - epoch * steps_per_epoch
+        it = train_shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch,
+        )
+        for i, nb in enumerate(it):
+            if i >= steps_per_epoch or step >= cfg.max_steps:
+                break
+            if i < skip:
+                continue
+            seed = step_seed(cfg.seed, step, rank)
+            torch.manual_seed(seed)
+            batch = to_torch(step_inputs(nb, cfg, np.random.default_rng(seed)), device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss, metrics = loss_and_backward(model, head, batch, ocfg, no_sync=no_sync)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            window["samples"] += len(nb["length"]) if "length" in nb else len(nb["a.length"])
+            window["events"] += int(sum(np.sum(v) for k, v in nb.items() if k.endswith("length")))
+            window["loss"].append(float(loss))
+            for k, v in metrics.items():
+                window["metrics"].setdefault(k, []).append(v)
+            if cfg.fail_at_step and step == cfg.fail_at_step and rank == world - 1 and restored is None:
+                raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+            last = step >= cfg.max_steps or step == cfg.stop_at_step
+            do_log = step % cfg.log_every == 0 or last
+            do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or last
+            do_ckpt = step % cfg.checkpoint_every == 0 or last
+            if not (do_log or do_eval or do_ckpt):
+                continue
+            row: dict[str, Any] = {"step": step, "epoch": epoch}
+            if window["loss"]:
+                dt = time.perf_counter() - window["t0"]
+                samples = window["samples"] * world  # every rank runs the same number of batches
+                flops = flops_sample * samples
+                cum_flops += flops
+                row.update({
+                    "loss": float(np.mean(window["loss"])),
+                    "lr": lr_at(step - 1, cfg),
+                    "samples_per_s": samples / dt,
+                    "events_per_s": window["events"] * world / dt,
+                    "flops": cum_flops,
+                    "pf_days": cum_flops / (1e15 * 86400),
+                    "mfu": flops / dt / (peak * world),
+                    **{k: float(np.mean(v)) for k, v in window["metrics"].items() if k != "loss"},
+                })
+            if do_eval:
+                val = run_eval()
+                if val is not None:
+                    row["val_loss"] = val
+            ckpt = None
+            if do_ckpt:
+                tmp = Path(tempfile.mkdtemp(prefix="userfm-ckpt-"))
+                if rank == 0:
+                    save_checkpoint(tmp, model, head, opt, step, cfg, config["encoder"])
+                    ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+            if log is not None:
+                log.write(row)
+                shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "val_loss", "samples_per_s", "mfu"))
+                print(f"[pretrain] step {step}/{cfg.max_steps} {shown}", flush=True)
+            ray.train.report(row, checkpoint=ckpt)
+            if do_ckpt:
+                shutil.rmtree(tmp, ignore_errors=True)
+            window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "loss": [], "metrics": {}}
+            if step == cfg.stop_at_step:
+                break
+        if step == cfg.stop_at_step:
+            break
+    if log is not None:
+        log.close()
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+def _read_rows(path: str, split: str):
+    from userfm.dataset import read_sequences
+
+    return read_sequences(path, split=split)
+
+
+def _fit_resources(cfg: PretrainConfig, train_rows) -> tuple[Any, Any]:
+    from userfm.features import FeatureConfig, fit_vocabs
+    from userfm.tokenizer import TextTokenizer
+
+    vocabs = fit_vocabs(train_rows, FeatureConfig(max_events=cfg.max_events, max_text_tokens=cfg.max_text_tokens))
+    tok = None
+    if cfg.item_encoder == "text":
+        texts = [t for lst in train_rows.column("text").to_pylist() for t in (lst or [])]
+        tok = TextTokenizer.fit(texts, vocab_size=cfg.text_vocab)
+    return vocabs, tok
+
+
+def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
+    """Encode every distinct event text of the dataset once with frozen MiniLM, as a Ray Data job.
+
+    Texts already in the cache are skipped; new vectors are appended as a new Parquet part.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from userfm.dataset import read_sequences
+    from userfm.features import text_hash
+    from userfm.minilm import MiniLMEncoder, cached_hashes
+
+    texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
+    hashes = text_hash(texts)
+    have = set(cached_hashes(cache_dir).tolist()) if Path(cache_dir).exists() else set()
+    todo = [t for t, h in zip(texts, hashes) if int(h) not in have]
+    progress(f"[pretrain] MiniLM cache: {len(texts):,} distinct texts, {len(texts) - len(todo):,} cached, {len(todo):,} to encode")
+    if todo:
+        ds = ray.data.from_arrow(pa.table({"text": todo}))
+        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        import pyarrow.parquet as pq
+
+        table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())))
+        pq.write_table(table, Path(cache_dir) / f"part-{int(time.time() * 1000)}.parquet")
+    return {"texts": len(texts), "encoded": len(todo)}
+
+
+def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
+    import ray
+
+    from userfm.dataset import load_manifest
+
+    manifest = load_manifest(cfg.data)
+    folder = Path(cfg.data) / manifest["files"]["sequences"]
+    kwargs = dict(
+        objective=cfg.objective, vocabs_json=vocabs.to_json(), tokenizer_json=tok.to_json() if tok else None,
+        vectors_dir=vectors_dir, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
+    )
+    out = {}
+    for split in ("train", "val"):
+        ds = ray.data.read_parquet(str(folder))
+        # materialized: row counts are known (equal steps per rank) and no Data task competes with
+        # the training workers for CPUs (the 2-CPU Data + Train deadlock in ray-notes.md)
+        out[split] = ds.map_batches(featurize, batch_format="pyarrow", batch_size=512, fn_kwargs={**kwargs, "split": split}).materialize()
+    return out
+
+
+def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print) -> dict:
+    """Fit vocabularies, build datasets, train on Ray Train, export ``out/model``. Returns a summary."""
+    import ray
+    import ray.train
+    from ray.data import DataContext
+    from ray.train.torch import TorchTrainer
+
+    from userfm.encoders import config_for, save_encoder
+    from userfm.runtime import init_ray
+
+    if not cfg.data:
+        raise PretrainError("data is required (a dataset folder from `userfm ingest`)")
+    init_ray()
+    out = Path(cfg.out).resolve()
+    resume_from = None
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise PretrainError(f"{out} exists; pass --resume to continue it, or choose another --out")
+        resume_from = latest_checkpoint(out)
+        if resume_from is None:
+            raise PretrainError(f"{out}: no checkpoint to resume from")
+        saved = json.loads((out / "config.json").read_text())["pretrain"]
+        cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
+                                                    "max_events", "max_text_tokens", "text_vocab", "seed")})
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, out=str(out))
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # fixed shard order: resume replays the same batches
+    ctx.enable_progress_bars = False  # per-epoch shard bars from every worker would drown the progress lines
+
+    t0 = time.perf_counter()
+    train_rows = _read_rows(cfg.data, "train")
+    if train_rows.num_rows == 0:
+        raise PretrainError(f"{cfg.data}: no training users")
+    if resume_from is not None:
+        from userfm.features import Vocabs
+        from userfm.tokenizer import TextTokenizer
+
+        vocabs = Vocabs.load(out / "vocabs.json")
+        tok = TextTokenizer.load(out / "tokenizer.json") if (out / "tokenizer.json").exists() else None
+    else:
+        vocabs, tok = _fit_resources(cfg, train_rows)
+        vocabs.save(out / "vocabs.json")
+        if tok is not None:
+            tok.save(out / "tokenizer.json")
+    vectors_dir = None
+    extra: dict[str, Any] = {}
+    if cfg.item_encoder == "minilm":
+        vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
+        build_minilm_cache(cfg.data, vectors_dir, progress)
+        extra["text_vector_dim"] = 384
+    enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
+                         pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events, **extra)
+    (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
+    progress(f"[pretrain] vocabularies and tokenizer fitted on {train_rows.num_rows:,} users ({time.perf_counter() - t0:.1f}s)")
+
+    t1 = time.perf_counter()
+    datasets = _datasets(cfg, vocabs, tok, vectors_dir)
+    n_train = datasets["train"].count()
+    per_rank = n_train // cfg.num_workers
+    steps_per_epoch = per_rank // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise PretrainError(
+            f"{n_train} training rows cannot fill one step of batch_size={cfg.batch_size} x num_workers={cfg.num_workers}"
+        )
+    lengths = [datasets["train"].take(min(n_train, 256))]
+    key = "length" if cfg.objective != "clue" else "a.length"
+    events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
+    progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch), "
+             f"{datasets['val'].count():,} validation rows ({time.perf_counter() - t1:.1f}s)")
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": asdict(cfg), "encoder": enc_cfg.to_json(), "steps_per_epoch": steps_per_epoch,
+            "events_per_sample": events_per_sample, "resume_from": str(resume_from) if resume_from else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints its own progress
+        ),
+        datasets=datasets,
+    )
+    t2 = time.perf_counter()
+    result = trainer.fit()
+    train_s = time.perf_counter() - t2
+    if result.error:
+        raise PretrainError(f"training failed: {result.error}")
+    final_step = int(result.metrics.get("step", 0))
+    if final_step < cfg.max_steps:
+        progress(f"[pretrain] stopped at step {final_step}/{cfg.max_steps} (stop_at_step); continue with --resume")
+    with result.checkpoint.as_directory() as d:
+        export(Path(d), out / "model", vocabs, tok)
+    summary = {"out": str(out), "model": str(out / "model"), "train_seconds": round(train_s, 1),
+               "final": result.metrics, "steps_per_epoch": steps_per_epoch, "train_rows": n_train}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    progress(f"[pretrain] done in {train_s:.1f}s: final {json.dumps({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})}")
+    progress(f"[pretrain] exported encoder -> {out / 'model'} (userfm.load_encoder)")
+    return summary
+
+
+def export(checkpoint: Path, dest: Path, vocabs, tok) -> Path:
+    """Checkpoint folder -> self-contained model folder (config, safetensors, vocabs, tokenizer)."""
+    from safetensors.torch import load_file
+
+    from userfm.encoders import EncoderConfig, UserEncoder, save_encoder
+
+    enc_cfg = EncoderConfig.from_json(json.dumps(json.loads((checkpoint / "config.json").read_text())["encoder"]))
+    model = UserEncoder(enc_cfg)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    if dest.exists():
+        shutil.rmtree(dest)
+    return save_encoder(dest, model, vocabs, tok)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint with the highest step under ``out/ray`` (None if there is none)."""
+    best, best_step = None, -1
+    for state in (out / "ray").glob("**/state.json"):
+        step = json.loads(state.read_text())["step"]
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best
