@@ -49,9 +49,9 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_demo_end_to_end(tmp_path, ray_local, capsys):
-    """The README's main job (small): synth -> ingest -> summary; every count lines up with the generator."""
+    """The README's main job (small): synth -> ingest -> summary -> pretrain; counts line up with the generator."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--users", "400"]) == 0
+    assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     truth = json.loads((out / "raw" / "ground_truth.json").read_text())
     assert summary["ingest"]["rows_in"] == truth["activity"]["n_events"] == summary["ingest"]["rows_kept"]
@@ -61,11 +61,14 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     seqs = pq.read_table(out / "dataset" / "sequences" / "all")
     assert seqs.num_rows == 400
     printed = capsys.readouterr().out
-    assert "[demo 3/4] ingest with Ray Data done" in printed and "[demo 4/4] summarize done" in printed and "[demo] finished" in printed
+    assert "[demo 3/5] ingest with Ray Data done" in printed and "[demo 4/5] summarize done" in printed
+    assert "[demo 5/5] pretrain clue on Ray Train done" in printed and "[demo] finished" in printed
+    assert summary["pretrain"]["clue"]["step"] == 6
+    assert (out / "pretrain" / "clue" / "model" / "model.safetensors").exists()
     # a second run replaces the run folder; a foreign folder is refused
-    assert main(["demo", "--out", str(out), "--users", "50"]) == 0
+    assert main(["demo", "--out", str(out), "--users", "50", "--set", "pretrain_steps=0"]) == 0
     assert json.loads((out / "demo_summary.json").read_text())["ingest"]["users"]["total"] == 50
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
-    assert main(["demo", "--out", str(tmp_path / "mine"), "--users", "50"]) == 2
+    assert main(["demo", "--out", str(tmp_path / "mine"), "--users", "50", "--set", "pretrain_steps=0"]) == 2
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"

@@ -62,3 +62,14 @@ def test_shipped_configs_load_into_their_dataclasses():
     assert ingest == IngestConfig(out="x")  # the file documents the defaults, and must stay in sync
     synth = load_config(SynthConfig, root / "synth" / "default.yaml")
     assert synth.services == ("shopping", "search", "news")
+
+
+@pytest.mark.parametrize("name", ["mlm", "simclr", "clue", "gpu-cluster"])
+def test_shipped_pretrain_configs_load(name):
+    from pathlib import Path
+
+    from userfm.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "experiments" / "pretrain" / f"{name}.yaml")
+    assert cfg.objective == ("clue" if name == "gpu-cluster" else name)
+    assert cfg.batch_size * cfg.num_workers >= 64  # contrastive batches worth the name

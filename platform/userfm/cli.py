@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = load_config(
         DemoConfig, args.config, args.overrides,
-        out=args.out, data=args.data, format=args.format, n_users=args.users,
+        out=args.out, data=args.data, format=args.format, n_users=args.users, compare=args.compare,
     )
     run_demo(cfg, address=args.address, num_cpus=args.num_cpus)
     return 0
@@ -123,12 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"userfm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="end-to-end demo: synthesize (or convert) logs -> ingest -> summary",
+    p = sub.add_parser("demo", help="end-to-end demo: synthesize (or convert) logs -> ingest -> pretrain",
                        description="Run the whole pipeline on an embedded local Ray and print a summary.")
     p.add_argument("--out", help="run folder (default: runs/demo)")
     p.add_argument("--data", help="real logs instead of synthetic ones (a folder in --format)")
     p.add_argument("--format", help="format of --data: movielens, online-retail, amazon-reviews, or events (canonical Parquet/CSV/JSONL)")
     p.add_argument("--users", type=int, help="synthetic users (default from DemoConfig)")
+    p.add_argument("--compare", action="store_true", default=None, help="also pretrain MLM and SimCLR next to CLUE")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_demo)

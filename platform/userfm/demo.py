@@ -1,7 +1,8 @@
 """``userfm demo``: the end-to-end pipeline on an embedded local Ray, one progress line per stage.
 
-Stages so far: synthesize (or convert real) logs -> ingest with Ray Data -> summary. Later stages
-(pretrain, embed, evaluate, report, serve) join here as they land.
+Stages so far: synthesize (or convert real) logs -> ingest with Ray Data -> summary -> pretrain CLUE
+on Ray Train (``--compare``: also MLM and SimCLR). Later stages (embed, evaluate, report, serve) join
+here as they land.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class DemoConfig:
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
     max_events: int = 256  # most recent events kept per user sequence
+    pretrain_steps: int = 200  # optimizer steps per pretraining run (0 = skip pretraining)
+    compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
+    num_workers: int = 2  # Ray Train workers
 
     def __post_init__(self):
         if self.data is not None and self.format not in REAL_FORMATS + ("events",):
@@ -55,6 +59,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     """Run every landed stage into ``cfg.out``; returns (and writes) ``demo_summary.json``."""
     from userfm.dataset import format_summary, summarize
     from userfm.ingest import IngestConfig, run_ingest
+    from userfm.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 
     out = Path(cfg.out)
@@ -64,7 +69,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
         shutil.rmtree(out)
     out.mkdir(parents=True)
     raw, dataset = out / "raw", out / "dataset"
-    stages = _Stages(4)
+    objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
+    stages = _Stages(4 + len(objectives))
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -90,10 +96,26 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     summary = stages.run("summarize", lambda: summarize(dataset))
     print(format_summary(summary))
 
+    pretrained = {}
+    for objective in objectives:
+        pcfg = PretrainConfig(
+            data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
+            item_encoder="category" if objective == "mlm" else "text", pooling="cls" if objective == "mlm" else "mean",
+            max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed,
+            eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
+            log_every=max(1, cfg.pretrain_steps // 10),
+        )
+        s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg))
+        pretrained[objective] = {
+            "model": s["model"],
+            **{k: s["final"].get(k) for k in ("step", "loss", "val_loss", "samples_per_s", "pf_days") if k in s["final"]},
+        }
+
     result = {
         "config": to_dict(cfg),
         "paths": {"run": str(out), "raw": str(raw), "dataset": str(dataset)},
         "ingest": {k: manifest[k] for k in ("rows_in", "rows_kept", "rows_quarantined", "users", "services")},
+        "pretrain": pretrained,
         "timings_s": stages.timings,
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))

@@ -60,12 +60,12 @@ class PretrainConfig:
     minilm_cache: str = ""  # MiniLM vector cache folder (minilm); "" = <data>/minilm_cache
     batch_size: int = 32  # users per worker per step (the global contrastive batch = x num_workers)
     mini_batch_size: int = 0  # GradCache mini-batch per worker (simclr/clue); 0 = plain backward
-    lr: float = 1e-3  # peak learning rate (AdamW)
+    lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
-    warmup_steps: int = 10  # linear warm-up steps, then cosine decay to 10% of lr
-    max_steps: int = 100  # optimizer steps in total
+    warmup_steps: int = 20  # linear warm-up steps, then cosine decay to 10% of lr
+    max_steps: int = 200  # optimizer steps in total
     grad_clip: float = 1.0  # max gradient norm; 0 = off
-    temperature: float = 0.07  # contrastive softmax temperature (initial value if learnable)
+    temperature: float = 0.1  # contrastive softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
     mask_rate: float = 0.15  # mlm: fraction of events masked
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
