@@ -47,6 +47,7 @@ def test_good_row_is_canonical():
         ({"text": None}, "missing_field", "text: required field is null or empty"),
         ({"ts": None}, "missing_field", "ts: required field is null or empty"),
         ({"ts": "yesterday"}, "bad_type", "ts: cannot parse 'yesterday' as a timestamp"),
+        ({"ts": "²"}, "bad_type", "ts: cannot parse '²' as a timestamp"),  # isdigit() but not a number
         ({"value": "lots"}, "bad_type", "value: cannot parse 'lots' as a number"),
         ({"category": "[1, "}, "bad_type", "category: cannot parse '[1, ' as a path"),
         ({"text": " \t "}, "empty_text", "text: empty or whitespace only"),

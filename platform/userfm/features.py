@@ -397,17 +397,19 @@ def to_torch(batch: Mapping[str, Any], device: str = "cpu") -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
+def pad_events(batch: Mapping[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """Pad the event axis (axis 1) of every (B, L, ...) array to ``width`` with zeros (= padding ids);
+    per-user arrays (B,) such as ``length`` are left as they are."""
+    out = {}
+    for k, v in batch.items():
+        if v.ndim >= 2 and v.shape[1] < width:
+            v = np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+        out[k] = v
+    return out
+
+
 def concat_batches(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack batches along users, padding the event axis to the widest."""
     width = max(b["service"].shape[1] for b in batches)
-    out = {}
-    for k in batches[0]:
-        parts = []
-        for b in batches:
-            v = b[k]
-            if v.ndim >= 2 and k != "length":
-                pad = [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2)
-                v = np.pad(v, pad)
-            parts.append(v)
-        out[k] = np.concatenate(parts)
-    return out
+    padded = [pad_events(b, width) for b in batches]
+    return {k: np.concatenate([b[k] for b in padded]) for k in batches[0]}

@@ -113,18 +113,6 @@ def _objective_config(cfg: PretrainConfig):
     )
 
 
-def _pad(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
-    """Pad every (B, L, ...) array to L = width, so Ray Data sees fixed-shape tensor columns."""
-    out = {}
-    for k, v in batch.items():
-        if v.ndim >= 2 and k.split(".")[-1] not in ("length", "pair_kind"):
-            if v.shape[1] < width:
-                pad = [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2)
-                v = np.pad(v, pad)
-        out[k] = v
-    return out
-
-
 _CACHE: dict[str, Any] = {}
 
 
@@ -155,7 +143,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
     loop, so every epoch sees new ones). clue: one row per user pair (a.* / b.*: two services, or an
     earlier/later split of a one-service history), built here, not in the loop.
     """
-    from userfm.features import make_batch
+    from userfm.features import make_batch, pad_events
     from userfm.objectives import _with_vectors, clue_batch
     from userfm.sequences import service_rows
 
@@ -172,7 +160,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
         out = _with_vectors(make_batch(batch, vocabs, tok), vectors)
         keep = out["length"] > 0
         out = {k: v[keep] for k, v in out.items()}
-    return _pad(out, max_events)
+    return pad_events(out, max_events)  # fixed shapes: Ray Data stores them as tensor columns
 
 
 def hash_user(user_id: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -39,6 +40,7 @@ REASONS = (
 SOURCE_COLUMN = "path"  # the column Ray Data's include_paths=True adds
 
 _TS_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1e-3}
+_EPOCH_TEXT = re.compile(r"-?[0-9]+(\.[0-9]*)?")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def _parse_ts_scalar(v: Any, unit_us: float) -> int | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return None if not math.isfinite(v) else int(v * unit_us)
     s = str(v).strip()
-    if s.replace(".", "", 1).lstrip("-").isdigit():  # epoch number written as text
+    if _EPOCH_TEXT.fullmatch(s):  # an epoch number written as text (ASCII digits only: '²'.isdigit())
         return int(float(s) * unit_us)
     try:
         dt = datetime.fromisoformat(s)
