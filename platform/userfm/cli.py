@@ -90,6 +90,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.embed import EmbedConfig, run_embed
+    from userfm.runtime import init_ray
+
+    cfg = load_config(
+        EmbedConfig, args.config, args.overrides, model=args.model, data=args.data, out=args.out,
+        actors=args.actors, gpus=args.gpus, concat=args.concat, overwrite=args.overwrite,
+    )
+    init_ray(args.address, num_cpus=args.num_cpus)
+    run_embed(cfg)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from userfm.dataset import format_summary, summarize
 
@@ -175,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("embed", help="embed every user of a dataset with a pretrained encoder (Ray Data actors)",
+                       description="Batch inference over an actor pool (one model load per actor): writes "
+                       "OUT/embeddings/*.parquet (user_id, embedding, model id/version, config hash), "
+                       "OUT/skipped.parquet and OUT/manifest.json (users in = embedded + skipped).")
+    p.add_argument("--model", help="exported encoder folder, e.g. runs/pretrain/clue/model")
+    p.add_argument("--data", help="sequence dataset folder from `userfm ingest`")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--actors", type=int, help="inference actors (default 1)")
+    p.add_argument("--gpus", type=float, help="GPUs per actor (default 0: CPU)")
+    p.add_argument("--concat", help="second embedding table to append to each user's embedding")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_embed)
 
     p = sub.add_parser("summary", help="print counts of an ingested dataset",
                        description="Rows kept/quarantined by reason, users by split, services, history lengths.")

@@ -1,0 +1,228 @@
+"""``userfm embed``: frozen user embeddings for every user of a sequence dataset, on Ray Data.
+
+Batch inference with ``map_batches`` over an actor pool: each actor loads the exported encoder once
+(``userfm.load_encoder``), then turns batches of sequence rows into embeddings. Output (``out``)::
+
+    embeddings/*.parquet   user_id, split, n_events, embedding (fixed_size_list<float32>[D]),
+                           model_id, model_version, config_hash
+    skipped.parquet        users without an embedding and the reason (nothing is dropped silently)
+    manifest.json          users_in == users_embedded + users_skipped, model identity, timings
+
+``concat`` appends a second embedding table's vector to each user's (the "general feature +
+service-specific feature" of the ShopperBERT paper); users missing from it get zeros, counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from userfm.config import to_dict
+from userfm.errors import UserfmError
+
+
+class EmbedError(UserfmError):
+    """Bad embed input (model folder, dataset, concat table)."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = ""  # exported encoder folder (`userfm pretrain` writes <run>/model)
+    data: str = ""  # sequence dataset folder (`userfm ingest`)
+    out: str = ""  # output folder
+    scope: str = "all"  # "all" (combined history) or one service's sequences
+    batch_size: int = 256  # users per inference batch
+    actors: int = 1  # inference actors (one model load each)
+    cpus_per_actor: float = 1.0  # Ray CPUs reserved per actor
+    threads_per_actor: int = 1  # torch threads per actor
+    gpus: float = 0.0  # GPUs per actor (> 0: the model runs on CUDA)
+    minilm_cache: str = ""  # MiniLM vector cache (minilm encoders); "" = <data>/minilm_cache
+    concat: str = ""  # a second embedding table (folder or file) to append per user
+    overwrite: bool = False  # replace an existing output folder
+
+    def __post_init__(self):
+        for name in ("batch_size", "actors", "threads_per_actor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def model_identity(model_dir: str | Path) -> dict:
+    """``model_id`` (the run's name), ``model_version`` (weights digest), ``config_hash``."""
+    p = Path(model_dir).resolve()
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise EmbedError(f"{model_dir}: not an exported encoder (needs config.json and model.safetensors)")
+    name = p.parent.name if p.name == "model" else p.name
+    return {"model_id": name, "model_version": _digest(p / "model.safetensors"), "config_hash": _digest(p / "config.json")}
+
+
+class EmbedActor:
+    """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
+
+    def __init__(self, model_dir: str, identity: dict, vectors_dir: str | None = None, threads: int = 1, use_gpu: bool = False):
+        import torch
+
+        import userfm
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model, self.vocabs, self.tok = userfm.load_encoder(model_dir, device=self.device)
+        self.identity = identity
+        self.vectors = None
+        if vectors_dir:
+            from userfm.minilm import VectorCache
+
+            self.vectors = VectorCache.load(vectors_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from userfm.features import make_batch, to_torch
+        from userfm.objectives import _with_vectors
+
+        nb = _with_vectors(make_batch(batch, self.vocabs, self.tok, max_events=self.model.config.max_events), self.vectors)
+        has = nb["length"] > 0
+        dim = self.model.config.embed_dim
+        emb = np.zeros((batch.num_rows, dim), dtype=np.float32)
+        if has.any():
+            sub = {k: v[has] for k, v in nb.items()}
+            with torch.no_grad():
+                emb[has] = self.model(to_torch(sub, self.device)).float().cpu().numpy()
+        n = batch.num_rows
+        return pa.table(
+            {
+                "user_id": batch.column("user_id"),
+                "split": batch.column("split"),
+                "n_events": batch.column("n_events"),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+                "reason": pa.array([None if h else "no_events" for h in has], pa.string()),
+                **{k: pa.array([v] * n, pa.string()) for k, v in self.identity.items()},
+            }
+        )
+
+
+def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """An embedding table (folder or file) -> (user ids, (N, D) float32)."""
+    p = Path(path)
+    src = p / "embeddings" if (p / "embeddings").is_dir() else p
+    try:
+        table = pq.read_table(src, columns=["user_id", "embedding"])
+    except Exception as exc:  # noqa: BLE001
+        raise EmbedError(f"cannot read embedding table {path}: {exc}") from exc
+    emb = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(emb.type):
+        raise EmbedError(f"{path}: column 'embedding' must be fixed_size_list<float32>, got {emb.type}")
+    return table.column("user_id").to_pylist(), emb.flatten().to_numpy().reshape(len(emb), emb.type.list_size).astype(np.float32)
+
+
+def _concat(table: pa.Table, other: str) -> tuple[pa.Table, int]:
+    users, vecs = read_embeddings(other)
+    index = {u: i for i, u in enumerate(users)}
+    rows = np.array([index.get(u, -1) for u in table.column("user_id").to_pylist()])
+    extra = np.zeros((table.num_rows, vecs.shape[1]), np.float32)
+    extra[rows >= 0] = vecs[rows[rows >= 0]]
+    base = table.column("embedding").combine_chunks()
+    base_np = base.flatten().to_numpy().reshape(len(base), base.type.list_size)
+    joined = np.concatenate([base_np, extra], axis=1).astype(np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(joined.reshape(-1)), joined.shape[1])
+    return table.set_column(table.column_names.index("embedding"), "embedding", col), int((rows < 0).sum())
+
+
+def run_embed(cfg: EmbedConfig, progress=print) -> dict:
+    """Embed every user of ``cfg.data`` (scope ``cfg.scope``) with ``cfg.model`` into ``cfg.out``."""
+    import ray
+
+    from userfm.dataset import load_manifest
+    from userfm.runtime import init_ray
+
+    if not (cfg.model and cfg.data and cfg.out):
+        raise EmbedError("model, data and out are required")
+    identity = model_identity(cfg.model)
+    manifest = load_manifest(cfg.data)
+    folder = Path(cfg.data) / manifest["files"]["sequences" if cfg.scope == "all" else "service_sequences"]
+    if cfg.scope != "all" and cfg.scope not in manifest["services"]:
+        raise EmbedError(f"{cfg.data}: no service {cfg.scope!r}; services: {sorted(manifest['services'])}")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise EmbedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc_cfg = json.loads((Path(cfg.model) / "config.json").read_text())
+    vectors_dir = None
+    if enc_cfg.get("item_encoder") == "minilm":
+        from userfm.pretrain import build_minilm_cache
+
+        vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
+        build_minilm_cache(cfg.data, vectors_dir, progress)
+
+    init_ray()
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(str(folder)).select_columns(
+        ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
+    )
+    if cfg.scope != "all":
+        ds = ds.filter(lambda r: r["scope"] == cfg.scope)
+    # Read before the actors start: actors holding every CPU would leave none for read tasks and the
+    # pipeline would hang without an error (the Data + actors deadlock in ray-notes.md).
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()  # one block per batch: every actor gets work
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
+                                   threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0),
+        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
+        num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
+    )
+    table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())))
+    infer_s = time.perf_counter() - t0
+    users_in = table.num_rows
+    ok = pc.is_null(table.column("reason"))
+    embedded = table.filter(ok).drop_columns(["reason"])
+    skipped = table.filter(pc.invert(ok)).select(["user_id", "split", "n_events", "reason"])
+    concat_missing = 0
+    if cfg.concat:
+        embedded, concat_missing = _concat(embedded, cfg.concat)
+    (out / "embeddings").mkdir()
+    pq.write_table(embedded, out / "embeddings" / "part-00000.parquet")
+    pq.write_table(skipped, out / "skipped.parquet")
+    if users_in != embedded.num_rows + skipped.num_rows:
+        raise EmbedError(f"user accounting failed: {users_in} in, {embedded.num_rows} embedded, {skipped.num_rows} skipped")
+    expected = manifest["users"]["total"] if cfg.scope == "all" else None
+    if expected is not None and users_in != expected:
+        raise EmbedError(f"read {users_in} users but the dataset manifest lists {expected}")
+    dim = embedded.column("embedding").type.list_size if embedded.num_rows else 0
+    result = {
+        "kind": "userfm.embeddings",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(cfg),
+        **identity,
+        "dim": dim,
+        "users_in": users_in,
+        "users_embedded": embedded.num_rows,
+        "users_skipped": skipped.num_rows,
+        "skipped_by_reason": {r: int(c) for r, c in zip(*np.unique(skipped.column("reason").to_numpy(zero_copy_only=False), return_counts=True))} if skipped.num_rows else {},
+        "concat": {"table": cfg.concat, "users_missing": concat_missing} if cfg.concat else None,
+        "timings_s": {"inference": round(infer_s, 3)},
+        "users_per_s": round(users_in / infer_s, 1) if infer_s else None,
+    }
+    (out / "manifest.json").write_text(json.dumps(result, indent=2))
+    progress(f"[embed] {users_in:,} users -> {embedded.num_rows:,} embeddings (dim {dim}), {skipped.num_rows} skipped; "
+             f"{result['users_per_s']} users/s with {cfg.actors} actor(s) -> {out}")
+    return result

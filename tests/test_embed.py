@@ -1,0 +1,102 @@
+"""userfm embed: every user in gets an embedding or a reason; embeddings equal a plain torch forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from userfm.embed import EmbedConfig, EmbedError, model_identity, read_embeddings, run_embed
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_local):
+    from userfm.dataset import read_sequences
+    from userfm.encoders import UserEncoder, config_for, save_encoder
+    from userfm.features import FeatureConfig, fit_vocabs
+    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.synth import SynthConfig, generate
+    from userfm.tokenizer import TextTokenizer
+
+    root = tmp_path_factory.mktemp("embed")
+    generate(SynthConfig(n_users=300, events_per_user=15, seed=5), root / "raw")
+    run_ingest(IngestConfig(inputs=(str(root / "raw" / "events"),), out=str(root / "ds")), progress=lambda s: None)
+    rows = read_sequences(root / "ds")
+    vocabs = fit_vocabs(rows, FeatureConfig(max_events=16, max_text_tokens=8))
+    tok = TextTokenizer.fit([t for lst in rows.column("text").to_pylist() for t in lst], vocab_size=300)
+    torch.manual_seed(0)
+    model = UserEncoder(config_for("tiny", vocabs, tok, item_encoder="text", out_dim=12))
+    save_encoder(root / "run" / "model", model, vocabs, tok)
+    return root, rows
+
+
+def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup):
+    import userfm
+    from userfm.features import make_batch, to_torch
+
+    root, rows = setup
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb"), batch_size=64, actors=2, cpus_per_actor=0.5), progress=lambda s: None)
+    assert m["users_in"] == m["users_embedded"] == 300 and m["users_skipped"] == 0 and m["dim"] == 12
+    assert m["model_id"] == "run" and m["model_version"] == model_identity(root / "run" / "model")["model_version"]
+    table = pq.read_table(root / "emb" / "embeddings")
+    assert set(table.column("model_version").to_pylist()) == {m["model_version"]}
+    users, emb = read_embeddings(root / "emb")
+    model, vocabs, tok = userfm.load_encoder(root / "run" / "model")
+    with torch.no_grad():
+        ref = model(to_torch(make_batch(rows, vocabs, tok, max_events=16))).numpy()
+    order = {u: i for i, u in enumerate(rows.column("user_id").to_pylist())}
+    np.testing.assert_allclose(emb, ref[[order[u] for u in users]], rtol=1e-5, atol=1e-6)
+    assert json.loads((root / "emb" / "manifest.json").read_text())["users_embedded"] == 300
+
+
+def test_concat_appends_a_second_table_with_zeros_for_missing_users(setup):
+    root, rows = setup
+    users = rows.column("user_id").to_pylist()[:100]
+    other = root / "other.parquet"
+    vecs = np.arange(100 * 3, dtype=np.float32).reshape(100, 3)
+    pq.write_table(pa.table({"user_id": users, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 3)}), other)
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb-cat"), concat=str(other)), progress=lambda s: None)
+    assert m["dim"] == 15 and m["concat"]["users_missing"] == 200
+    got_users, got = read_embeddings(root / "emb-cat")
+    base_users, base = read_embeddings(root / "emb")
+    base_of = dict(zip(base_users, base))
+    i = got_users.index(users[7])
+    np.testing.assert_array_equal(got[i, 12:], vecs[7])
+    np.testing.assert_array_equal(got[i, :12], base_of[users[7]])
+    j = next(k for k, u in enumerate(got_users) if u not in set(users))
+    assert not got[j, 12:].any()
+
+
+def test_a_user_without_events_is_skipped_with_a_reason(setup, tmp_path):
+    root, rows = setup
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    part = sorted((ds / "sequences" / "all").glob("*.parquet"))[0]
+    t = pq.read_table(part)
+    empty = {c: [[]] if pa.types.is_list(t.schema.field(c).type) else None for c in t.column_names}
+    empty.update(user_id=["ghost"], split=["train"], scope=["all"], n_events=[0])
+    pq.write_table(pa.concat_tables([t, pa.Table.from_pydict(empty, schema=t.schema)]), part)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["users"]["total"] += 1
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(ds), out=str(tmp_path / "emb")), progress=lambda s: None)
+    assert (m["users_in"], m["users_embedded"], m["users_skipped"]) == (301, 300, 1)
+    assert m["skipped_by_reason"] == {"no_events": 1}
+    assert pq.read_table(tmp_path / "emb" / "skipped.parquet").column("user_id").to_pylist() == ["ghost"]
+
+
+def test_bad_inputs(setup, tmp_path):
+    root, _ = setup
+    with pytest.raises(EmbedError, match="not an exported encoder"):
+        run_embed(EmbedConfig(model=str(tmp_path), data=str(root / "ds"), out=str(tmp_path / "o")), progress=lambda s: None)
+    with pytest.raises(EmbedError, match="exists and is not empty"):
+        run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb")), progress=lambda s: None)
+    with pytest.raises(EmbedError, match="no service 'tv'"):
+        run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "o2"), scope="tv"), progress=lambda s: None)
