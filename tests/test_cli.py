@@ -11,7 +11,7 @@ import pytest
 
 from userfm.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "pretrain", "embed", "summary"]
+SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "pretrain", "embed", "evaluate", "summary"]
 
 
 def run_cli(*args, timeout=120):

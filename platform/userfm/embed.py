@@ -119,17 +119,39 @@ class EmbedActor:
 
 
 def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """An embedding table (folder or file) -> (user ids, (N, D) float32)."""
+    """An embedding table -> (user ids, (N, D) float32).
+
+    ``path``: a Parquet file, a folder of them, or an embed run folder (its ``embeddings/``). The table
+    needs ``user_id`` and ``embedding`` (fixed-size or equal-length list of floats); ids must be unique
+    and values finite. Raises EmbedError naming the path and the problem.
+    """
     p = Path(path)
+    if not p.exists():
+        raise EmbedError(f"no file or folder {p}")
     src = p / "embeddings" if (p / "embeddings").is_dir() else p
     try:
-        table = pq.read_table(src, columns=["user_id", "embedding"])
-    except Exception as exc:  # noqa: BLE001
-        raise EmbedError(f"cannot read embedding table {path}: {exc}") from exc
-    emb = table.column("embedding").combine_chunks()
-    if not pa.types.is_fixed_size_list(emb.type):
-        raise EmbedError(f"{path}: column 'embedding' must be fixed_size_list<float32>, got {emb.type}")
-    return table.column("user_id").to_pylist(), emb.flatten().to_numpy().reshape(len(emb), emb.type.list_size).astype(np.float32)
+        t = pq.read_table(str(src), columns=["user_id", "embedding"])
+    except (pa.ArrowInvalid, KeyError, OSError) as exc:
+        raise EmbedError(f"cannot read {src} as a table with columns user_id, embedding: {exc}") from None
+    col = t.column("embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if len(lens) and lens.min() != lens.max():
+            raise EmbedError(f"{src}: embedding lengths differ ({lens.min()}..{lens.max()})")
+        dim = int(lens[0]) if len(lens) else 0
+    else:
+        raise EmbedError(f"{src}: column 'embedding' must be a list of floats, got {col.type}")
+    if col.null_count:
+        raise EmbedError(f"{src}: {col.null_count} null embedding(s)")
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
+    ids = t.column("user_id").combine_chunks().cast(pa.string())
+    if pc.count_distinct(ids).as_py() != len(ids):
+        raise EmbedError(f"{src}: user_id is not unique")
+    if not np.isfinite(x).all():
+        raise EmbedError(f"{src}: non-finite values")
+    return ids.to_pylist(), x
 
 
 def _concat(table: pa.Table, other: str) -> tuple[pa.Table, int]:
@@ -149,8 +171,8 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     """Embed every user of ``cfg.data`` (scope ``cfg.scope``) with ``cfg.model`` into ``cfg.out``."""
     import ray
 
+    from userfm import runtime
     from userfm.dataset import load_manifest
-    from userfm.runtime import init_ray
 
     if not (cfg.model and cfg.data and cfg.out):
         raise EmbedError("model, data and out are required")
@@ -173,16 +195,19 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
         vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
         build_minilm_cache(cfg.data, vectors_dir, progress)
 
-    init_ray()
+    runtime.init_ray()
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(str(folder)).select_columns(
+    files = sorted(str(f) for f in folder.glob("*.parquet"))  # explicit list: no file-listing pass
+    ds = ray.data.read_parquet(files).select_columns(
         ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
     )
     if cfg.scope != "all":
         ds = ds.filter(lambda r: r["scope"] == cfg.scope)
-    # Read before the actors start: actors holding every CPU would leave none for read tasks and the
-    # pipeline would hang without an error (the Data + actors deadlock in ray-notes.md).
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()  # one block per batch: every actor gets work
+    if cfg.actors * cfg.cpus_per_actor >= runtime.cluster_cpus():
+        # Actors holding every CPU would leave none for the read tasks, and the pipeline would hang
+        # without an error (the Data + actors deadlock in ray-notes.md): read everything first.
+        # Small blocks, so every actor gets work.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,

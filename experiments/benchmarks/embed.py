@@ -1,0 +1,100 @@
+"""Embedding throughput: `userfm embed` (Ray Data actor pool) vs a plain single-process torch loop.
+
+Same dataset, same encoder, same batch size, in the same run: (a) a plain loop with 1 torch thread
+(read Parquet, make_batch, forward); (b) `run_embed` with 1 actor x 1 thread; (c) 2 actors x 1 thread.
+Ray timings include reading, the actors' start-up and model load (what a user waits for), on an
+already-started local Ray. Prints users/s (median over repeats) and the ratios b/a and c/a.
+Target: b/a >= 0.9.
+
+    python experiments/benchmarks/embed.py                        # 20k users, size small, 3 repeats
+    python experiments/benchmarks/embed.py --users 5000 --size tiny --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def plain_loop(model_dir: Path, data: Path, batch_size: int) -> tuple[float, int]:
+    import pyarrow.parquet as pq
+    import torch
+
+    import userfm
+    from userfm.features import make_batch, to_torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model, vocabs, tok = userfm.load_encoder(model_dir)
+    table = pq.read_table(data / "sequences" / "all")
+    n = 0
+    with torch.no_grad():
+        for start in range(0, table.num_rows, batch_size):
+            rows = table.slice(start, batch_size)
+            z = model(to_torch(make_batch(rows, vocabs, tok, max_events=model.config.max_events)))
+            n += z.shape[0]
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=20000, help="synthetic users")
+    ap.add_argument("--size", default="small", help="encoder size (tiny | small | base)")
+    ap.add_argument("--item-encoder", default="category", help="category | text")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+
+    from userfm.dataset import read_sequences
+    from userfm.embed import EmbedConfig, run_embed
+    from userfm.encoders import UserEncoder, config_for, save_encoder
+    from userfm.features import FeatureConfig, fit_vocabs
+    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.runtime import init_ray
+    from userfm.synth import SynthConfig, generate
+    from userfm.tokenizer import TextTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="userfm-bench-embed-"))
+    try:
+        init_ray(num_cpus=2)
+        generate(SynthConfig(n_users=args.users, seed=0), work / "raw")
+        run_ingest(IngestConfig(inputs=(str(work / "raw" / "events"),), out=str(work / "ds"), max_events=64), progress=lambda s: None)
+        rows = read_sequences(work / "ds")
+        vocabs = fit_vocabs(rows, FeatureConfig(max_events=64, max_text_tokens=16))
+        tok = None
+        if args.item_encoder == "text":
+            tok = TextTokenizer.fit([t for lst in rows.column("text").to_pylist() for t in lst], vocab_size=2048)
+        torch.manual_seed(0)
+        model = UserEncoder(config_for(args.size, vocabs, tok, item_encoder=args.item_encoder, max_events=64))
+        save_encoder(work / "model", model, vocabs, tok)
+        print(f"{rows.num_rows:,} users, encoder {args.size}/{args.item_encoder}, batch {args.batch_size}, 2 CPUs")
+
+        # warm-up: worker processes, imports
+        run_embed(EmbedConfig(model=str(work / "model"), data=str(work / "ds"), out=str(work / "warm"), overwrite=True), progress=lambda s: None)
+        res: dict[str, list[float]] = {"plain loop, 1 thread": [], "ray, 1 actor x 1 thread": [], "ray, 2 actors x 1 thread": []}
+        for r in range(args.repeats):
+            dt, n = plain_loop(work / "model", work / "ds", args.batch_size)
+            res["plain loop, 1 thread"].append(n / dt)
+            for actors, key in ((1, "ray, 1 actor x 1 thread"), (2, "ray, 2 actors x 1 thread")):
+                t0 = time.perf_counter()
+                m = run_embed(EmbedConfig(model=str(work / "model"), data=str(work / "ds"), out=str(work / f"emb{actors}"), overwrite=True,
+                                          actors=actors, cpus_per_actor=1.0, batch_size=args.batch_size), progress=lambda s: None)
+                res[key].append(m["users_in"] / (time.perf_counter() - t0))
+            print(f"  run {r + 1}: " + "  ".join(f"{k}: {v[-1]:,.0f} users/s" for k, v in res.items()))
+        med = {k: statistics.median(v) for k, v in res.items()}
+        base = med["plain loop, 1 thread"]
+        print("\nmedian users/s (target: 1 actor >= 0.9x the plain loop)")
+        for k, v in med.items():
+            print(f"  {k:<28} {v:>10,.0f}   {v / base:5.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1035 @@
+"""Downstream evaluation: small heads on frozen user embeddings vs baselines, with intervals.
+
+Protocol (ShopperBERT's U-MLP vs T-Trans, https://arxiv.org/abs/2106.00573): the user encoder is frozen;
+its embedding table is the only input of a small head trained per task. For every task in a YAML list
+(``experiments/tasks/*.yaml``) and every embedding table in the config:
+
+    heads      "mlp"     U-MLP: one hidden layer, early-stopped on the val split's loss (torch)
+               "logreg"  logistic regression (ridge for regression tasks), C chosen on val (scikit-learn)
+    baselines  "random"  an embedding table of seeded Gaussian vectors of the same size: the floor
+               "tfidf"   TF-IDF of each user's event texts + logistic regression (no pretraining at all)
+               "oracle"  synthetic data only: the Bayes-optimal accuracy from ``ground_truth.json``
+               "t-trans" ShopperBERT's T-Trans: a user transformer (``encoders.UserEncoder``) + linear
+                         classifier trained end to end from scratch on the task's training users' sequences,
+                         early-stopped on val (opt-in: the slow one)
+
+Users come with the dataset's user-disjoint train/val/test split (ingest hashes the user id): heads fit
+on train, select on val, and every number reported is on test: the mean over ``seeds`` of the task's
+metric, a 95 % percentile-bootstrap interval over test users (one resample scores every seed, so the
+interval is the one of the seed-mean), the same on cold users (bottom quartile of history length among
+the task's test users) and heavy users (top quartile), and the paired difference to the random floor.
+
+Outputs in ``out``: ``config.json``, ``results.json`` (every model x task row), ``results.md``, PNG
+charts when matplotlib is installed, and ``heads/<task>/<model>/seed<k>/`` (``head.json`` +
+``weights.safetensors``, no pickle) that :func:`load_head` reads back for serving.
+
+Nothing here imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from userfm import metrics as M
+from userfm.config import ConfigError, from_dict, to_dict
+from userfm.dataset import load_manifest, read_attributes, read_sequences
+from userfm.errors import UserfmError
+
+TASK_TYPES = ("binary", "multiclass", "regression")
+DEFAULT_METRIC = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
+# Reported next to the primary metric (point values, seed means).
+SECONDARY_METRICS = {"binary": ("accuracy", "log_loss"), "multiclass": ("macro_f1", "log_loss"), "regression": ()}
+ALLOWED_METRICS = {"binary": ("auc", "accuracy", "macro_f1", "log_loss"),
+                   "multiclass": ("accuracy", "macro_f1", "log_loss"), "regression": ("rmse",)}
+HEADS = ("mlp", "logreg")
+BASELINES = ("tfidf", "oracle", "t-trans")
+RANDOM = "random"  # an embeddings entry with this value is the random floor
+HEAD_FORMAT = "userfm.head"
+
+
+class EvalError(UserfmError, ValueError):
+    """A task, embedding table or dataset cannot be evaluated; the message names what and where."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One downstream task: predict ``target`` of ``table`` from a user's embedding.
+
+    YAML: a list of mappings with these keys, or ``{tasks: [...]}``.
+    """
+
+    name: str  # unique task name, used in result rows and head folders
+    table: str  # attributes table ingested with the dataset: "attributes", "future_labels", ...
+    target: str  # column of ``table`` to predict; users with a null value are left out
+    type: str  # "binary" | "multiclass" | "regression"
+    users: str = "all"  # "all" | "multi_service" (active in 2+ services) | "service:<name>" (active there)
+    metric: str = ""  # primary metric; "" = auc (binary), accuracy (multiclass), rmse (regression)
+    transform: str = "none"  # regression target transform: "none" | "log1p"
+
+    def __post_init__(self):
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES}, got {self.type!r}")
+        if not self.metric:
+            object.__setattr__(self, "metric", DEFAULT_METRIC[self.type])
+        if self.metric not in ALLOWED_METRICS[self.type]:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not fit a {self.type} task; "
+                             f"use one of {ALLOWED_METRICS[self.type]}")
+        if not (self.users in ("all", "multi_service") or self.users.startswith("service:")):
+            raise ValueError(f"task {self.name!r}: users must be 'all', 'multi_service' or 'service:<name>', got {self.users!r}")
+        if self.transform not in ("none", "log1p"):
+            raise ValueError(f"task {self.name!r}: transform must be 'none' or 'log1p', got {self.transform!r}")
+        if self.transform != "none" and self.type != "regression":
+            raise ValueError(f"task {self.name!r}: transform applies to regression tasks only")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Config of :func:`run_evaluate` (``userfm evaluate``)."""
+
+    data: str = ""  # sequence dataset folder written by `userfm ingest` (labels are its attribute tables)
+    embeddings: dict[str, str] = field(default_factory=dict)  # name -> embedding table (Parquet file/folder) or "random"
+    tasks: str = "experiments/tasks/synthetic.yaml"  # YAML list of TaskConfig
+    only_tasks: tuple[str, ...] = ()  # run just these task names; () = all
+    out: str = ""  # run folder for results.json, results.md, charts, heads
+    heads: tuple[str, ...] = HEADS  # heads trained on every embedding table: "mlp", "logreg"
+    baselines: tuple[str, ...] = ("tfidf", "oracle")  # of "tfidf", "oracle", "t-trans" (random is an embeddings entry)
+    seed: int = 0  # first seed; heads and random tables use seed .. seed + seeds - 1
+    seeds: int = 3  # head trainings per (task, model), mean reported; deterministic fits (logreg on a real table, tfidf) run once
+    bootstrap_samples: int = 1000  # resamples of test users per interval (cost ~ samples x test users)
+    confidence: float = 0.95  # interval coverage
+    quantile: float = 0.25  # cold = history length <= this quantile of test users, heavy = >= 1 - quantile
+    random_dim: int = 0  # size of random embeddings; 0 = that of the first real table (64 if none)
+    ground_truth: str = "auto"  # ground_truth.json for the oracle row; "auto" = next to the dataset's inputs; "" = none
+    mlp_hidden: int = 256  # U-MLP hidden units (one hidden layer, ReLU)
+    mlp_dropout: float = 0.2  # U-MLP dropout probability on the hidden layer
+    mlp_lr: float = 1e-3  # AdamW learning rate
+    mlp_weight_decay: float = 1e-4  # AdamW weight decay
+    mlp_batch_size: int = 256  # users per step
+    mlp_max_epochs: int = 200  # epochs at most
+    mlp_patience: int = 10  # epochs without a better val loss before stopping (best weights restored)
+    logreg_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried; best val loss wins
+    logreg_max_iter: int = 1000  # lbfgs iterations
+    tfidf_max_features: int = 50_000  # TF-IDF vocabulary size (unigrams + bigrams)
+    tfidf_min_df: int = 2  # a term must occur in this many training users
+    t_trans_size: str = "tiny"  # T-Trans encoder size (encoders.SIZES); pick the pretrained encoder's for a fair match
+    t_trans_item_encoder: str = "text"  # "text" (BPE, any dataset) | "category"
+    t_trans_max_events: int = 64  # most recent events per user fed to T-Trans
+    t_trans_max_text_tokens: int = 16  # BPE tokens per event incl. <bos> ("text")
+    t_trans_text_vocab: int = 2048  # BPE vocabulary fitted on the task's training users ("text")
+    t_trans_lr: float = 1e-3  # AdamW learning rate
+    t_trans_batch_size: int = 64  # users per step
+    t_trans_max_epochs: int = 30  # epochs at most
+    t_trans_patience: int = 3  # epochs without a better val loss before stopping (best weights restored)
+    torch_threads: int = 1  # torch intra-op threads while heads and T-Trans train (restored after); 0 = leave
+    #                         as is. Their matmuls are small: more threads mostly add synchronisation
+    #                         (U-MLP 13x, T-Trans 5-12x slower with 2 threads on a busy 2-core box)
+    save_heads: bool = True  # write heads/<task>/<model>/seed<k>/ (safetensors + JSON)
+    charts: bool = True  # write PNG charts (skipped with a note when matplotlib is missing)
+
+    def __post_init__(self):
+        bad = [h for h in self.heads if h not in HEADS]
+        if bad:
+            raise ValueError(f"heads: unknown {bad}; known: {HEADS}")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"baselines: unknown {bad}; known: {BASELINES} (the random floor is an embeddings entry: name: random)")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if not 0 < self.quantile < 0.5:
+            raise ValueError(f"quantile must be in (0, 0.5), got {self.quantile}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.t_trans_item_encoder not in ("text", "category"):
+            raise ValueError(f"t_trans_item_encoder must be 'text' or 'category', got {self.t_trans_item_encoder!r}")
+        for name in self.embeddings:
+            if "/" in name or not name:
+                raise ValueError(f"embeddings: name {name!r} must be non-empty and contain no '/'")
+
+
+def load_tasks(path: str | Path, only: tuple[str, ...] = ()) -> tuple[TaskConfig, ...]:
+    """Tasks from a YAML list (or ``{tasks: [...]}``); ``only`` keeps those names (each must exist)."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"tasks file not found: {p}")
+    data = yaml.safe_load(p.read_text())
+    if isinstance(data, dict) and "tasks" in data:
+        data = data["tasks"]
+    if not isinstance(data, list) or not data:
+        raise EvalError(f"{p}: expected a non-empty list of tasks (or a mapping with a 'tasks' list)")
+    tasks = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise EvalError(f"{p}: task {i} is not a mapping: {item!r}")
+        tasks.append(from_dict(TaskConfig, item, where=f"{p}: task {i} ({item.get('name', '?')})"))
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise EvalError(f"{p}: duplicate task names {dupes}")
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise EvalError(f"only_tasks: no task(s) {missing} in {p}; tasks: {names}")
+        tasks = [t for t in tasks if t.name in only]
+    return tuple(tasks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Users, labels, splits
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskData:
+    """Labelled users of one task, by split. ``y`` holds class indices (classification) or floats."""
+
+    task: TaskConfig
+    ids: dict[str, np.ndarray]  # split -> (n,) user ids (object array of str)
+    y: dict[str, np.ndarray]  # split -> (n,) int64 class index or float64 value
+    classes: list | None  # class values in index order (None for regression)
+    n_events: dict[str, np.ndarray]  # split -> (n,) history length
+    left_out: dict[str, int]  # users dropped and why
+
+
+def user_table(data: str | Path) -> pa.Table:
+    """user_id, split, n_events (whole history) and n_services (services the user is active in)."""
+    manifest = load_manifest(data)
+    users = read_sequences(data, columns=["user_id", "split", "n_events"])
+    ids = [read_sequences(data, scope=s, columns=["user_id"]).column("user_id") for s in manifest["services"]]
+    if ids:
+        counts = pc.value_counts(pa.chunked_array([c for col in ids for c in col.chunks], pa.string()))
+        per = pa.table({"user_id": counts.field("values"), "n_services": counts.field("counts")})
+        users = users.join(per, "user_id", join_type="left outer")
+    else:
+        users = users.append_column("n_services", pa.nulls(users.num_rows, pa.int64()))
+    return users.set_column(users.schema.get_field_index("n_services"), "n_services",
+                            pc.fill_null(users.column("n_services"), 0).cast(pa.int64()))
+
+
+def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[str, pa.Table] | None = None) -> TaskData:
+    """Join the task's label column with the users table, filter users, encode labels by split.
+
+    Splits come from the dataset (user-disjoint by construction); a label table whose split disagrees
+    with the sequences' is an error rather than a silent leak.
+    """
+    table = (tables or {}).get(task.table)
+    if table is None:
+        table = _attribute_table(data, task.table)
+    if task.target not in table.column_names:
+        cols = [c for c in table.column_names if c not in ("user_id", "split")]
+        raise EvalError(f"task {task.name!r}: column {task.target!r} is not in table {task.table!r} (columns: {cols})")
+    lab = table.select(["user_id", "split", task.target]).rename_columns(["user_id", "label_split", "label"])
+    joined = lab.join(users, "user_id", join_type="inner").sort_by("user_id")
+    left_out = {"no_sequence": lab.num_rows - joined.num_rows}
+    bad = pc.sum(pc.not_equal(joined.column("split"), joined.column("label_split"))).as_py() or 0
+    if bad:
+        raise EvalError(f"task {task.name!r}: {bad} user(s) have a different split in table {task.table!r} than in the "
+                        f"sequences; re-ingest the dataset so labels and sequences share one split")
+    null = joined.column("label").is_null()
+    left_out["null_label"] = int(pc.sum(null).as_py() or 0)
+    joined = joined.filter(pc.invert(null))
+    if task.users == "multi_service":
+        keep = pc.greater_equal(joined.column("n_services"), 2)
+    elif task.users.startswith("service:"):
+        svc = task.users.split(":", 1)[1]
+        manifest = load_manifest(data)
+        if svc not in manifest["services"]:
+            raise EvalError(f"task {task.name!r}: users {task.users!r}: no service {svc!r}; services: {sorted(manifest['services'])}")
+        active = read_sequences(data, scope=svc, columns=["user_id"]).column("user_id")
+        keep = pc.is_in(joined.column("user_id"), value_set=active.combine_chunks())
+    else:
+        keep = None
+    if keep is not None:
+        left_out["users_filter"] = joined.num_rows - int(pc.sum(keep).as_py() or 0)
+        joined = joined.filter(keep)
+
+    split = np.asarray(joined.column("split").to_pylist(), dtype=object)
+    raw = joined.column("label").to_pylist()
+    classes = None
+    if task.type == "regression":
+        try:
+            y_all = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise EvalError(f"task {task.name!r}: column {task.target!r} of {task.table!r} is not numeric: {exc}") from None
+        if task.transform == "log1p":
+            y_all = np.log1p(y_all)
+        keep_rows = np.ones(len(y_all), bool)
+    else:
+        train_vals = {v for v, s in zip(raw, split) if s == "train"}
+        classes = sorted(train_vals, key=lambda v: (str(type(v)), v))
+        if task.type == "binary" and len(classes) != 2:
+            raise EvalError(f"task {task.name!r}: binary target {task.target!r} has {len(classes)} class(es) among "
+                            f"training users: {classes[:5]}")
+        if len(classes) < 2:
+            raise EvalError(f"task {task.name!r}: target {task.target!r} has fewer than 2 classes among training users")
+        index = {v: i for i, v in enumerate(classes)}
+        y_all = np.asarray([index.get(v, -1) for v in raw], dtype=np.int64)
+        keep_rows = y_all >= 0  # val/test users whose class never occurs in train cannot be scored
+        left_out["class_unseen_in_train"] = int((~keep_rows).sum())
+    uid = np.asarray(joined.column("user_id").to_pylist(), dtype=object)
+    n_ev = joined.column("n_events").to_numpy()
+    out_ids, out_y, out_n = {}, {}, {}
+    for s in ("train", "val", "test"):
+        m = (split == s) & keep_rows
+        out_ids[s], out_y[s], out_n[s] = uid[m], y_all[m], n_ev[m]
+        if not m.any():
+            raise EvalError(f"task {task.name!r}: no labelled {s} users (after the users filter {task.users!r})")
+    return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v})
+
+
+def _attribute_table(data: str | Path, name: str) -> pa.Table:
+    manifest = load_manifest(data)
+    names = [a["name"] for a in manifest.get("attributes", [])]
+    if name not in names:
+        raise EvalError(f"{data}: no attributes table {name!r}; ingested tables: {names} (ingest with --attributes)")
+    return read_attributes(data, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding tables
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingTable:
+    """A frozen embedding table in memory: user ids and a (n, D) float32 matrix."""
+
+    name: str
+    source: str  # path, or "random"
+    ids: pa.Array  # (n,) string
+    x: np.ndarray  # (n, D) float32
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        """(m,) user ids -> (m, D); every id must be in the table."""
+        idx = pc.index_in(pa.array(user_ids, pa.string()), value_set=self.ids).to_numpy(zero_copy_only=False)
+        missing = np.isnan(idx) if idx.dtype.kind == "f" else np.zeros(len(idx), bool)
+        if missing.any():
+            ex = [str(u) for u in np.asarray(user_ids)[missing][:3]]
+            raise EvalError(f"embeddings {self.name!r} ({self.source}): {int(missing.sum())} labelled user(s) have no "
+                            f"embedding, e.g. {ex}; embed every user of the dataset")
+        return self.x[idx.astype(np.int64)]
+
+
+def load_embeddings(path: str | Path, name: str = "") -> EmbeddingTable:
+    """Read an embedding table (Parquet file, folder, or `userfm embed` run folder): user_id, embedding[D]."""
+    from userfm.embed import EmbedError, read_embeddings
+
+    try:
+        ids, x = read_embeddings(path)
+    except EmbedError as exc:
+        raise EvalError(f"embeddings {name!r}: {exc}") from None
+    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x)
+
+
+def random_embeddings(user_ids: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """(n,) ids -> (n, dim) float32 N(0, 1): each user's vector depends only on (user id, seed), not on
+    which other users are in the batch, so train and test users see the same vectors in every run."""
+    out = np.empty((len(user_ids), dim), np.float32)
+    for i, u in enumerate(user_ids):
+        h = int.from_bytes(hashlib.blake2b(f"{seed}\x1f{u}".encode(), digest_size=8).digest(), "little")
+        out[i] = np.random.default_rng(h).standard_normal(dim, dtype=np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads (pickle-free: head.json + weights.safetensors)
+# --------------------------------------------------------------------------------------------------
+
+
+def _standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=0).astype(np.float32)
+    std = x.std(axis=0).astype(np.float32)
+    return mean, np.where(std > 1e-6, std, 1.0).astype(np.float32)  # constant dims stay constant
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class LinearHead:
+    """Logistic regression (classification) or ridge (regression) on standardised embeddings."""
+
+    def __init__(self, meta: dict, weights: dict[str, np.ndarray]):
+        self.meta = meta  # kind "logreg" | "ridge", classes, input_dim, task, ...
+        self.w = weights  # x_mean (D,), x_std (D,), coef (k', D), intercept (k',)
+
+    @property
+    def classes(self) -> list | None:
+        return self.meta.get("classes")
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, np.float32) - self.w["x_mean"]) / self.w["x_std"]
+        return z.astype(np.float64) @ self.w["coef"].T.astype(np.float64) + self.w["intercept"]  # (n, k')
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(n, D) embeddings -> (n, k) class probabilities (column order = ``classes``)."""
+        if self.meta["kind"] != "logreg":
+            raise EvalError("predict_proba: a regression head has no class probabilities; use predict")
+        z = self.decision(x)
+        if z.shape[1] == 1:  # binary: scikit-learn keeps one row of coefficients, for class 1
+            p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            return np.stack([1.0 - p1, p1], axis=1)
+        return _softmax(z)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(n, D) -> (n,) class values (classification) or predicted values (regression)."""
+        if self.meta["kind"] == "ridge":
+            return self.decision(x)[:, 0]
+        return np.asarray(self.classes, dtype=object)[self.predict_proba(x).argmax(axis=1)]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """What the metrics read: probabilities (n, k), or values (n,) for regression."""
+        return self.decision(x)[:, 0] if self.meta["kind"] == "ridge" else self.predict_proba(x)
+
+
+def _mlp_module(d_in: int, hidden: int, n_out: int, dropout: float):
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
+
+
+class MLPHead:
+    """U-MLP: standardise -> Linear -> ReLU -> Dropout -> Linear; softmax over classes or one value."""
+
+    def __init__(self, meta: dict, weights: dict[str, np.ndarray]):
+        import torch
+
+        self.meta = meta  # kind "mlp", input_dim, hidden, n_out, dropout, classes, target_mean/std, ...
+        self.w = weights
+        self.module = _mlp_module(meta["input_dim"], meta["hidden"], meta["n_out"], meta["dropout"])
+        self.module.load_state_dict({k[len("mlp."):]: torch.from_numpy(np.ascontiguousarray(v))
+                                     for k, v in weights.items() if k.startswith("mlp.")})
+        self.module.eval()
+
+    @property
+    def classes(self) -> list | None:
+        return self.meta.get("classes")
+
+    def _out(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        z = (np.asarray(x, np.float32) - self.w["x_mean"]) / self.w["x_std"]
+        with torch.no_grad():
+            return self.module(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))).double().numpy()
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(n, D) embeddings -> (n, k) class probabilities (column order = ``classes``)."""
+        if self.classes is None:
+            raise EvalError("predict_proba: a regression head has no class probabilities; use predict")
+        return _softmax(self._out(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.classes is None:
+            return self._out(x)[:, 0] * self.meta["target_std"] + self.meta["target_mean"]
+        return np.asarray(self.classes, dtype=object)[self.predict_proba(x).argmax(axis=1)]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.predict(x) if self.classes is None else self.predict_proba(x)
+
+
+def save_head(path: str | Path, head: LinearHead | MLPHead) -> Path:
+    """Write ``head.json`` (metadata, classes, task) and ``weights.safetensors`` (float32 arrays)."""
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / "head.json").write_text(json.dumps({"format": HEAD_FORMAT, "version": 1, **head.meta}, indent=2))
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.w.items()}, str(p / "weights.safetensors"))
+    return p
+
+
+def load_head(path: str | Path) -> LinearHead | MLPHead:
+    """Load a head saved by ``run_evaluate`` (``heads/<task>/<model>/seed<k>/``), no pickle.
+
+    The result has ``predict_proba(embeddings (n, D)) -> (n, k)`` for classification heads (columns in
+    the order of ``.classes``), and ``predict(embeddings) -> (n,)`` for every head.
+    """
+    from safetensors.numpy import load_file
+
+    p = Path(path)
+    if not (p / "head.json").is_file() or not (p / "weights.safetensors").is_file():
+        raise EvalError(f"{p}: not a saved head (needs head.json and weights.safetensors)")
+    meta = json.loads((p / "head.json").read_text())
+    if meta.get("format") != HEAD_FORMAT:
+        raise EvalError(f"{p}/head.json: format is {meta.get('format')!r}, expected {HEAD_FORMAT!r}")
+    weights = load_file(str(p / "weights.safetensors"))
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
+    if meta["kind"] == "mlp":
+        return MLPHead(meta, weights)
+    if meta["kind"] in ("logreg", "ridge"):
+        return LinearHead(meta, weights)
+    raise EvalError(f"{p}/head.json: unknown head kind {meta['kind']!r}")
+
+
+def _fit_sklearn_linear(x_tr, y_tr, x_va, y_va, regression: bool, cs: tuple[float, ...], max_iter: int, seed: int):
+    """Fit one linear model per C, keep the one with the best val loss. Works on dense or sparse x."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    best, best_loss, best_c = None, math.inf, None
+    for c in cs:
+        if regression:
+            model = Ridge(alpha=1.0 / c, random_state=seed).fit(x_tr, y_tr)
+            loss = M.rmse(y_va, model.predict(x_va))
+        else:
+            model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x_tr, y_tr)
+            proba = np.zeros((x_va.shape[0], int(y_tr.max()) + 1))
+            proba[:, model.classes_] = model.predict_proba(x_va)
+            loss = M.log_loss(y_va, proba)
+        if loss < best_loss:
+            best, best_loss, best_c = model, loss, c
+    return best, best_c
+
+
+def fit_logreg(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, task: TaskConfig,
+               classes: list | None, cfg: EvalConfig, seed: int) -> LinearHead:
+    """Logistic regression (ridge for regression) on standardised embeddings; C picked on val loss."""
+    mean, std = _standardize_stats(x_tr)
+    z_tr, z_va = (x_tr - mean) / std, (x_va - mean) / std
+    regression = task.type == "regression"
+    model, c = _fit_sklearn_linear(z_tr, y_tr, z_va, y_va, regression, cfg.logreg_c, cfg.logreg_max_iter, seed)
+    if regression:
+        coef, intercept = np.asarray(model.coef_, np.float64).reshape(1, -1), np.atleast_1d(model.intercept_)
+    else:
+        k = len(classes)
+        coef, intercept = np.asarray(model.coef_, np.float64), np.asarray(model.intercept_, np.float64)
+        if len(model.classes_) != k:  # a class missing from train: never predicted
+            if k == 2:
+                raise EvalError(f"task {task.name!r}: only one class among training users")
+            full_c, full_b = np.zeros((k, coef.shape[1])), np.full(k, -1e9)
+            full_c[model.classes_], full_b[model.classes_] = coef, intercept
+            coef, intercept = full_c, full_b
+    meta = {"kind": "ridge" if regression else "logreg", "task": dataclasses.asdict(task), "classes": classes,
+            "input_dim": int(x_tr.shape[1]), "C": c, "seed": seed}
+    return LinearHead(meta, {"x_mean": mean, "x_std": std, "coef": coef, "intercept": intercept})
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads (0 = unchanged), then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_mlp(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, task: TaskConfig,
+            classes: list | None, cfg: EvalConfig, seed: int) -> MLPHead:
+    """U-MLP trained with AdamW on cross-entropy (or MSE on the standardised target), early-stopped on the
+    val loss with the best epoch's weights restored."""
+    with _torch_threads(cfg.torch_threads):
+        return _train_mlp(x_tr, y_tr, x_va, y_va, task, classes, cfg, seed)
+
+
+def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, cfg: EvalConfig, seed: int) -> MLPHead:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = _standardize_stats(x_tr)
+    regression = task.type == "regression"
+    t_mean, t_std = (float(y_tr.mean()), float(y_tr.std() or 1.0)) if regression else (0.0, 1.0)
+    n_out = 1 if regression else len(classes)
+    xt = torch.from_numpy(((x_tr - mean) / std).astype(np.float32))
+    xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
+    if regression:
+        yt = torch.from_numpy(((y_tr - t_mean) / t_std).astype(np.float32))
+        yv = torch.from_numpy(((y_va - t_mean) / t_std).astype(np.float32))
+        loss_fn = lambda out, y: F.mse_loss(out[:, 0], y)  # noqa: E731
+    else:
+        yt, yv = torch.from_numpy(y_tr.astype(np.int64)), torch.from_numpy(y_va.astype(np.int64))
+        loss_fn = F.cross_entropy
+    model = _mlp_module(xt.shape[1], cfg.mlp_hidden, n_out, cfg.mlp_dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
+    best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
+    for epoch in range(cfg.mlp_max_epochs):
+        epochs = epoch + 1
+        model.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(cfg.mlp_batch_size):
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val = float(loss_fn(model(xv), yv))
+        if val < best_loss - 1e-6:
+            best_loss, best_epoch, bad = val, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.mlp_patience:
+                break
+    best_state = best_state or model.state_dict()  # None only if every val loss was NaN
+    weights = {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}}
+    meta = {"kind": "mlp", "task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]),
+            "hidden": cfg.mlp_hidden, "n_out": n_out, "dropout": cfg.mlp_dropout, "target_mean": t_mean,
+            "target_std": t_std, "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss, "seed": seed}
+    return MLPHead(meta, weights)
+
+
+_FITTERS = {"mlp": fit_mlp, "logreg": fit_logreg}
+
+
+# --------------------------------------------------------------------------------------------------
+# TF-IDF baseline
+# --------------------------------------------------------------------------------------------------
+
+
+def user_texts(data: str | Path) -> dict[str, str]:
+    """user id -> the texts of the user's kept events (scope "all"), one per line."""
+    t = read_sequences(data, columns=["user_id", "text"])
+    return {u: "\n".join(x or []) for u, x in zip(t.column("user_id").to_pylist(), t.column("text").to_pylist())}
+
+
+def _tfidf_scores(td: TaskData, texts: dict[str, str], cfg: EvalConfig, seed: int) -> tuple[np.ndarray, float, float]:
+    """Fit TF-IDF + logistic regression (ridge) on train, C on val -> (test scores, train s, infer s)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    docs = {s: [texts.get(u, "") for u in td.ids[s]] for s in td.ids}
+    t0 = time.perf_counter()
+    vec = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=min(cfg.tfidf_min_df, len(docs["train"])),
+                          max_features=cfg.tfidf_max_features, dtype=np.float32)
+    x_tr = vec.fit_transform(docs["train"])
+    regression = td.task.type == "regression"
+    model, _ = _fit_sklearn_linear(x_tr, td.y["train"], vec.transform(docs["val"]), td.y["val"], regression,
+                                   cfg.logreg_c, cfg.logreg_max_iter, seed)
+    t1 = time.perf_counter()
+    x_te = vec.transform(docs["test"])
+    if regression:
+        scores = model.predict(x_te)
+    else:
+        scores = np.zeros((x_te.shape[0], len(td.classes)))
+        scores[:, model.classes_] = model.predict_proba(x_te)
+    return scores, t1 - t0, time.perf_counter() - t1
+
+
+# --------------------------------------------------------------------------------------------------
+# T-Trans baseline (ShopperBERT's task-specific transformer trained from scratch)
+# --------------------------------------------------------------------------------------------------
+
+SEQ_COLUMNS = ["user_id", "ts", "service", "text", "category"]
+
+
+def _take_rows(seqs: pa.Table, ids: np.ndarray) -> pa.Table:
+    idx = pc.index_in(pa.array(ids, pa.string()), value_set=seqs.column("user_id").combine_chunks())
+    return seqs.take(idx)
+
+
+def _slice_batch(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of a padded batch, with the event axis cut to the longest of those rows."""
+    width = max(int(batch["length"][idx].max()), 1)
+    return {k: (v[idx] if v.ndim == 1 else v[idx, :width]) for k, v in batch.items()}
+
+
+def _ttrans_scores(td: TaskData, seqs: pa.Table, cfg: EvalConfig, seed: int) -> tuple[np.ndarray, float, float, dict]:
+    """Train UserEncoder + Linear end to end on the task's train users, early-stopped on val loss.
+
+    Vocabularies (and the BPE tokenizer for the "text" item encoder) are fitted on the training users
+    only, so nothing about val/test users leaks in. Returns (test scores, train s, infer s, info).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from userfm.encoders import UserEncoder, config_for, num_params
+    from userfm.features import FeatureConfig, fit_vocabs, make_batch, to_torch
+    from userfm.tokenizer import TextTokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows = {s: _take_rows(seqs, td.ids[s]) for s in td.ids}
+    fcfg = FeatureConfig(max_events=cfg.t_trans_max_events, max_text_tokens=cfg.t_trans_max_text_tokens)
+    vocabs = fit_vocabs(rows["train"], fcfg)
+    tok = None
+    if cfg.t_trans_item_encoder == "text":
+        texts = [t for lst in rows["train"].column("text").to_pylist() for t in (lst or [])]
+        tok = TextTokenizer.fit(texts, vocab_size=cfg.t_trans_text_vocab)
+    batches = {s: make_batch(rows[s], vocabs, tok) for s in rows}
+    regression = td.task.type == "regression"
+    y = {s: td.y[s] for s in td.y}
+    t_mean, t_std = (float(y["train"].mean()), float(y["train"].std() or 1.0)) if regression else (0.0, 1.0)
+    if regression:
+        target = {s: torch.from_numpy(((y[s] - t_mean) / t_std).astype(np.float32)) for s in y}
+        loss_fn = lambda out, t: F.mse_loss(out[:, 0], t)  # noqa: E731
+    else:
+        target = {s: torch.from_numpy(y[s].astype(np.int64)) for s in y}
+        loss_fn = F.cross_entropy
+    enc_cfg = config_for(cfg.t_trans_size, vocabs, tok, item_encoder=cfg.t_trans_item_encoder)
+    model = nn.ModuleDict({"encoder": UserEncoder(enc_cfg),
+                           "head": nn.Linear(enc_cfg.embed_dim, 1 if regression else len(td.classes))})
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.t_trans_lr, weight_decay=0.01)
+
+    def forward(split: str, idx: np.ndarray):
+        return model["head"](model["encoder"](to_torch(_slice_batch(batches[split], idx))))
+
+    def predict(split: str) -> torch.Tensor:
+        model.eval()
+        n = len(td.ids[split])
+        with torch.no_grad():
+            return torch.cat([forward(split, np.arange(i, min(i + 256, n))) for i in range(0, n, 256)])
+
+    best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
+    for epoch in range(cfg.t_trans_max_epochs):
+        epochs = epoch + 1
+        model.train()
+        for idx in torch.randperm(len(td.ids["train"]), generator=gen).split(cfg.t_trans_batch_size):
+            loss = loss_fn(forward("train", idx.numpy()), target["train"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val = float(loss_fn(predict("val"), target["val"]))
+        if val < best_loss - 1e-6:
+            best_loss, best_epoch, bad = val, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.t_trans_patience:
+                break
+    model.load_state_dict(best_state or model.state_dict())  # None only if every val loss was NaN
+    t1 = time.perf_counter()
+    out = predict("test").double()
+    scores = (out[:, 0] * t_std + t_mean).numpy() if regression else torch.softmax(out, dim=1).numpy()
+    info = {"params": num_params(model), "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss,
+            "encoder": dataclasses.asdict(enc_cfg)}
+    return scores, t1 - t0, time.perf_counter() - t1, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------------
+
+
+def _interval(metric: str, y: np.ndarray, scores: list[np.ndarray], mask: np.ndarray | None, cfg: EvalConfig) -> dict:
+    """Seed-mean of ``metric`` and its bootstrap interval over (a subset of) test users."""
+    if mask is not None:
+        y, scores = y[mask], [s[mask] for s in scores]
+
+    def stat(yy, *ss):
+        return float(np.mean([M.compute(metric, yy, s) for s in ss]))
+
+    value, lo, hi = M.bootstrap_interval(stat, [y, *scores], cfg.bootstrap_samples, cfg.seed, cfg.confidence)
+    return {"value": _num(value), "ci": [_num(lo), _num(hi)], "n": int(len(y))}
+
+
+def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: list[np.ndarray], cfg: EvalConfig) -> dict:
+    """Paired bootstrap interval of (this model - the floor) on the same test users."""
+
+    def stat(yy, *ss):
+        return float(np.mean([M.compute(metric, yy, s) for s in ss]))
+
+    value, lo, hi = M.bootstrap_difference(stat, [y, *scores], [y, *floor], paired=True, n_samples=cfg.bootstrap_samples,
+                                           seed=cfg.seed, level=cfg.confidence)
+    return {"value": _num(value), "ci": [_num(lo), _num(hi)]}
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
+
+
+def _row(td: TaskData, model: str, embedding: str | None, head: str, scores: list[np.ndarray], cold: np.ndarray,
+         heavy: np.ndarray, train_s: list[float], infer_s: list[float], cfg: EvalConfig, heads: list[str]) -> dict:
+    task, y = td.task, td.y["test"]
+    per_seed = [_num(M.compute(task.metric, y, s)) for s in scores]
+    return {
+        "task": task.name,
+        "model": model,
+        "embedding": embedding,
+        "head": head,
+        "metric": task.metric,
+        "higher_is_better": M.HIGHER_IS_BETTER[task.metric],
+        "test": _interval(task.metric, y, scores, None, cfg),
+        "cold": _interval(task.metric, y, scores, cold, cfg),
+        "heavy": _interval(task.metric, y, scores, heavy, cfg),
+        "per_seed": per_seed,
+        "std_over_seeds": _num(float(np.std([p for p in per_seed if p is not None]))) if len(per_seed) > 1 else 0.0,
+        "other_metrics": {m: _num(float(np.mean([M.compute(m, y, s) for s in scores]))) for m in SECONDARY_METRICS[task.type]},
+        "train_s": round(float(np.mean(train_s)), 4),
+        "infer_s": round(float(np.mean(infer_s)), 4),
+        "infer_users_per_s": round(len(y) / max(float(np.mean(infer_s)), 1e-9), 1),
+        "heads": heads,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_ground_truth(cfg: EvalConfig, manifest: dict) -> Path | None:
+    if not cfg.ground_truth:
+        return None
+    if cfg.ground_truth != "auto":
+        p = Path(cfg.ground_truth)
+        if not p.is_file():
+            raise EvalError(f"ground_truth: no file {p}")
+        return p
+    candidates = [Path(cfg.data) / "ground_truth.json"]
+    for inp in manifest.get("config", {}).get("inputs", []):
+        if "://" not in inp:
+            candidates += [Path(inp) / "ground_truth.json", Path(inp).parent / "ground_truth.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, tables: dict[str, pa.Table]) -> None:
+    """Fail before any training: every task's table and column exist."""
+    names = [a["name"] for a in manifest.get("attributes", [])]
+    for t in tasks:
+        if t.table not in names:
+            raise EvalError(f"task {t.name!r}: no attributes table {t.table!r} in {cfg.data}; ingested tables: {names}")
+        if t.target not in tables[t.table].column_names:
+            cols = [c for c in tables[t.table].column_names if c not in ("user_id", "split")]
+            raise EvalError(f"task {t.name!r}: column {t.target!r} is not in table {t.table!r} (columns: {cols})")
+        if t.users.startswith("service:") and t.users.split(":", 1)[1] not in manifest["services"]:
+            raise EvalError(f"task {t.name!r}: users {t.users!r}: no service of that name; services: {sorted(manifest['services'])}")
+
+
+def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
+    """Evaluate every (embedding table x head) and baseline on every task; write and return the results.
+
+    Returns the dict written to ``<out>/results.json``: ``config``, ``dataset``, ``embeddings``,
+    ``tasks`` (per task: users by split, classes, cold/heavy thresholds, users left out and why),
+    ``rows`` (one per model x task, see ``_row``), ``charts`` and ``timings_s``.
+    """
+    t_start = time.perf_counter()
+    if not cfg.data:
+        raise ConfigError("data is required (a dataset folder from `userfm ingest`)")
+    if not cfg.out:
+        raise ConfigError("out is required (the run folder for results)")
+    manifest = load_manifest(cfg.data)
+    tasks = load_tasks(cfg.tasks, cfg.only_tasks)
+    tables = {name: _attribute_table(cfg.data, name) for name in sorted({t.table for t in tasks})}
+    _check(cfg, tasks, manifest, tables)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    real = {n: load_embeddings(p, n) for n, p in cfg.embeddings.items() if p != RANDOM}
+    rand_dim = cfg.random_dim or (next(iter(real.values())).dim if real else 64)
+    emb_info = {n: {"source": t.source, "dim": t.dim, "users": len(t.ids)} for n, t in real.items()}
+    emb_info.update({n: {"source": RANDOM, "dim": rand_dim, "users": None} for n, p in cfg.embeddings.items() if p == RANDOM})
+    users = user_table(cfg.data)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    # The random floor, one table per seed over every user, generated once and looked up like a real table.
+    rand = {}
+    if RANDOM in cfg.embeddings.values():
+        all_ids = users.column("user_id").combine_chunks()
+        rand = {s: EmbeddingTable(RANDOM, RANDOM, all_ids, random_embeddings(all_ids.to_numpy(zero_copy_only=False), rand_dim, s))
+                for s in seeds}
+    texts = user_texts(cfg.data) if "tfidf" in cfg.baselines else {}
+    seqs = read_sequences(cfg.data, columns=SEQ_COLUMNS) if "t-trans" in cfg.baselines else None
+    gt_path = _find_ground_truth(cfg, manifest) if "oracle" in cfg.baselines else None
+    truth = json.loads(gt_path.read_text()) if gt_path else None
+
+    # Imported before any clock starts, so the first head's train_s does not include import time.
+    if "mlp" in cfg.heads or "t-trans" in cfg.baselines:
+        import torch  # noqa: F401
+    if "logreg" in cfg.heads or "tfidf" in cfg.baselines:
+        import sklearn.feature_extraction.text  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+
+    rows, task_info = [], []
+    for task in tasks:
+        t_task = time.perf_counter()
+        td = task_data(cfg.data, task, users, tables)
+        n_te = td.n_events["test"]
+        lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
+        cold, heavy = n_te <= lo_q, n_te >= hi_q
+        task_info.append({
+            "name": task.name, "config": dataclasses.asdict(task), "classes": td.classes,
+            "users": {s: int(len(td.ids[s])) for s in td.ids}, "left_out": td.left_out,
+            "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
+            "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
+        })
+        progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, users train "
+                 f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
+        task_rows: dict[str, dict] = {}
+        task_scores: dict[str, list[np.ndarray]] = {}
+        for emb_name, source in cfg.embeddings.items():
+            for head in cfg.heads:
+                scores, tr_s, inf_s, saved = [], [], [], []
+                # lbfgs logistic regression on a fixed table is deterministic: one fit serves every seed
+                # (the random table changes with the seed, so its logreg is refitted).
+                fit_seeds = seeds[:1] if head == "logreg" and source != RANDOM else seeds
+                for seed in fit_seeds:
+                    table = rand[seed] if source == RANDOM else real[emb_name]
+                    x = {s: table.lookup(td.ids[s]) for s in td.ids}
+                    t0 = time.perf_counter()
+                    fitted = _FITTERS[head](x["train"], td.y["train"], x["val"], td.y["val"], task=task,
+                                            classes=td.classes, cfg=cfg, seed=seed)
+                    t1 = time.perf_counter()
+                    scores.append(fitted.scores(x["test"]))
+                    inf_s.append(time.perf_counter() - t1)
+                    tr_s.append(t1 - t0)
+                    fitted.meta.update(embedding=emb_name, embedding_source=source)
+                    if cfg.save_heads:
+                        rel = Path("heads") / task.name / f"{emb_name}-{head}" / f"seed{seed}"
+                        save_head(out / rel, fitted)
+                        saved.append(str(rel))
+                scores = scores * (len(seeds) // len(fit_seeds))
+                model = f"{emb_name}/{head}"
+                task_scores[model] = scores
+                task_rows[model] = _row(td, model, emb_name, head, scores, cold, heavy, tr_s, inf_s, cfg, saved)
+        if "tfidf" in cfg.baselines:
+            scores, tr_s, inf_s = [], [], []
+            s, a, b = _tfidf_scores(td, texts, cfg, seeds[0])  # deterministic: one fit serves every seed
+            scores, tr_s, inf_s = [s] * len(seeds), [a], [b]
+            task_scores["tfidf/logreg"] = scores
+            task_rows["tfidf/logreg"] = _row(td, "tfidf/logreg", None, "logreg", scores, cold, heavy, tr_s, inf_s, cfg, [])
+        if "t-trans" in cfg.baselines:
+            scores, tr_s, inf_s, infos = [], [], [], []
+            for seed in seeds:
+                with _torch_threads(cfg.torch_threads):
+                    s, a, b, info = _ttrans_scores(td, seqs, cfg, seed)
+                scores.append(s), tr_s.append(a), inf_s.append(b), infos.append(info)
+            task_scores["t-trans"] = scores
+            task_rows["t-trans"] = _row(td, "t-trans", None, "t-trans", scores, cold, heavy, tr_s, inf_s, cfg, [])
+            task_rows["t-trans"]["t_trans"] = {"params": infos[0]["params"], "epochs": [i["epochs"] for i in infos],
+                                               "best_epoch": [i["best_epoch"] for i in infos], "encoder": infos[0]["encoder"]}
+        # paired difference to the random floor: same head; tfidf vs random/logreg, t-trans vs random/mlp
+        floors = [m for m in task_scores if cfg.embeddings.get(m.split("/")[0]) == RANDOM]
+        for model, row in task_rows.items():
+            floor_head = {"t-trans": "mlp"}.get(row["head"], row["head"])
+            floor = next((f for f in floors if f.split("/")[1] == floor_head), None)
+            if floor is not None and floor != model:
+                row["vs_random"] = {"model": floor, **_difference(task.metric, td.y["test"], task_scores[model],
+                                                                  task_scores[floor], cfg)}
+        rows.extend(task_rows.values())
+        attr = (truth or {}).get("attributes", {}).get(task.target) if task.table == "attributes" else None
+        if attr is not None:
+            rows.append({
+                "task": task.name, "model": "oracle", "embedding": None, "head": None, "metric": "accuracy",
+                "higher_is_better": True,
+                "test": {"value": _num(attr["oracle_accuracy"]), "ci": [None, None], "n": None},
+                "note": f"Bayes-optimal accuracy given the true persona, all users ({gt_path})",
+                "oracle_accuracy_expected": _num(attr.get("oracle_accuracy_expected", float("nan"))),
+                "majority_accuracy": _num(attr.get("majority_accuracy", float("nan"))),
+            })
+        progress(f"[evaluate] task {task.name}: " + ", ".join(
+            f"{r['model']} {r['test']['value']}" for r in rows if r["task"] == task.name) +
+            f" ({task.metric}, {time.perf_counter() - t_task:.1f}s)")
+
+    results = {
+        "config": to_dict(cfg),
+        "dataset": {"path": str(cfg.data), "users": manifest["users"], "services": manifest["services"]},
+        "embeddings": emb_info,
+        "ground_truth": str(gt_path) if gt_path else None,
+        "seeds": seeds,
+        "tasks": task_info,
+        "rows": rows,
+    }
+    results["charts"] = write_charts(results, out) if cfg.charts else []
+    results["timings_s"] = {"total": round(time.perf_counter() - t_start, 3)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(format_markdown(results))
+    progress(f"[evaluate] wrote {out / 'results.json'} and results.md ({results['timings_s']['total']:.1f}s)")
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(d: dict | None) -> str:
+    if not d or d.get("value") is None:
+        return "-"
+    lo, hi = d.get("ci", [None, None])
+    return f"{d['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def format_markdown(results: dict) -> str:
+    """One table per task: value [95 % CI] on test, cold and heavy users, vs the random floor, timings."""
+    level = round(100 * results["config"]["confidence"])
+    lines = [f"# userfm evaluate: {results['dataset']['path']}", "",
+             f"Seeds {results['seeds']}; values are seed means on the test split with {level} % bootstrap "
+             f"intervals over test users ({results['config']['bootstrap_samples']} resamples). Cold / heavy: bottom / "
+             f"top {round(100 * results['config']['quantile'])} % of test users by history length.", ""]
+    info = {t["name"]: t for t in results["tasks"]}
+    for name, t in info.items():
+        rows = [r for r in results["rows"] if r["task"] == name]
+        c = t["config"]
+        lines += [f"## {name}", "",
+                  f"`{c['table']}.{c['target']}` ({c['type']}, users: {c['users']}); users train {t['users']['train']} / "
+                  f"val {t['users']['val']} / test {t['users']['test']}; cold <= {t['cold_max_events']:g} events "
+                  f"({t['n_cold']} users), heavy >= {t['heavy_min_events']:g} ({t['n_heavy']} users).", "",
+                  f"| model | {c['metric']} (test) | cold | heavy | vs random | train s | infer s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            metric_note = "" if r["metric"] == c["metric"] else f" ({r['metric']})"
+            lines.append(f"| {r['model']}{metric_note} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {_fmt(r.get('heavy'))} | "
+                         f"{_fmt(r.get('vs_random'))} | {r.get('train_s', '-')} | {r.get('infer_s', '-')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_charts(results: dict, out: Path) -> list[str]:
+    """PNG charts (metric by model with intervals; cold vs heavy), or [] when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for t in results["tasks"]:
+        rows = [r for r in results["rows"] if r["task"] == t["name"] and r["test"]["value"] is not None]
+        if not rows:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5))
+        names = [r["model"] for r in rows]
+        ypos = np.arange(len(rows))
+
+        def bars(ax, key, offset=0.0, label=None):
+            vals = np.array([np.nan if r.get(key) is None or r[key]["value"] is None else r[key]["value"] for r in rows])
+            err = np.array([[v - (r[key]["ci"][0] if r.get(key) and r[key]["ci"][0] is not None else v),
+                             (r[key]["ci"][1] if r.get(key) and r[key]["ci"][1] is not None else v) - v]
+                            for v, r in zip(vals, rows)]).T
+            ax.barh(ypos + offset, vals, height=0.4 if label else 0.7, xerr=np.nan_to_num(err), label=label, capsize=2)
+
+        bars(ax1, "test")
+        ax1.set_yticks(ypos, names)
+        ax1.set_xlabel(f"{rows[0]['metric']} (test)")
+        ax1.set_title(t["name"])
+        bars(ax2, "cold", -0.2, "cold")
+        bars(ax2, "heavy", 0.2, "heavy")
+        ax2.set_yticks(ypos, names)
+        ax2.set_xlabel(f"{rows[0]['metric']}: cold vs heavy users")
+        ax2.legend()
+        fig.tight_layout()
+        path = out / f"chart_{t['name']}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    return written

@@ -1,0 +1,325 @@
+"""userfm evaluate: tasks, splits, heads (save/load), and a tiny end-to-end run on synthetic data."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from userfm import metrics as M
+from userfm.config import ConfigError
+from userfm.dataset import read_attributes, read_sequences
+from userfm.evaluate import (
+    EvalConfig,
+    EvalError,
+    TaskConfig,
+    fit_logreg,
+    fit_mlp,
+    load_embeddings,
+    load_head,
+    load_tasks,
+    random_embeddings,
+    run_evaluate,
+    save_head,
+    task_data,
+    user_table,
+)
+
+pytestmark = pytest.mark.timeout(240)
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("segment", "is_parent", "next_service", "n_future_events")
+
+
+def _write_table(path: Path, ids: list[str], x: np.ndarray) -> Path:
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
+    pq.write_table(pa.table({"user_id": pa.array(ids, pa.string()), "embedding": emb}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth_ds(tmp_path_factory, ray_local):
+    """600 synthetic users ingested with both label tables, plus a 'leaky' embedding table that
+    encodes segment and is_parent (it must beat the random floor on those tasks)."""
+    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("eval")
+    raw, ds = root / "raw", root / "ds"
+    generate(SynthConfig(n_users=600, events_per_user=20, seed=1), raw)
+    run_ingest(IngestConfig(inputs=(str(raw / "events"),), out=str(ds),
+                            attributes=(str(raw / "attributes.parquet"), str(raw / "future_labels.parquet"))),
+               progress=lambda s: None)
+    attrs = read_attributes(ds, "attributes")
+    ids = attrs.column("user_id").to_pylist()
+    segs = sorted(set(attrs.column("segment").to_pylist()))
+    x = np.random.default_rng(0).normal(0, 1, (len(ids), 16))
+    for i, (s, p) in enumerate(zip(attrs.column("segment").to_pylist(), attrs.column("is_parent").to_pylist())):
+        x[i, segs.index(s)] += 3.0
+        x[i, 15] += 3.0 * p
+    leaky = _write_table(root / "leaky.parquet", ids, x)
+    return {"root": root, "raw": raw, "ds": ds, "leaky": leaky}
+
+
+def _cfg(env, out: str, **kw) -> EvalConfig:
+    base = dict(data=str(env["ds"]), embeddings={"leaky": str(env["leaky"]), "random": "random"},
+                tasks=str(REPO / "experiments/tasks/synthetic.yaml"), only_tasks=TASKS, out=str(env["root"] / out),
+                seeds=2, bootstrap_samples=60, mlp_max_epochs=60, mlp_patience=5, logreg_c=(0.1, 1.0))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def evaluated(synth_ds):
+    digest = hashlib.sha256(synth_ds["leaky"].read_bytes()).hexdigest()
+    results = run_evaluate(_cfg(synth_ds, "run1"), progress=lambda s: None)
+    return results, digest
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+def test_shipped_task_files_load():
+    syn = load_tasks(REPO / "experiments/tasks/synthetic.yaml")
+    assert {t.name for t in syn} >= {"age_bracket", "is_parent", "segment", "next_service", "n_future_events"}
+    assert {t.metric for t in syn if t.type == "binary" and t.table == "future_labels"} == {"auc"}
+    ml = load_tasks(REPO / "experiments/tasks/movielens.yaml")
+    assert [t.name for t in ml] == ["gender", "age_bracket", "occupation"]
+
+
+def test_task_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="auc"):
+        TaskConfig(name="t", table="attributes", target="segment", type="multiclass", metric="auc")
+    assert TaskConfig(name="t", table="a", target="b", type="regression").metric == "rmse"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {name: t, table: attributes, target: segment, type: multiclass, colour: red}\n")
+    with pytest.raises(ConfigError, match="colour"):
+        load_tasks(bad)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("- {name: t, table: a, target: b, type: binary}\n- {name: t, table: a, target: c, type: binary}\n")
+    with pytest.raises(EvalError, match="duplicate"):
+        load_tasks(dup)
+    with pytest.raises(EvalError, match="nope"):
+        load_tasks(REPO / "experiments/tasks/synthetic.yaml", only=("nope",))
+
+
+def test_missing_column_error_names_column_and_table(synth_ds, tmp_path):
+    tasks = tmp_path / "t.yaml"
+    tasks.write_text("- {name: shoe_size, table: attributes, target: shoe_size, type: regression}\n")
+    with pytest.raises(EvalError, match="column 'shoe_size' is not in table 'attributes'"):
+        run_evaluate(_cfg(synth_ds, "bad", tasks=str(tasks), only_tasks=()), progress=lambda s: None)
+    tasks.write_text("- {name: x, table: labels, target: y, type: binary}\n")
+    with pytest.raises(EvalError, match="no attributes table 'labels'.*future_labels"):
+        run_evaluate(_cfg(synth_ds, "bad", tasks=str(tasks), only_tasks=()), progress=lambda s: None)
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def test_splits_are_user_disjoint_and_match_the_dataset(synth_ds):
+    ds = synth_ds["ds"]
+    users = user_table(ds)
+    task = TaskConfig(name="segment", table="attributes", target="segment", type="multiclass")
+    td = task_data(ds, task, users)
+    train, val, test = (set(td.ids[s]) for s in ("train", "val", "test"))
+    assert not (train & test) and not (train & val) and not (val & test)
+    assert len(train) + len(val) + len(test) == read_attributes(ds, "attributes").num_rows
+    seq = read_sequences(ds, columns=["user_id", "split"])
+    split_of = dict(zip(seq.column("user_id").to_pylist(), seq.column("split").to_pylist()))
+    assert all(split_of[u] == "test" for u in test) and all(split_of[u] == "train" for u in train)
+    assert td.classes == sorted(td.classes) and td.y["train"].max() == len(td.classes) - 1
+
+
+def test_users_filter_multi_service(synth_ds):
+    ds = synth_ds["ds"]
+    users = user_table(ds)
+    task = TaskConfig(name="n", table="future_labels", target="next_service", type="multiclass", users="multi_service")
+    td = task_data(ds, task, users)
+    n_svc = dict(zip(users.column("user_id").to_pylist(), users.column("n_services").to_pylist()))
+    kept = [u for s in td.ids for u in td.ids[s]]
+    assert kept and all(n_svc[u] >= 2 for u in kept)
+    assert td.left_out["users_filter"] > 0 and td.left_out["null_label"] > 0  # single-service users; no future event
+
+
+def test_random_embeddings_depend_only_on_user_and_seed():
+    a = random_embeddings(np.array(["u1", "u2"], object), 8, seed=0)
+    b = random_embeddings(np.array(["u9", "u1"], object), 8, seed=0)
+    np.testing.assert_array_equal(a[0], b[1])
+    assert not np.allclose(a[0], random_embeddings(np.array(["u1"], object), 8, seed=1)[0])
+    assert a.dtype == np.float32 and abs(a.std() - 1.0) < 0.6
+
+
+def test_embeddings_missing_a_user_is_an_error(synth_ds, tmp_path):
+    attrs = read_attributes(synth_ds["ds"], "attributes")
+    ids = attrs.column("user_id").to_pylist()[:-5]
+    path = _write_table(tmp_path / "short.parquet", ids, np.zeros((len(ids), 4)))
+    table = load_embeddings(path, "short")
+    assert table.dim == 4
+    with pytest.raises(EvalError, match="5 labelled user"):
+        table.lookup(np.array(attrs.column("user_id").to_pylist(), object))
+
+
+# ---------------------------------------------------------------------------------------- heads
+
+
+def _blobs(n=300, k=3, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    x = rng.normal(0, 1, (n, d)).astype(np.float32) * 5 + 10  # unstandardised on purpose
+    x[np.arange(n), y] += 25.0  # 5 sd apart: near-separable, a working head is > 90 % right
+    return x, y
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_logreg_head_matches_sklearn_and_round_trips(tmp_path, k):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _blobs(k=k)
+    task = TaskConfig(name="t", table="a", target="b", type="binary" if k == 2 else "multiclass")
+    classes = ["no", "yes"] if k == 2 else ["a", "b", "c"]
+    head = fit_logreg(x[:200], y[:200], x[200:250], y[200:250], task=task, classes=classes,
+                      cfg=EvalConfig(logreg_c=(1.0,)), seed=0)
+    mean, std = x[:200].mean(0), x[:200].std(0)
+    ref = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit((x[:200] - mean) / std, y[:200])
+    np.testing.assert_allclose(head.predict_proba(x[250:]), ref.predict_proba((x[250:] - mean) / std), atol=1e-5)
+    loaded = load_head(save_head(tmp_path / "h", head))
+    np.testing.assert_allclose(loaded.predict_proba(x[250:]), head.predict_proba(x[250:]), atol=1e-6)
+    assert list(loaded.predict(x[250:253])) == [classes[i] for i in head.predict_proba(x[250:253]).argmax(1)]
+
+
+def test_mlp_head_learns_early_stops_and_round_trips(tmp_path):
+    x, y = _blobs(n=400)
+    task = TaskConfig(name="t", table="a", target="b", type="multiclass")
+    cfg = EvalConfig(mlp_hidden=32, mlp_max_epochs=100, mlp_patience=5, mlp_batch_size=64)
+    head = fit_mlp(x[:300], y[:300], x[300:350], y[300:350], task=task, classes=["a", "b", "c"], cfg=cfg, seed=0)
+    assert M.compute("accuracy", y[350:], head.predict_proba(x[350:])) > 0.9
+    # Labels that are pure noise: the val loss is best within a few epochs, then training stops
+    # `patience` epochs later and the best epoch's weights are the ones kept.
+    noise = np.random.default_rng(1).integers(0, 3, 400)
+    over = fit_mlp(x[:300], noise[:300], x[300:350], noise[300:350], task=task, classes=["a", "b", "c"],
+                   cfg=dataclasses.replace(cfg, mlp_hidden=256), seed=0)
+    assert over.meta["best_epoch"] < 50 and over.meta["epochs"] == over.meta["best_epoch"] + 1 + 5
+    val_loss = M.log_loss(noise[300:350], over.predict_proba(x[300:350]))
+    assert val_loss == pytest.approx(over.meta["val_loss"], rel=1e-4)
+    again = fit_mlp(x[:300], y[:300], x[300:350], y[300:350], task=task, classes=["a", "b", "c"], cfg=cfg, seed=0)
+    np.testing.assert_array_equal(again.predict_proba(x[350:]), head.predict_proba(x[350:]))  # seeded
+    loaded = load_head(save_head(tmp_path / "mlp", head))
+    np.testing.assert_allclose(loaded.predict_proba(x[350:]), head.predict_proba(x[350:]), atol=1e-6)
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pt"))
+
+
+def test_regression_heads_predict_values(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (300, 4)).astype(np.float32)
+    y = 3.0 * x[:, 0] + 100.0 + rng.normal(0, 0.1, 300)
+    task = TaskConfig(name="r", table="a", target="b", type="regression")
+    cfg = EvalConfig(mlp_hidden=16, mlp_batch_size=32, logreg_c=(100.0,))
+    for fit in (fit_logreg, fit_mlp):
+        head = fit(x[:200], y[:200], x[200:250], y[200:250], task=task, classes=None, cfg=cfg, seed=0)
+        assert M.rmse(y[250:], head.predict(x[250:])) < 0.6  # target sd is 3: the head learned it
+        loaded = load_head(save_head(tmp_path / fit.__name__, head))
+        np.testing.assert_allclose(loaded.predict(x[250:]), head.predict(x[250:]), rtol=1e-5)
+        with pytest.raises(EvalError, match="regression"):
+            loaded.predict_proba(x[:2])
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_every_model_row_is_present(evaluated):
+    results, _ = evaluated
+    models = {"leaky/mlp", "leaky/logreg", "random/mlp", "random/logreg", "tfidf/logreg"}
+    for task in TASKS:
+        got = {r["model"] for r in results["rows"] if r["task"] == task}
+        expected = models | ({"oracle"} if task in ("segment", "is_parent") else set())
+        assert got == expected, task
+    for r in results["rows"]:
+        if r["model"] == "oracle":
+            continue
+        lo, hi = r["test"]["ci"]
+        assert lo <= r["test"]["value"] <= hi or r["metric"] == "rmse", r  # seed mean inside its interval
+        assert r["cold"]["n"] > 0 and r["heavy"]["n"] > 0 and len(r["per_seed"]) == 2
+        assert r["train_s"] > 0 and r["infer_s"] >= 0
+    out = Path(results["config"]["out"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert len(on_disk["rows"]) == len(results["rows"])
+    md = (out / "results.md").read_text()
+    assert "## segment" in md and "| leaky/logreg |" in md and "| oracle (accuracy) |" not in md
+    assert json.loads((out / "config.json").read_text())["seeds"] == 2
+
+
+def test_leaky_embeddings_beat_the_random_floor(evaluated):
+    results, _ = evaluated
+    row = {(r["task"], r["model"]): r for r in results["rows"]}
+    for task in ("segment", "is_parent"):
+        for head in ("mlp", "logreg"):
+            leaky, rand = row[(task, f"leaky/{head}")], row[(task, f"random/{head}")]
+            assert leaky["test"]["ci"][0] > rand["test"]["ci"][1], (task, head)
+            assert leaky["vs_random"]["model"] == f"random/{head}" and leaky["vs_random"]["ci"][0] > 0
+    # the floor is a floor: random embeddings are near chance on a 12-class task
+    assert row[("segment", "random/logreg")]["test"]["value"] < 0.25
+
+
+def test_oracle_row_comes_from_ground_truth(evaluated, synth_ds):
+    results, _ = evaluated
+    truth = json.loads((synth_ds["raw"] / "ground_truth.json").read_text())
+    oracle = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == "oracle")
+    assert oracle["test"]["value"] == pytest.approx(truth["attributes"]["segment"]["oracle_accuracy"], abs=1e-6)
+
+
+def test_cold_and_heavy_are_test_quartiles(evaluated, synth_ds):
+    results, _ = evaluated
+    info = next(t for t in results["tasks"] if t["name"] == "segment")
+    seq = read_sequences(synth_ds["ds"], split="test", columns=["n_events"]).column("n_events").to_numpy()
+    lo, hi = np.quantile(seq, [0.25, 0.75])
+    assert info["cold_max_events"] == lo and info["heavy_min_events"] == hi
+    assert info["n_cold"] == int((seq <= lo).sum()) and info["n_heavy"] == int((seq >= hi).sum())
+
+
+def test_saved_heads_reproduce_the_reported_numbers(evaluated, synth_ds):
+    results, _ = evaluated
+    out = Path(results["config"]["out"])
+    users = user_table(synth_ds["ds"])
+    td = task_data(synth_ds["ds"], TaskConfig(name="segment", table="attributes", target="segment", type="multiclass"), users)
+    x_test = load_embeddings(synth_ds["leaky"]).lookup(td.ids["test"])
+    for model in ("leaky/mlp", "leaky/logreg"):
+        row = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == model)
+        assert len(row["heads"]) == (2 if model == "leaky/mlp" else 1)  # deterministic logreg: fitted once
+        head = load_head(out / row["heads"][-1])
+        assert head.classes == td.classes
+        assert M.compute("accuracy", td.y["test"], head.predict_proba(x_test)) == pytest.approx(row["per_seed"][-1], abs=1e-6)
+
+
+def test_embedding_table_is_unchanged(evaluated, synth_ds):
+    _, digest = evaluated
+    assert hashlib.sha256(synth_ds["leaky"].read_bytes()).hexdigest() == digest
+
+
+def test_same_seed_same_results(evaluated, synth_ds):
+    results, _ = evaluated
+    again = run_evaluate(_cfg(synth_ds, "run2", only_tasks=("segment", "n_future_events")), progress=lambda s: None)
+
+    def strip(rows, tasks):
+        drop = ("train_s", "infer_s", "infer_users_per_s")
+        return [{k: v for k, v in r.items() if k not in drop} for r in rows if r["task"] in tasks]
+
+    assert strip(again["rows"], {"segment", "n_future_events"}) == strip(results["rows"], {"segment", "n_future_events"})
+
+
+def test_t_trans_trains_from_scratch_and_beats_the_floor(synth_ds):
+    # Future activity is predictable from the history itself (its length, recency): a transformer
+    # trained on the task's training users must beat random embeddings (lower RMSE) on test users.
+    cfg = _cfg(synth_ds, "ttrans", embeddings={"random": "random"}, heads=("mlp",), baselines=("t-trans",),
+               only_tasks=("n_future_events",), seeds=1, t_trans_item_encoder="category", t_trans_max_events=32,
+               t_trans_max_epochs=12, save_heads=False)
+    results = run_evaluate(cfg, progress=lambda s: None)
+    row = next(r for r in results["rows"] if r["model"] == "t-trans")
+    assert row["vs_random"]["model"] == "random/mlp" and row["vs_random"]["ci"][1] < 0
+    assert row["t_trans"]["params"] > 10_000 and row["t_trans"]["epochs"][0] <= 12
+    assert row["train_s"] > row["infer_s"] > 0
