@@ -51,7 +51,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
 def test_demo_end_to_end(tmp_path, ray_local, capsys):
     """The README's main job (small): synth -> ingest -> summary -> pretrain; counts line up with the generator."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6"]) == 0
+    assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6", "--set", "eval_seeds=1"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     truth = json.loads((out / "raw" / "ground_truth.json").read_text())
     assert summary["ingest"]["rows_in"] == truth["activity"]["n_events"] == summary["ingest"]["rows_kept"]
@@ -61,10 +61,15 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     seqs = pq.read_table(out / "dataset" / "sequences" / "all")
     assert seqs.num_rows == 400
     printed = capsys.readouterr().out
-    assert "[demo 3/5] ingest with Ray Data done" in printed and "[demo 4/5] summarize done" in printed
-    assert "[demo 5/5] pretrain clue on Ray Train done" in printed and "[demo] finished" in printed
-    assert summary["pretrain"]["clue"]["step"] == 6
+    assert "[demo 3/7] ingest with Ray Data done" in printed and "[demo 4/7] summarize done" in printed
+    assert "[demo 5/7] pretrain clue on Ray Train done" in printed and "[demo 6/7] embed users with clue done" in printed
+    assert "[demo 7/7] evaluate downstream tasks done" in printed and "[demo] finished" in printed
+    assert summary["pretrain"]["clue"]["step"] == 6 and summary["pretrain"]["clue"]["users_embedded"] == 400
     assert (out / "pretrain" / "clue" / "model" / "model.safetensors").exists()
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert {r["model"] for r in results["rows"] if r["task"] == "segment"} == {
+        "clue/mlp", "clue/logreg", "random/mlp", "random/logreg", "tfidf/logreg", "oracle"}
+    assert summary["evaluate"]["headline"]["segment"]["oracle"] == pytest.approx(truth["attributes"]["segment"]["oracle_accuracy"], abs=1e-3)
     # a second run replaces the run folder; a foreign folder is refused
     assert main(["demo", "--out", str(out), "--users", "50", "--set", "pretrain_steps=0"]) == 0
     assert json.loads((out / "demo_summary.json").read_text())["ingest"]["users"]["total"] == 50

@@ -1,8 +1,8 @@
 """``userfm demo``: the end-to-end pipeline on an embedded local Ray, one progress line per stage.
 
 Stages so far: synthesize (or convert real) logs -> ingest with Ray Data -> summary -> pretrain CLUE
-on Ray Train (``--compare``: also MLM and SimCLR). Later stages (embed, evaluate, report, serve) join
-here as they land.
+on Ray Train (``--compare``: also MLM and SimCLR) -> embed every user -> evaluate the default tasks.
+Later stages (report, serve) join here as they land.
 """
 
 from __future__ import annotations
@@ -31,12 +31,35 @@ class DemoConfig:
     pretrain_steps: int = 200  # optimizer steps per pretraining run (0 = skip pretraining)
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
     num_workers: int = 2  # Ray Train workers
+    eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
 
     def __post_init__(self):
         if self.data is not None and self.format not in REAL_FORMATS + ("events",):
             raise ValueError(f"--data needs --format, one of {', '.join(REAL_FORMATS + ('events',))}; got {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
+
+
+_TASKS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "tasks"
+
+
+def _default_tasks(cfg: DemoConfig) -> Path | None:
+    """The task file for this data, or None when the data has no labels to evaluate against."""
+    if cfg.data is None:
+        return _TASKS_DIR / "synthetic.yaml"
+    if cfg.format == "movielens":
+        return _TASKS_DIR / "movielens.yaml"  # used only if the conversion produced attributes
+    return None
+
+
+def _headline(results: dict) -> dict:
+    """task -> {model: primary metric} for the final summary (read from results.json's rows)."""
+    out: dict = {}
+    for row in results.get("rows", []):
+        value = row["test"]["value"]
+        if value is not None:
+            out.setdefault(row["task"], {})[row["model"]] = round(value, 3)
+    return out
 
 
 class _Stages:
@@ -59,6 +82,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     """Run every landed stage into ``cfg.out``; returns (and writes) ``demo_summary.json``."""
     from userfm.dataset import format_summary, summarize
     from userfm.ingest import IngestConfig, run_ingest
+    from userfm.embed import EmbedConfig, run_embed
+    from userfm.evaluate import EvalConfig, run_evaluate
     from userfm.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 
@@ -70,7 +95,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     out.mkdir(parents=True)
     raw, dataset = out / "raw", out / "dataset"
     objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
-    stages = _Stages(4 + len(objectives))
+    tasks = _default_tasks(cfg)
+    stages = _Stages(4 + 2 * len(objectives) + (1 if objectives and tasks else 0))
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -110,12 +136,26 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
             "model": s["model"],
             **{k: s["final"].get(k) for k in ("step", "loss", "val_loss", "samples_per_s", "pf_days") if k in s["final"]},
         }
+        ecfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings" / objective))
+        e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
+        pretrained[objective]["embeddings"] = ecfg.out
+        pretrained[objective]["users_embedded"] = e["users_embedded"]
+
+    evaluation = None
+    if objectives and tasks:
+        vcfg = EvalConfig(data=str(dataset), out=str(out / "evaluate"), tasks=str(tasks), seeds=cfg.eval_seeds,
+                          embeddings={**{o: pretrained[o]["embeddings"] for o in objectives}, "random": "random"})
+        ev = stages.run("evaluate downstream tasks", lambda: run_evaluate(vcfg))
+        evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev)}
+    elif objectives:
+        print("[demo] no label tables in this data: evaluation skipped")
 
     result = {
         "config": to_dict(cfg),
         "paths": {"run": str(out), "raw": str(raw), "dataset": str(dataset)},
         "ingest": {k: manifest[k] for k in ("rows_in", "rows_kept", "rows_quarantined", "users", "services")},
         "pretrain": pretrained,
+        "evaluate": evaluation,
         "timings_s": stages.timings,
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
