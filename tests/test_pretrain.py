@@ -125,3 +125,25 @@ def test_lr_schedule_by_hand():
     assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lr_at(14, cfg) == pytest.approx(0.1)
     assert np.all(np.diff([lr_at(s, cfg) for s in range(4, 15)]) <= 0)
+
+
+def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray_local):
+    """The frozen-MiniLM path: cache built by a Ray Data job, read back by the workers, reused."""
+    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.minilm import VectorCache, cached_hashes
+    from userfm.synth import SynthConfig, generate
+
+    generate(SynthConfig(n_users=80, events_per_user=6, seed=9), tmp_path / "raw")
+    run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events"),), out=str(tmp_path / "ds")), progress=lambda s: None)
+    cfg = quick(tmp_path, "run", data=str(tmp_path / "ds"), item_encoder="minilm", max_steps=2, batch_size=8,
+                num_workers=1, log_every=1, checkpoint_every=2)
+    messages = []
+    run_pretrain(cfg, progress=messages.append)
+    cache = tmp_path / "ds" / "minilm_cache"
+    n = len(cached_hashes(cache))
+    assert n > 0 and VectorCache.load(cache).lookup(cached_hashes(cache)[:3]).shape == (3, 384)
+    assert any(f"{n:,} to encode" in m for m in messages)
+    from userfm.pretrain import build_minilm_cache
+
+    again = build_minilm_cache(str(tmp_path / "ds"), str(cache), progress=lambda s: None)
+    assert again == {"texts": n, "encoded": 0}  # second build reuses every vector

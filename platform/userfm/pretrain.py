@@ -484,7 +484,7 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
 
     from userfm.dataset import read_sequences
     from userfm.features import text_hash
-    from userfm.minilm import MiniLMEncoder, cached_hashes
+    from userfm.minilm import MiniLMEncoder, cached_hashes, to_table
 
     texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
     hashes = text_hash(texts)
@@ -492,13 +492,15 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     todo = [t for t, h in zip(texts, hashes) if int(h) not in have]
     progress(f"[pretrain] MiniLM cache: {len(texts):,} distinct texts, {len(texts) - len(todo):,} cached, {len(todo):,} to encode")
     if todo:
-        ds = ray.data.from_arrow(pa.table({"text": todo}))
-        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1)
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         import pyarrow.parquet as pq
 
-        table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())))
-        pq.write_table(table, Path(cache_dir) / f"part-{int(time.time() * 1000)}.parquet")
+        ds = ray.data.from_arrow(pa.table({"text": todo}))
+        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1)
+        # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
+        # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
+        parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f"part-{int(time.time() * 1000)}.parquet")
     return {"texts": len(texts), "encoded": len(todo)}
 
 
