@@ -267,25 +267,33 @@ def load_checkpoint(path: Path, model, head, opt) -> int:
 
 
 class _MetricsLog:
-    """Rank 0's metric rows: JSONL, CSV (columns fixed by the first row) and TensorBoard."""
+    """Rank 0's metric rows: JSONL (the record), CSV (same rows, one column per key) and TensorBoard."""
 
     def __init__(self, out: Path):
         from tensorboardX import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a")
-        self.csv_path = out / "metrics.csv"
+        self.jsonl_path, self.csv_path = out / "metrics.jsonl", out / "metrics.csv"
+        self.jsonl = open(self.jsonl_path, "a")
         self.tb = SummaryWriter(str(out / "tb"))
 
     def write(self, row: dict) -> None:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted(row), extrasaction="ignore")
-            if new:
+        header = None
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                header = next(csv.reader(f), None)
+        if header is not None and set(row) <= set(header):
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerow(row)
+        else:  # a key the CSV has no column for yet (e.g. the first val_loss): rewrite it from the JSONL
+            rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines()]
+            keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+            with open(self.csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
                 w.writeheader()
-            w.writerow(row)
+                w.writerows(rows)
         for k, v in row.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, row["step"])
