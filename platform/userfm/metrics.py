@@ -235,6 +235,12 @@ def bootstrap_interval(
     for b in range(n_samples):
         idx = rng.integers(0, n, n)
         stats[b] = statistic(*(a[idx] for a in arrays))
+    return _percentile_interval(point, stats, level)
+
+
+def _percentile_interval(point: float, stats: np.ndarray, level: float) -> tuple[float, float, float]:
+    """(point, lower, upper) from bootstrap replicates; replicates where the statistic is undefined
+    (NaN, e.g. AUC of a one-class resample) are left out."""
     stats = stats[~np.isnan(stats)]
     if not len(stats):
         return point, float("nan"), float("nan")
@@ -275,9 +281,4 @@ def bootstrap_difference(
     for s in range(n_samples):
         ia, ib = rng.integers(0, na, na), rng.integers(0, nb, nb)
         diffs[s] = statistic(*(x[ia] for x in a)) - statistic(*(x[ib] for x in b))
-    diffs = diffs[~np.isnan(diffs)]
-    if not len(diffs):
-        return point, float("nan"), float("nan")
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(diffs, [alpha, 1.0 - alpha])
-    return point, float(lo), float(hi)
+    return _percentile_interval(point, diffs, level)
