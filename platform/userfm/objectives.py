@@ -254,7 +254,12 @@ def simclr_batch(rows, vocabs: Vocabs, tokenizer=None, *, cfg: ObjectiveConfig =
     batch = _with_vectors(make_batch(rows, vocabs, tokenizer), vectors)
     keep = batch["length"] > 0
     batch = {k: v[keep] for k, v in batch.items()}
-    rng = np.random.default_rng(seed)
+    return simclr_views(batch, cfg, np.random.default_rng(seed), pool)
+
+
+def simclr_views(batch: Mapping[str, np.ndarray], cfg: ObjectiveConfig, rng: np.random.Generator,
+                 pool: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A featurized batch -> two independently augmented views, keys ``a.*`` and ``b.*``."""
     a, b = augment(batch, cfg, rng, pool), augment(batch, cfg, rng, pool)
     for v in (a, b):
         v.pop("replaced")
@@ -366,16 +371,13 @@ def loss_and_backward(
     Returns:
         (loss detached, metrics dict of floats).
     """
-    if cfg.objective == "mlm":
-        z, h, _ = model(batch, return_hidden=True)  # h: (B, 1+L, d)
-        loss, metrics = mlm_loss(h, batch, head, time_fields)
-        (loss + 0.0 * z.sum()).backward()  # z: keeps the pooling/output layer in DDP's graph
+    if cfg.objective == "mlm" or cfg.mini_batch_size <= 0:
+        loss, metrics = pretext_loss(model, head, batch, cfg, time_fields)
+        loss.backward()
         average_grads(head)
         return loss.detach(), {"loss": loss.item(), **metrics}
 
-    a, b = split_views(batch)
-    a = {k: v for k, v in a.items() if k != "replaced"}
-    b = {k: v for k, v in b.items() if k != "replaced"}
+    a, b = _model_views(batch)
     pair_loss = symmetric_info_nce if cfg.objective == "clue" else nt_xent
     seen: dict[str, float] = {}
 
@@ -383,17 +385,42 @@ def loss_and_backward(
         seen["acc"] = _retrieval_acc(za.detach(), zb.detach())
         return pair_loss(za, zb, head())
 
-    if cfg.mini_batch_size > 0:
-        loss = grad_cache(model, [a, b], loss_fn, cfg.mini_batch_size, no_sync=no_sync)
-    else:
-        # One forward over both views (padded to the wider), so DDP sees one forward per backward.
-        n = len(a["length"])
-        z = model(_concat_torch([a, b]))  # (2n, d)
-        loss = loss_fn(z[:n], z[n:])
-        loss.backward()
-        loss = loss.detach()
+    loss = grad_cache(model, [a, b], loss_fn, cfg.mini_batch_size, no_sync=no_sync)
     average_grads(head)
     return loss, {"loss": loss.item(), "temperature": float(head().detach()), f"{cfg.objective}/top1": seen["acc"]}
+
+
+def _model_views(batch: Mapping[str, Tensor]) -> tuple[dict, dict]:
+    """The a/b views as encoder inputs (augmentation bookkeeping such as ``replaced`` removed)."""
+    a, b = split_views(batch)
+    return ({k: v for k, v in a.items() if k != "replaced"}, {k: v for k, v in b.items() if k != "replaced"})
+
+
+def pretext_loss(
+    model: nn.Module, head: nn.Module, batch: Mapping[str, Tensor], cfg: ObjectiveConfig, time_fields=None
+) -> tuple[Tensor, dict]:
+    """One batch's pretext loss, forward only (the graph is kept: backprop it to train, or call under
+    ``torch.no_grad()`` for a validation loss).
+
+    mlm: the averaged masked-prediction cross-entropy (``+ 0 * z`` keeps the pooling/output layer in
+    DDP's graph); simclr/clue: one forward over both views (padded to the wider), so DDP sees one
+    forward per backward, then NT-Xent / symmetric InfoNCE over the global batch.
+
+    Returns:
+        (0-d loss tensor, metrics: per-task mlm losses/accuracies, or temperature and in-batch top-1).
+    """
+    if cfg.objective == "mlm":
+        z, h, _ = model(batch, return_hidden=True)  # h: (B, 1+L, d)
+        loss, metrics = mlm_loss(h, batch, head, time_fields)
+        return loss + 0.0 * z.sum(), metrics
+    a, b = _model_views(batch)
+    n = len(a["length"])
+    z = model(_concat_torch([a, b]))  # (2n, d)
+    za, zb = z[:n], z[n:]
+    acc = _retrieval_acc(za.detach(), zb.detach())
+    pair_loss = symmetric_info_nce if cfg.objective == "clue" else nt_xent
+    loss = pair_loss(za, zb, head())
+    return loss, {"temperature": float(head().detach()), f"{cfg.objective}/top1": acc}
 
 
 def _concat_torch(views: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:

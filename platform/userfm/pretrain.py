@@ -185,15 +185,12 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views."""
-    from userfm.objectives import _prefixed, augment, mask_events
+    from userfm.objectives import mask_events, simclr_views
 
     if cfg.objective == "mlm":
         return mask_events(nb, cfg.mask_rate, rng)
     if cfg.objective == "simclr":
-        ocfg = _objective_config(cfg)
-        a, b = augment(nb, ocfg, rng), augment(nb, ocfg, rng)
-        a.pop("replaced"), b.pop("replaced")
-        return _prefixed(a, b)
+        return simclr_views(nb, _objective_config(cfg), rng)
     return {k: v for k, v in nb.items() if k != "pair_kind"}
 
 
@@ -201,19 +198,10 @@ def eval_loss(model, head, batch, cfg: PretrainConfig):
     """Pretext loss without gradients (the validation loss of the scaling study)."""
     import torch
 
-    from userfm.losses import nt_xent, symmetric_info_nce
-    from userfm.objectives import _concat_torch, mlm_loss, split_views
+    from userfm.objectives import pretext_loss
 
     with torch.no_grad():
-        if cfg.objective == "mlm":
-            _, h, _ = model(batch, return_hidden=True)
-            loss, _ = mlm_loss(h, batch, head)
-            return loss
-        a, b = split_views(batch)
-        n = len(a["length"])
-        z = model(_concat_torch([a, b]))
-        fn = symmetric_info_nce if cfg.objective == "clue" else nt_xent
-        return fn(z[:n], z[n:], head())
+        return pretext_loss(model, head, batch, _objective_config(cfg))[0]
 
 
 def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> float:
