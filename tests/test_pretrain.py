@@ -41,12 +41,16 @@ def quick(root: Path, name: str, **kw) -> PretrainConfig:
 
 @pytest.mark.parametrize("objective, item_encoder", [("mlm", "category"), ("simclr", "text"), ("clue", "text")])
 def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
-    cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=16)
+    cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4)
     summary = run_pretrain(cfg, progress=lambda s: None)
     r = rows(Path(cfg.out))
     losses = [x["loss"] for x in r if "loss" in x]
     assert [x["step"] for x in r] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert losses[-1] < losses[0] * 0.9, losses  # learning, not noise
+    # learning, not noise: the validation loss (the same held-out batches each time) falls. Training
+    # windows are length-bucketed, so their losses vary with the bucket and are not compared.
+    val = [x["val_loss"] for x in r if "val_loss" in x]
+    assert len(val) == 4 and val[-1] < val[0] * 0.98 and val[-1] == min(val), val
+    assert np.mean(losses[-4:]) < np.mean(losses[:2]), losses
     last = r[-1]
     assert math.isfinite(last["val_loss"]) and last["samples_per_s"] > 0 and 0 < last["mfu"]
     assert last["lr"] == pytest.approx(lr_at(15, cfg))

@@ -413,3 +413,61 @@ def concat_batches(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
     width = max(b["service"].shape[1] for b in batches)
     padded = [pad_events(b, width) for b in batches]
     return {k: np.concatenate([b[k] for b in padded]) for k in batches[0]}
+
+
+def _view_prefixes(batch: Mapping[str, Any]) -> list[str]:
+    """"" for a plain batch; "a.", "b." for a two-view batch (simclr views, clue pairs)."""
+    return [k[: -len("length")] for k in batch if k.endswith("length")]
+
+
+def trim_events(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cut the event axis of each view to its longest real history (at least 1 event).
+
+    Ray Data stores fixed-width rows (``pad_events`` to ``max_events``); a step only needs the width of
+    its longest user. Padding is masked out in every model, so outputs are unchanged; the work saved
+    is the user transformer's, which is quadratic in the width.
+    """
+    out = dict(batch)
+    for p in _view_prefixes(batch):
+        width = max(1, int(np.max(batch[p + "length"], initial=0)))
+        for k, v in batch.items():
+            if k.startswith(p) and k != p + "length" and (p or "." not in k) and v.ndim >= 2:
+                out[k] = v[:, :width]
+    return out
+
+
+def batch_lengths(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(B,) the longest view of each row: what a step pads to."""
+    return np.max(np.stack([batch[p + "length"] for p in _view_prefixes(batch)]), axis=0)
+
+
+def bucket_by_length(batches, group: int, seed: int):
+    """Regroup a stream of equal-size batches so rows of similar length share a batch.
+
+    Takes ``group`` batches at a time, sorts their rows by :func:`batch_lengths` (random tie-breaks),
+    cuts them back into ``group`` batches of the same size and yields those in a random order. The
+    number and size of batches are unchanged and the result depends only on the input stream and
+    ``seed``, so a resumed run that skips k batches replays the same ones. ``group`` <= 1 passes through.
+    """
+    if group <= 1:
+        yield from batches
+        return
+    rng = np.random.default_rng(seed)
+    buf: list[Mapping[str, np.ndarray]] = []
+
+    def flush():
+        size = len(buf[0][next(iter(buf[0]))])
+        rows = {k: np.concatenate([b[k] for b in buf]) for k in buf[0]}  # fixed-width rows
+        lengths = batch_lengths(rows)
+        order = np.lexsort((rng.random(len(lengths)), lengths))
+        chunks = [order[i * size:(i + 1) * size] for i in range(len(buf))]
+        for j in rng.permutation(len(chunks)):
+            yield {k: v[chunks[j]] for k, v in rows.items()}
+
+    for b in batches:
+        buf.append(b)
+        if len(buf) == group:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()

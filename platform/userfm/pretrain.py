@@ -69,6 +69,7 @@ class PretrainConfig:
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
     mask_rate: float = 0.15  # mlm: fraction of events masked
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
+    services: tuple[str, ...] = ()  # pretrain on these services' events only (cross-service transfer); () = all
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPU, or CPU with bf16 support)
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker
@@ -82,7 +83,10 @@ class PretrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU; 0 = measure fp32 matmul at start
     seed: int = 0  # seeds model init, data order, masking, augmentation, dropout
+    bucket_batches: int = 8  # sort each run of this many batches by history length, so a step pads little (1 = off)
+    compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
     stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
+    train_users: int = 0  # use only the first N training users by user-id hash (0 = all): the data-length axis of scaling sweeps
     fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
 
     def __post_init__(self):
@@ -136,7 +140,8 @@ def _resources(vocabs_json: str, tokenizer_json: str | None, vectors_dir: str | 
 
 
 def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_json: str | None,
-              vectors_dir: str | None, max_events: int, single_service: str, seed: int) -> dict[str, np.ndarray]:
+              vectors_dir: str | None, max_events: int, single_service: str, seed: int,
+              services: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: sequence rows -> fixed-shape feature rows.
 
     mlm / simclr: one row per user with events (masking and augmentation are drawn per step in the
@@ -145,12 +150,14 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
     """
     from userfm.features import make_batch, pad_events
     from userfm.objectives import _with_vectors, clue_batch
-    from userfm.sequences import service_rows
+    from userfm.sequences import restrict_services, service_rows
 
     import pyarrow.compute as pc
 
     vocabs, tok, vectors = _resources(vocabs_json, tokenizer_json, vectors_dir)
     batch = batch.filter(pc.equal(batch.column("split"), split))
+    if services:
+        batch = restrict_services(batch, services)
     if objective == "clue":
         uid = batch.column("user_id").to_pylist()
         # a per-batch seed from its content: the same pairs whatever block boundaries Ray Data chose
@@ -224,7 +231,7 @@ def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> flo
 # --------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig, enc_json: str) -> None:
+def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig, enc_json: str, flops: float = 0.0) -> None:
     """Unwrapped weights as safetensors, optimizer via torch.save (read back with weights_only)."""
     import torch
     from safetensors.torch import save_file
@@ -235,7 +242,7 @@ def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()} or {"_empty": torch.zeros(1)},
               str(path / "head.safetensors"))
     torch.save(opt.state_dict(), path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps({"step": step}))
+    (path / "state.json").write_text(json.dumps({"step": step, "flops": flops}))
     (path / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_json)}))
 
 
@@ -249,6 +256,24 @@ def load_checkpoint(path: Path, model, head, opt) -> int:
     head.load_state_dict(head_state)
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def checkpoint_flops(path: Path) -> float | None:
+    """Cumulative training FLOPs recorded in a checkpoint (None for checkpoints that predate it)."""
+    return json.loads((path / "state.json").read_text()).get("flops")
+
+
+def batch_flops(batch: dict[str, np.ndarray], enc_cfg, n_tokens: int, mini_batch: bool) -> float:
+    """Training FLOPs of one step's batch, from each view's real history lengths (padding excluded)."""
+    from userfm.encoders import flops_per_sample
+    from userfm.features import _view_prefixes
+
+    total = 0.0
+    for p in _view_prefixes(batch):
+        lengths, counts = np.unique(batch[p + "length"], return_counts=True)
+        total += sum(int(c) * flops_per_sample(enc_cfg, n_events=max(1, int(n)), n_tokens=n_tokens)
+                     for n, c in zip(lengths, counts))
+    return total * (4 / 3 if mini_batch else 1.0)  # GradCache: one extra forward
 
 
 # ------------------------------------------------------------------------------ per-worker loop
@@ -292,6 +317,15 @@ class _MetricsLog:
         self.tb.close()
 
 
+def _to_device(nb: dict[str, np.ndarray], device) -> dict:
+    """numpy batch -> tensors on ``device``; on CUDA through pinned memory with non-blocking copies."""
+    import torch
+
+    if device.type != "cuda":
+        return {k: torch.as_tensor(v) for k, v in nb.items()}
+    return {k: torch.as_tensor(v).pin_memory().to(device, non_blocking=True) for k, v in nb.items()}
+
+
 def train_loop(config: dict) -> None:
     """Ray Train per-worker function (every rank runs it)."""
     import ray.train
@@ -299,7 +333,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from userfm.encoders import EncoderConfig, UserEncoder, flops_per_sample
-    from userfm.features import to_torch
+    from userfm.features import bucket_by_length, trim_events
     from userfm.objectives import build_head, loss_and_backward
 
     cfg = PretrainConfig(**config["cfg"])
@@ -319,13 +353,16 @@ def train_loop(config: dict) -> None:
     step = 0
     restored = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
     resume_from = config.get("resume_from")
+    saved_flops = None
     if restored is not None:
         with restored.as_directory() as d:
-            step = load_checkpoint(Path(d), model, head, opt)
+            step, saved_flops = load_checkpoint(Path(d), model, head, opt), checkpoint_flops(Path(d))
     elif resume_from:
-        step = load_checkpoint(Path(resume_from), model, head, opt)
+        step, saved_flops = load_checkpoint(Path(resume_from), model, head, opt), checkpoint_flops(Path(resume_from))
     head.to(device)
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    if cfg.compile:
+        model = torch.compile(model, dynamic=True)
     no_sync = getattr(model, "no_sync", None)
     for g in opt.param_groups:  # optimizer state tensors follow the parameters' device
         for p in g["params"]:
@@ -345,8 +382,9 @@ def train_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    cum_flops = config.get("cum_flops_at_start", 0.0) + step * flops_sample * cfg.batch_size * world
-    window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "loss": [], "metrics": {}}
+    # cumulative compute: exact from the checkpoint when it recorded it, else the average-length estimate
+    cum_flops = saved_flops if saved_flops is not None else step * flops_sample * cfg.batch_size * world
+    window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "flops": 0.0, "loss": [], "metrics": {}}
 
     def run_eval() -> float | None:
         model.eval()
@@ -356,7 +394,7 @@ def train_loop(config: dict) -> None:
         for i, nb in enumerate(val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True)):
             if i >= cfg.eval_batches:
                 break
-            batch = to_torch(step_inputs(nb, cfg, rng), device)
+            batch = _to_device(trim_events(step_inputs(nb, cfg, rng)), device)
             with autocast:
                 total[0] += float(eval_loss(model, head, batch, cfg))
             total[1] += 1
@@ -371,10 +409,10 @@ def train_loop(config: dict) -> None:
         if step >= cfg.max_steps:
             break
         skip = step - epoch * steps_per_epoch
-        it = train_shard.iter_batches(
+        it = bucket_by_length(train_shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch,
-        )
+        ), cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, rank))
         for i, nb in enumerate(it):
             if i >= steps_per_epoch or step >= cfg.max_steps:
                 break
@@ -382,7 +420,7 @@ def train_loop(config: dict) -> None:
                 continue
             seed = step_seed(cfg.seed, step, rank)
             torch.manual_seed(seed)
-            batch = to_torch(step_inputs(nb, cfg, np.random.default_rng(seed)), device)
+            batch = _to_device(trim_events(step_inputs(nb, cfg, np.random.default_rng(seed))), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -394,6 +432,8 @@ def train_loop(config: dict) -> None:
             step += 1
             window["samples"] += len(nb["length"]) if "length" in nb else len(nb["a.length"])
             window["events"] += int(sum(np.sum(v) for k, v in nb.items() if k.endswith("length")))
+            window["flops"] += batch_flops({k: v.cpu().numpy() for k, v in batch.items() if k.endswith("length")},
+                                           enc_cfg, cfg.max_text_tokens, bool(cfg.mini_batch_size))
             window["loss"].append(float(loss))
             for k, v in metrics.items():
                 window["metrics"].setdefault(k, []).append(v)
@@ -410,7 +450,10 @@ def train_loop(config: dict) -> None:
             if window["loss"]:
                 dt = time.perf_counter() - window["t0"]
                 samples = window["samples"] * world  # every rank runs the same number of batches
-                flops = flops_sample * samples
+                flops = torch.tensor([window["flops"]], dtype=torch.float64)
+                if world > 1:
+                    dist.all_reduce(flops)  # ranks' batches differ in length: sum their real FLOPs
+                flops = float(flops[0])
                 cum_flops += flops
                 row.update({
                     "loss": float(np.mean(window["loss"])),
@@ -430,7 +473,7 @@ def train_loop(config: dict) -> None:
             if do_ckpt:
                 tmp = Path(tempfile.mkdtemp(prefix="userfm-ckpt-"))
                 if rank == 0:
-                    save_checkpoint(tmp, model, head, opt, step, cfg, config["encoder"])
+                    save_checkpoint(tmp, model, head, opt, step, cfg, config["encoder"], flops=cum_flops)
                     ckpt = ray.train.Checkpoint.from_directory(str(tmp))
             if log is not None:
                 log.write(row)
@@ -439,7 +482,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(row, checkpoint=ckpt)
             if do_ckpt:
                 shutil.rmtree(tmp, ignore_errors=True)
-            window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "loss": [], "metrics": {}}
+            window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "flops": 0.0, "loss": [], "metrics": {}}
             if step == cfg.stop_at_step:
                 break
         if step == cfg.stop_at_step:
@@ -451,10 +494,24 @@ def train_loop(config: dict) -> None:
 # ------------------------------------------------------------------------------------- driver
 
 
-def _read_rows(path: str, split: str):
+def _read_rows(path: str, split: str, train_users: int = 0):
     from userfm.dataset import read_sequences
 
-    return read_sequences(path, split=split)
+    rows = read_sequences(path, split=split)
+    return first_users(rows, train_users) if split == "train" else rows
+
+
+def first_users(rows, n: int):
+    """The ``n`` users of ``rows`` with the smallest user-id hash (all if ``n`` is 0): nested as ``n`` grows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from userfm.sequences import split_fraction
+
+    users = sorted(set(rows.column("user_id").to_pylist()), key=split_fraction)
+    if not n or len(users) <= n:
+        return rows
+    return rows.filter(pc.is_in(rows.column("user_id"), value_set=pa.array(users[:n])))
 
 
 def _fit_resources(cfg: PretrainConfig, train_rows) -> tuple[Any, Any]:
@@ -500,7 +557,14 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     return {"texts": len(texts), "encoded": len(todo)}
 
 
+def _only_users(batch, ids):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("user_id"), value_set=ids))
+
+
 def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
+    import pyarrow as pa
     import ray
 
     from userfm.dataset import load_manifest
@@ -510,18 +574,25 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
     kwargs = dict(
         objective=cfg.objective, vocabs_json=vocabs.to_json(), tokenizer_json=tok.to_json() if tok else None,
         vectors_dir=vectors_dir, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
+        services=tuple(cfg.services),
     )
     out = {}
     for split in ("train", "val"):
         ds = ray.data.read_parquet(str(folder))
+        if split == "train" and cfg.train_users:  # the data-length axis: a nested subset of the training users
+            ids = pa.array(first_users(_read_rows(cfg.data, "train"), cfg.train_users).column("user_id").to_pylist())
+            ds = ds.map_batches(_only_users, batch_format="pyarrow", fn_kwargs={"ids": ids})
         # materialized: row counts are known (equal steps per rank) and no Data task competes with
         # the training workers for CPUs (the 2-CPU Data + Train deadlock in ray-notes.md)
         out[split] = ds.map_batches(featurize, batch_format="pyarrow", batch_size=512, fn_kwargs={**kwargs, "split": split}).materialize()
     return out
 
 
-def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print) -> dict:
-    """Fit vocabularies, build datasets, train on Ray Train, export ``out/model``. Returns a summary."""
+def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, callbacks: tuple = ()) -> dict:
+    """Fit vocabularies, build datasets, train on Ray Train, export ``out/model``. Returns a summary.
+
+    ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback()`` when a Tune trial drives this run.
+    """
     import ray
     import ray.train
     from ray.data import DataContext
@@ -543,7 +614,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print) -
             raise PretrainError(f"{out}: no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())["pretrain"]
         cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
-                                                    "max_events", "max_text_tokens", "text_vocab", "seed")})
+                                                    "max_events", "max_text_tokens", "text_vocab", "seed") if k in saved},
+                      services=tuple(saved.get("services", ())))
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(out))
     ctx = DataContext.get_current()
@@ -551,7 +623,15 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print) -
     ctx.enable_progress_bars = False  # per-epoch shard bars from every worker would drown the progress lines
 
     t0 = time.perf_counter()
-    train_rows = _read_rows(cfg.data, "train")
+    train_rows = _read_rows(cfg.data, "train", cfg.train_users)
+    if cfg.services:
+        from userfm.sequences import restrict_services
+
+        known = set(json.loads((Path(cfg.data) / "manifest.json").read_text()).get("services", {}))
+        unknown = sorted(set(cfg.services) - known) if known else []
+        if unknown:
+            raise PretrainError(f"services: {unknown} not in the dataset (it has {sorted(known)})")
+        train_rows = restrict_services(train_rows, cfg.services)
     if train_rows.num_rows == 0:
         raise PretrainError(f"{cfg.data}: no training users")
     if resume_from is not None:
@@ -602,7 +682,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print) -
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=str(out / "ray"),
+            name="train", storage_path=str(out / "ray"), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # rank 0 prints its own progress

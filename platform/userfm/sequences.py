@@ -252,3 +252,27 @@ def service_rows(sequences: pa.Table) -> pa.Table:
     splits = dict(zip(sequences.column("user_id").to_pylist(), sequences.column("split").to_pylist()))
     scope = svc.take(pa.array(offsets[:-1])) if flat.num_rows else pa.array([], pa.string())
     return _sequences(flat, offsets, max(int(lengths.max(initial=1)), 1), splits, scope)
+
+
+def restrict_services(sequences: pa.Table, services: tuple[str, ...] | list[str]) -> pa.Table:
+    """Combined ("all") sequence rows -> the same rows holding only events of ``services``.
+
+    Event order is kept; ``n_events`` becomes the kept count; users left with no event are dropped.
+    This is how an encoder is pretrained on services A, B only, for cross-service transfer to C.
+    """
+    sequences = sequences.select(list(SEQUENCE_SCHEMA.names)).cast(SEQUENCE_SCHEMA)
+    lengths = pc.list_value_length(sequences.column("ts")).to_numpy(zero_copy_only=False)
+    lengths = np.nan_to_num(lengths.astype(float)).astype(np.int64)
+    parents = np.repeat(np.arange(sequences.num_rows), lengths)
+    cols = {"user_id": sequences.column("user_id").take(pa.array(parents))}
+    for name in LIST_COLUMNS:
+        cols[name] = pc.list_flatten(sequences.column(name))
+    flat = pa.table(cols)
+    keep = np.asarray(pc.fill_null(pc.is_in(flat.column("service"), pa.array(list(services), pa.string())), False)
+                      .to_numpy(zero_copy_only=False), bool)
+    flat, parents = flat.filter(pa.array(keep)), parents[keep]
+    offsets = _group_offsets([pa.array(parents)], flat.num_rows)
+    if flat.num_rows == 0:
+        return SEQUENCE_SCHEMA.empty_table()
+    splits = dict(zip(sequences.column("user_id").to_pylist(), sequences.column("split").to_pylist()))
+    return _sequences(flat, offsets, max(int(lengths.max(initial=1)), 1), splits, None)
