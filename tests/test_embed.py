@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.embed import EmbedConfig, EmbedError, model_identity, read_embeddings, run_embed
+from userfm.embed import EmbedConfig, EmbedError, drop_last_events, model_identity, read_embeddings, run_embed
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,3 +101,50 @@ def test_bad_inputs(setup, tmp_path):
         run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb")), progress=lambda s: None)
     with pytest.raises(EmbedError, match="no service 'tv'"):
         run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "o2"), scope="tv"), progress=lambda s: None)
+
+
+def test_drop_last_events_by_hand():
+    from userfm.schema import SEQUENCE_SCHEMA
+
+    ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(3)]
+    rows = pa.Table.from_pylist([
+        dict(user_id="a", split="train", scope="all", n_events=300, ts=ts, service=["s", "t", "s"], text=["x", "y", "z"],
+             item_id=["1", None, "3"], category=[["A", "B"], None, ["C"]], value=[1.0, 2.0, None]),
+        dict(user_id="b", split="val", scope="all", n_events=2, ts=ts[:2], service=["s", "s"], text=["q", "r"],
+             item_id=["9", "8"], category=[None, ["D"]], value=[None, 5.0]),
+        dict(user_id="c", split="val", scope="all", n_events=1, ts=ts[:1], service=["s"], text=["w"], item_id=["7"],
+             category=[None], value=[None]),
+    ], schema=SEQUENCE_SCHEMA)
+    got = {r["user_id"]: r for r in drop_last_events(rows, 1).to_pylist()}
+    assert got["a"]["item_id"] == ["1", None] and got["a"]["category"] == [["A", "B"], None]
+    assert got["a"]["text"] == ["x", "y"] and got["a"]["ts"] == ts[:2] and got["a"]["n_events"] == 299
+    assert got["b"]["item_id"] == ["9"] and got["b"]["value"] == [None] and got["b"]["n_events"] == 1
+    assert got["c"]["item_id"] == [] and got["c"]["n_events"] == 0
+    # a sliced table (list offsets not starting at 0) drops the same events
+    assert drop_last_events(rows.slice(1, 1), 1).column("text").to_pylist() == [["q"]]
+    assert drop_last_events(rows, 2).column("text").to_pylist() == [["x"], [], []]
+    assert drop_last_events(rows, 0) is rows and drop_last_events(rows, 1).schema == rows.schema
+
+
+def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path):
+    import userfm
+    from userfm.features import make_batch, to_torch
+
+    root, rows = setup
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "loo"), holdout_last=1),
+                  progress=lambda s: None)
+    assert m["holdout_last"] == 1 and m["config"]["holdout_last"] == 1
+    short = int((rows.column("n_events").to_numpy() <= 1).sum())  # nothing left to embed for them
+    assert (m["users_in"], m["users_embedded"], m["users_skipped"]) == (300, 300 - short, short)
+    assert m["skipped_by_reason"] == ({"no_events_after_holdout": short} if short else {})
+    assert set(pq.read_table(tmp_path / "loo" / "embeddings").column("holdout_last").to_pylist()) == {1}
+    users, emb = read_embeddings(tmp_path / "loo")
+    model, vocabs, tok = userfm.load_encoder(root / "run" / "model")
+    kept = drop_last_events(rows, 1)
+    kept = kept.filter(pc.greater(kept.column("n_events"), 0))
+    with torch.no_grad():
+        ref = model(to_torch(make_batch(kept, vocabs, tok, max_events=16))).numpy()
+        full = model(to_torch(make_batch(rows, vocabs, tok, max_events=16))).numpy()
+    order = {u: i for i, u in enumerate(kept.column("user_id").to_pylist())}
+    np.testing.assert_allclose(emb, ref[[order[u] for u in users]], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(emb, full[[rows.column("user_id").to_pylist().index(u) for u in users]], atol=1e-4)

@@ -21,10 +21,14 @@ from userfm.evaluate import (
     TaskConfig,
     fit_logreg,
     fit_mlp,
+    fit_retrieval,
+    item_histories,
+    last_event_table,
     load_embeddings,
     load_head,
     load_tasks,
     random_embeddings,
+    retrieval_ranks,
     run_evaluate,
     save_head,
     task_data,
@@ -89,7 +93,10 @@ def test_shipped_task_files_load():
     assert {t.name for t in syn} >= {"age_bracket", "is_parent", "segment", "next_service", "n_future_events"}
     assert {t.metric for t in syn if t.type == "binary" and t.table == "future_labels"} == {"auc"}
     ml = load_tasks(REPO / "experiments/tasks/movielens.yaml")
-    assert [t.name for t in ml] == ["gender", "age_bracket", "occupation"]
+    assert [t.name for t in ml] == ["gender", "age_bracket", "occupation", "next_genre", "next_item"]
+    assert [(t.type, t.metric) for t in ml if t.table == "last_event"] == [("multiclass", "accuracy"), ("retrieval", "hr@10")]
+    held = load_tasks(REPO / "experiments/tasks/synthetic-heldout.yaml")
+    assert {t.table for t in held} == {"last_event"} and "retrieval" in {t.type for t in held}
 
 
 def test_task_config_errors(tmp_path):
@@ -106,6 +113,11 @@ def test_task_config_errors(tmp_path):
         load_tasks(dup)
     with pytest.raises(EvalError, match="nope"):
         load_tasks(REPO / "experiments/tasks/synthetic.yaml", only=("nope",))
+    with pytest.raises(ValueError, match="table: last_event and target: item_id"):
+        TaskConfig(name="r", table="attributes", target="segment", type="retrieval")
+    with pytest.raises(ValueError, match="ndcg@10"):
+        TaskConfig(name="r", table="last_event", target="item_id", type="retrieval", metric="auc")
+    assert TaskConfig(name="r", table="last_event", target="item_id", type="retrieval").metric == "hr@10"
 
 
 def test_missing_column_error_names_column_and_table(synth_ds, tmp_path):
@@ -323,3 +335,127 @@ def test_t_trans_trains_from_scratch_and_beats_the_floor(synth_ds):
     assert row["vs_random"]["model"] == "random/mlp" and row["vs_random"]["ci"][1] < 0
     assert row["t_trans"]["params"] > 10_000 and row["t_trans"]["epochs"][0] <= 12
     assert row["train_s"] > row["infer_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------- held-out last event, retrieval
+
+
+def test_last_event_labels_are_each_users_last_event(synth_ds):
+    ds = synth_ds["ds"]
+    seq = read_sequences(ds, columns=["user_id", "n_events", "item_id", "service", "category"]).to_pylist()
+    last = {r["user_id"]: r for r in last_event_table(ds).to_pylist()}
+    catalog, items = item_histories(ds)
+    assert catalog == sorted({i for r in seq for i in r["item_id"] if i is not None})
+    for r in seq[:200]:
+        got = last[r["user_id"]]
+        if r["n_events"] < 2:
+            assert got["item_id"] is None and got["service"] is None  # no history would be left
+            continue
+        assert (got["item_id"], got["service"]) == (r["item_id"][-1], r["service"][-1])
+        path = r["category"][-1]
+        assert (got["category_top"], got["category_leaf"]) == ((path[0], path[-1]) if path else (None, None))
+        assert [catalog[i] for i in items[r["user_id"]]] == [i for i in r["item_id"] if i is not None]
+    task = TaskConfig(name="n", table="last_event", target="item_id", type="retrieval")
+    td = task_data(ds, task, user_table(ds))
+    n_ev = dict((r["user_id"], r["n_events"]) for r in seq)
+    u = td.ids["test"][0]
+    assert catalog[td.y["test"][0]] == last[u]["item_id"] and td.n_events["test"][0] == n_ev[u] - 1
+    assert [catalog[i] for i in td.history["test"][0]] == [catalog[i] for i in items[u][:-1]]
+
+
+def _clusters(n=700, groups=10, per=5, d=16, seed=0):
+    """Users in ``groups`` taste groups, each owning ``per`` of the 50 items; the embedding shows the group."""
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, groups, n)
+    x = rng.normal(0, 1, (n, d)).astype(np.float32)
+    x[np.arange(n), g] += 4.0
+    y = g * per + rng.integers(0, per, n)
+    hist = [g[i] * per + rng.integers(0, per, 3) for i in range(n)]
+    return x, y, hist
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_retrieval_head_learns_and_round_trips(tmp_path, hidden):
+    x, y, hist = _clusters()
+    items = [f"i{k:03d}" for k in range(50)]
+    task = TaskConfig(name="r", table="last_event", target="item_id", type="retrieval")
+    cfg = EvalConfig(mlp_max_epochs=60, mlp_patience=5, mlp_batch_size=64, mlp_lr=1e-2)
+    head = fit_retrieval(x[:400], y[:400], x[400:500], y[400:500], task=task, classes=items, cfg=cfg, seed=0,
+                         history=hist[:400], hidden=hidden)
+    ranks = M.target_rank(head.logits(x[500:]), y[500:])
+    # the 5 items of the user's group are what a head that learned ranks first: chance HR@10 is 0.2
+    assert M.hit_rate_at_k(ranks, 10) > 0.85 and M.ndcg_at_k(ranks, 10) > 0.4
+    np.testing.assert_array_equal(retrieval_ranks(lambda r: head.logits(x[500:][r]), 200, y[500:], chunk=7), ranks)
+    loaded = load_head(save_head(tmp_path / "h", head))
+    assert loaded.meta["kind"] == ("mlp" if hidden else "softmax") and loaded.classes == items
+    np.testing.assert_allclose(loaded.logits(x[500:]), head.logits(x[500:]), rtol=1e-5, atol=1e-5)
+    assert loaded.predict_proba(x[500:502]).shape == (2, 50)
+    top = loaded.predict(x[500:])  # the top item is one of the user's group
+    assert np.mean([int(t[1:]) // 5 == yy // 5 for t, yy in zip(top, y[500:])]) > 0.85
+
+
+def test_retrieval_ranks_can_mask_seen_items():
+    scores = np.array([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    target = np.array([2, 0])
+    assert retrieval_ranks(lambda r: scores[r], 2, target).tolist() == [2, 3]
+    seen = [np.array([0, 2]), np.array([3])]  # the target itself is never masked
+    assert retrieval_ranks(lambda r: scores[r], 2, target, seen, chunk=1).tolist() == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def heldout(synth_ds):
+    root = synth_ds["root"]
+    attrs = read_sequences(synth_ds["ds"], columns=["user_id"])
+    ids = attrs.column("user_id").to_pylist()
+    x = np.random.default_rng(3).normal(0, 1, (len(ids), 8)).astype(np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)
+    loo = root / "loo.parquet"
+    pq.write_table(pa.table({"user_id": ids, "embedding": emb, "holdout_last": pa.array([1] * len(ids), pa.int64())}), loo)
+    tasks = root / "heldout.yaml"
+    tasks.write_text((REPO / "experiments/tasks/synthetic-heldout.yaml").read_text()
+                     + "  - {name: gender, table: user_attrs, target: gender, type: binary}\n")
+    cfg = _cfg(synth_ds, "heldout", embeddings={"loo": str(loo), "random": "random"}, tasks=str(tasks),
+               only_tasks=("last_service", "next_item", "gender"), seeds=1, mlp_max_epochs=15)
+    return run_evaluate(cfg, progress=lambda s: None), cfg
+
+
+def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds):
+    results, cfg = heldout
+    assert results["skipped_tasks"] == [{"task": "gender", "reason": results["skipped_tasks"][0]["reason"]}]
+    assert "no attributes table 'user_attrs'" in results["skipped_tasks"][0]["reason"]
+    models = {t: {r["model"] for r in results["rows"] if r["task"] == t} for t in ("last_service", "next_item")}
+    assert models["last_service"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "tfidf/logreg"}
+    assert models["next_item"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "popularity"}
+    info = next(t for t in results["tasks"] if t["name"] == "next_item")
+    seq = read_sequences(synth_ds["ds"], columns=["user_id", "split", "n_events", "item_id"]).to_pylist()
+    catalog = {i for r in seq for i in r["item_id"] if i is not None}
+    assert info["n_items"] == len(catalog) and info["holdout_last"] == 1 and info["classes"] is None
+    # popularity by hand: counts over the training users' items (held-out ones included), ties against the target
+    labelled = [r for r in seq if r["n_events"] >= 2 and r["item_id"][-1] is not None]
+    counts = dict.fromkeys(catalog, 0)
+    for r in labelled:
+        if r["split"] == "train":
+            for i in r["item_id"]:
+                if i is not None:
+                    counts[i] += 1
+    test = [r for r in labelled if r["split"] == "test"]
+    ranks = [sum(1 for i, c in counts.items() if c >= counts[r["item_id"][-1]] and i != r["item_id"][-1]) for r in test]
+    pop = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "popularity")
+    assert pop["test"]["n"] == len(test) and info["users"]["test"] == len(test)
+    assert pop["test"]["value"] == pytest.approx(np.mean(np.array(ranks) < 10), abs=1e-6)
+    assert pop["other_metrics"]["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(k + 2) if k < 10 else 0 for k in ranks]), abs=1e-6)
+    for r in results["rows"]:
+        assert 0 <= r["test"]["value"] <= 1 and r["cold"]["n"] > 0 and r["heavy"]["n"] > 0
+    # the saved retrieval head reproduces its row
+    row = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/logreg")
+    head = load_head(Path(cfg.out) / row["heads"][0])
+    td = task_data(synth_ds["ds"], TaskConfig(name="n", table="last_event", target="item_id", type="retrieval"), user_table(synth_ds["ds"]))
+    x = load_embeddings(Path(synth_ds["root"]) / "loo.parquet").lookup(td.ids["test"])
+    assert M.hit_rate_at_k(M.target_rank(head.logits(x), td.y["test"])) == pytest.approx(row["per_seed"][0], abs=1e-6)
+    assert "## next_item" in (Path(cfg.out) / "results.md").read_text()
+
+
+def test_heldout_tasks_refuse_tables_that_saw_the_label(synth_ds, tmp_path):
+    cfg = _cfg(synth_ds, "refuse", tasks=str(REPO / "experiments/tasks/synthetic-heldout.yaml"), only_tasks=("next_item",))
+    with pytest.raises(EvalError, match=r"embeddings 'leaky'.*holdout_last=unknown.*--set holdout_last=1"):
+        run_evaluate(cfg, progress=lambda s: None)

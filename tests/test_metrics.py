@@ -112,3 +112,13 @@ def test_bootstrap_skips_undefined_resamples():
     s = np.linspace(0, 1, 20)
     point, lo, hi = M.bootstrap_interval(M.roc_auc, [y, s], n_samples=300, seed=0)
     assert point == 1.0 and lo == 1.0 and hi == 1.0  # resamples without the positive are dropped
+
+
+def test_compute_reads_ranks_for_retrieval_metrics():
+    # The 3-user example above through the evaluate entry point: ranks 0, 2 and 10.
+    ranks = np.array([0, 2, 10])
+    assert M.compute("hr@10", None, ranks) == pytest.approx(2 / 3)
+    assert M.compute("ndcg@10", None, ranks) == pytest.approx(0.5)
+    assert M.compute("hr@3", None, ranks) == pytest.approx(2 / 3) and M.compute("hr@2", None, ranks) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="ranks"):
+        M.compute("hr@10", None, np.zeros((3, 12)))

@@ -6,6 +6,11 @@ Ray timings include reading, the actors' start-up and model load (what a user wa
 already-started local Ray. Prints users/s (median over repeats) and the ratios b/a and c/a.
 Target: b/a >= 0.9.
 
+Also printed, because wall clocks on a shared 2-core box are noisy: the CPU seconds (process time) of
+the plain loop's per-batch work vs ``EmbedActor.__call__`` on the same batches in this process, i.e. the
+actor's own per-batch overhead with Ray's scheduling and start-up taken out. What is left of the wall
+ratio's gap is Ray's: actor start-up (process, torch import, model load) and per-batch transport.
+
     python experiments/benchmarks/embed.py                        # 20k users, size small, 3 repeats
     python experiments/benchmarks/embed.py --users 5000 --size tiny --repeats 1
 """
@@ -38,6 +43,32 @@ def plain_loop(model_dir: Path, data: Path, batch_size: int) -> tuple[float, int
             z = model(to_torch(make_batch(rows, vocabs, tok, max_events=model.config.max_events)))
             n += z.shape[0]
     return time.perf_counter() - t0, n
+
+
+def cpu_per_batch(model_dir: Path, data: Path, batch_size: int) -> tuple[float, float]:
+    """CPU seconds: (plain make_batch + forward, EmbedActor.__call__) over the same batches, in-process."""
+    import pyarrow.parquet as pq
+    import torch
+
+    import userfm
+    from userfm.embed import EmbedActor
+    from userfm.features import make_batch, to_torch
+
+    torch.set_num_threads(1)
+    model, vocabs, tok = userfm.load_encoder(model_dir)
+    actor = EmbedActor(str(model_dir), {"model_id": "m", "model_version": "v", "config_hash": "c"})
+    table = pq.read_table(data / "sequences" / "all")
+    plain = ray = 0.0
+    with torch.no_grad():
+        for start in range(0, table.num_rows, batch_size):
+            rows = table.slice(start, batch_size)
+            c0 = time.process_time()
+            model(to_torch(make_batch(rows, vocabs, tok, max_events=model.config.max_events)))
+            c1 = time.process_time()
+            actor(rows)
+            ray += time.process_time() - c1
+            plain += c1 - c0
+    return plain, ray
 
 
 def main() -> None:
@@ -87,6 +118,9 @@ def main() -> None:
                                           actors=actors, cpus_per_actor=1.0, batch_size=args.batch_size), progress=lambda s: None)
                 res[key].append(m["users_in"] / (time.perf_counter() - t0))
             print(f"  run {r + 1}: " + "  ".join(f"{k}: {v[-1]:,.0f} users/s" for k, v in res.items()))
+        plain_cpu, actor_cpu = cpu_per_batch(work / "model", work / "ds", args.batch_size)
+        print(f"  CPU s per pass (in-process): plain make_batch+forward {plain_cpu:.2f}, EmbedActor.__call__ {actor_cpu:.2f} "
+              f"({plain_cpu / actor_cpu:.2f}x)")
         med = {k: statistics.median(v) for k, v in res.items()}
         base = med["plain loop, 1 thread"]
         print("\nmedian users/s (target: 1 actor >= 0.9x the plain loop)")

@@ -10,6 +10,11 @@ Batch inference with ``map_batches`` over an actor pool: each actor loads the ex
 
 ``concat`` appends a second embedding table's vector to each user's (the "general feature +
 service-specific feature" of the ShopperBERT paper); users missing from it get zeros, counted.
+
+``holdout_last = n`` embeds each user's history without its last ``n`` events: the leave-one-out table
+that next-item retrieval and next-genre tasks need (``userfm evaluate`` holds the last event out as the
+label, so the embedding must not have seen it). The table's ``holdout_last`` column and the manifest say
+how it was made; users with no event left are skipped with reason ``no_events_after_holdout``.
 """
 
 from __future__ import annotations
@@ -48,12 +53,15 @@ class EmbedConfig:
     gpus: float = 0.0  # GPUs per actor (> 0: the model runs on CUDA)
     minilm_cache: str = ""  # MiniLM vector cache (minilm encoders); "" = <data>/minilm_cache
     concat: str = ""  # a second embedding table (folder or file) to append per user
+    holdout_last: int = 0  # drop each user's last n events before encoding (1 = leave-one-out for retrieval)
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self):
         for name in ("batch_size", "actors", "threads_per_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.holdout_last < 0:
+            raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
 
 
 def _digest(path: Path) -> str:
@@ -73,10 +81,37 @@ def model_identity(model_dir: str | Path) -> dict:
     return {"model_id": name, "model_version": _digest(p / "model.safetensors"), "config_hash": _digest(p / "config.json")}
 
 
+def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
+    """Sequence rows without each user's last ``n`` events (lists are time-sorted, oldest first).
+
+    Every list column loses its last ``n`` entries per row (fewer when the row is shorter); ``n_events``
+    drops by the same amount, never below 0. Pure Arrow/numpy, no copy of the kept values' buffers
+    beyond one ``take`` per column.
+    """
+    if n <= 0:
+        return rows
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        if name == "n_events":
+            col = pc.max_element_wise(pc.subtract(col, n), 0)
+        elif pa.types.is_list(col.type):
+            arr = col.combine_chunks()
+            off = arr.offsets.to_numpy()
+            keep = np.maximum(np.diff(off) - n, 0)
+            new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+            idx = np.repeat(off[:-1] - new_off[:-1], keep) + np.arange(new_off[-1])
+            col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type,
+                                           mask=arr.is_null() if arr.null_count else None)
+        cols[name] = col
+    return pa.table(cols, schema=rows.schema)
+
+
 class EmbedActor:
     """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
 
-    def __init__(self, model_dir: str, identity: dict, vectors_dir: str | None = None, threads: int = 1, use_gpu: bool = False):
+    def __init__(self, model_dir: str, identity: dict, vectors_dir: str | None = None, threads: int = 1, use_gpu: bool = False,
+                 holdout_last: int = 0):
         import torch
 
         import userfm
@@ -85,6 +120,7 @@ class EmbedActor:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.vocabs, self.tok = userfm.load_encoder(model_dir, device=self.device)
         self.identity = identity
+        self.holdout_last = holdout_last
         self.vectors = None
         if vectors_dir:
             from userfm.minilm import VectorCache
@@ -97,22 +133,30 @@ class EmbedActor:
         from userfm.features import make_batch, to_torch
         from userfm.objectives import _with_vectors
 
-        nb = _with_vectors(make_batch(batch, self.vocabs, self.tok, max_events=self.model.config.max_events), self.vectors)
+        had = pc.greater(batch.column("n_events"), 0).to_numpy(zero_copy_only=False)
+        rows = drop_last_events(batch, self.holdout_last)
+        nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.model.config.max_events), self.vectors)
         has = nb["length"] > 0
         dim = self.model.config.embed_dim
         emb = np.zeros((batch.num_rows, dim), dtype=np.float32)
-        if has.any():
+        if len(has) and has.all():  # the usual case: no row selection, no copies
+            with torch.no_grad():
+                emb = self.model(to_torch(nb, self.device)).float().cpu().numpy()
+        elif has.any():
             sub = {k: v[has] for k, v in nb.items()}
             with torch.no_grad():
                 emb[has] = self.model(to_torch(sub, self.device)).float().cpu().numpy()
         n = batch.num_rows
+        reason = pa.nulls(n, pa.string()) if has.all() else pa.array(
+            [None if h else "no_events_after_holdout" if d else "no_events" for h, d in zip(has, had)], pa.string())
         return pa.table(
             {
                 "user_id": batch.column("user_id"),
                 "split": batch.column("split"),
                 "n_events": batch.column("n_events"),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
-                "reason": pa.array([None if h else "no_events" for h in has], pa.string()),
+                "holdout_last": pa.array(np.full(n, self.holdout_last, np.int64)),
+                "reason": reason,
                 **{k: pa.array([v] * n, pa.string()) for k, v in self.identity.items()},
             }
         )
@@ -211,7 +255,8 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
-                                   threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0),
+                                   threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
+                                   holdout_last=cfg.holdout_last),
         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
     )
@@ -239,6 +284,7 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
         "config": to_dict(cfg),
         **identity,
         "dim": dim,
+        "holdout_last": cfg.holdout_last,
         "users_in": users_in,
         "users_embedded": embedded.num_rows,
         "users_skipped": skipped.num_rows,

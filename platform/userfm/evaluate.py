@@ -8,6 +8,7 @@ its embedding table is the only input of a small head trained per task. For ever
                "logreg"  logistic regression (ridge for regression tasks), C chosen on val (scikit-learn)
     baselines  "random"  an embedding table of seeded Gaussian vectors of the same size: the floor
                "tfidf"   TF-IDF of each user's event texts + logistic regression (no pretraining at all)
+               "popularity" retrieval tasks only: every user gets the training users' most frequent items
                "oracle"  synthetic data only: the Bayes-optimal accuracy from ``ground_truth.json``
                "t-trans" ShopperBERT's T-Trans: a user transformer (``encoders.UserEncoder``) + linear
                          classifier trained end to end from scratch on the task's training users' sequences,
@@ -18,6 +19,24 @@ on train, select on val, and every number reported is on test: the mean over ``s
 metric, a 95 % percentile-bootstrap interval over test users (one resample scores every seed, so the
 interval is the one of the seed-mean), the same on cold users (bottom quartile of history length among
 the task's test users) and heavy users (top quartile), and the paired difference to the random floor.
+
+Held-out-event tasks (table ``last_event``, built from the sequences, not ingested): the label is a
+property of each user's LAST event (its ``item_id``, ``service``, ``category`` path, ``category_top``
+= level 0, ``category_leaf`` = the deepest level), and the model sees the history WITHOUT that event:
+embedding tables must come from ``userfm embed --set holdout_last=1`` (checked: the table's
+``holdout_last`` column or its embed manifest), and TF-IDF / T-Trans read the history minus its last
+event too. Users with fewer than 2 events have no label. History length (cold/heavy) is that of the
+shortened history.
+
+Next-item retrieval (``type: retrieval``, ``table: last_event``, ``target: item_id``): leave-one-out,
+full ranking over the catalog (every item id in the dataset's stored sequences), no sampled
+negatives; HR@10 and NDCG@10 from the held-out item's rank (ties count against it). Items the user
+already interacted with are NOT removed from the ranking by default (``retrieval_mask_seen``), as in
+the full-ranking SASRec/HSTU tables. Heads map the frozen user vector to logits over the catalog:
+"logreg" = one linear layer, "mlp" = the U-MLP with one output per item, both trained with softmax
+cross-entropy towards each training user's held-out item (weight 1 - ``retrieval_history_weight``)
+and its earlier items (the rest, spread evenly), early-stopped on the val users' held-out-item loss.
+T-Trans ranks with a linear item layer on top of its from-scratch encoder (held-out item only).
 
 Outputs in ``out``: ``config.json``, ``results.json`` (every model x task row), ``results.md``, PNG
 charts when matplotlib is installed, and ``heads/<task>/<model>/seed<k>/`` (``head.json`` +
@@ -49,14 +68,18 @@ from userfm.config import ConfigError, from_dict, to_dict
 from userfm.dataset import load_manifest, read_attributes, read_sequences
 from userfm.errors import UserfmError
 
-TASK_TYPES = ("binary", "multiclass", "regression")
-DEFAULT_METRIC = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse"}
+TASK_TYPES = ("binary", "multiclass", "regression", "retrieval")
+DEFAULT_METRIC = {"binary": "auc", "multiclass": "accuracy", "regression": "rmse", "retrieval": "hr@10"}
 # Reported next to the primary metric (point values, seed means).
-SECONDARY_METRICS = {"binary": ("accuracy", "log_loss"), "multiclass": ("macro_f1", "log_loss"), "regression": ()}
+SECONDARY_METRICS = {"binary": ("accuracy", "log_loss"), "multiclass": ("macro_f1", "log_loss"), "regression": (),
+                     "retrieval": ("ndcg@10",)}
 ALLOWED_METRICS = {"binary": ("auc", "accuracy", "macro_f1", "log_loss"),
-                   "multiclass": ("accuracy", "macro_f1", "log_loss"), "regression": ("rmse",)}
+                   "multiclass": ("accuracy", "macro_f1", "log_loss"), "regression": ("rmse",),
+                   "retrieval": ("hr@10", "ndcg@10")}
 HEADS = ("mlp", "logreg")
-BASELINES = ("tfidf", "oracle", "t-trans")
+BASELINES = ("tfidf", "oracle", "t-trans", "popularity")
+LAST_EVENT = "last_event"  # the built-in table of each user's held-out last event (see the module docstring)
+LAST_EVENT_COLUMNS = ("item_id", "service", "category", "category_top", "category_leaf")
 RANDOM = "random"  # an embeddings entry with this value is the random floor
 HEAD_FORMAT = "userfm.head"
 
@@ -78,11 +101,11 @@ class TaskConfig:
     """
 
     name: str  # unique task name, used in result rows and head folders
-    table: str  # attributes table ingested with the dataset: "attributes", "future_labels", ...
+    table: str  # attributes table ingested with the dataset ("attributes", "future_labels", ...) or "last_event"
     target: str  # column of ``table`` to predict; users with a null value are left out
-    type: str  # "binary" | "multiclass" | "regression"
+    type: str  # "binary" | "multiclass" | "regression" | "retrieval" (table last_event, target item_id)
     users: str = "all"  # "all" | "multi_service" (active in 2+ services) | "service:<name>" (active there)
-    metric: str = ""  # primary metric; "" = auc (binary), accuracy (multiclass), rmse (regression)
+    metric: str = ""  # primary metric; "" = auc (binary), accuracy (multiclass), rmse (regression), hr@10 (retrieval)
     transform: str = "none"  # regression target transform: "none" | "log1p"
 
     def __post_init__(self):
@@ -95,6 +118,11 @@ class TaskConfig:
                              f"use one of {ALLOWED_METRICS[self.type]}")
         if not (self.users in ("all", "multi_service") or self.users.startswith("service:")):
             raise ValueError(f"task {self.name!r}: users must be 'all', 'multi_service' or 'service:<name>', got {self.users!r}")
+        if self.type == "retrieval" and (self.table != LAST_EVENT or self.target != "item_id"):
+            raise ValueError(f"task {self.name!r}: a retrieval task ranks the held-out item: it needs "
+                             f"table: {LAST_EVENT} and target: item_id (got {self.table}.{self.target})")
+        if self.table == LAST_EVENT and self.target not in LAST_EVENT_COLUMNS:
+            raise ValueError(f"task {self.name!r}: table {LAST_EVENT} has columns {LAST_EVENT_COLUMNS}, not {self.target!r}")
         if self.transform not in ("none", "log1p"):
             raise ValueError(f"task {self.name!r}: transform must be 'none' or 'log1p', got {self.transform!r}")
         if self.transform != "none" and self.type != "regression":
@@ -111,7 +139,8 @@ class EvalConfig:
     only_tasks: tuple[str, ...] = ()  # run just these task names; () = all
     out: str = ""  # run folder for results.json, results.md, charts, heads
     heads: tuple[str, ...] = HEADS  # heads trained on every embedding table: "mlp", "logreg"
-    baselines: tuple[str, ...] = ("tfidf", "oracle")  # of "tfidf", "oracle", "t-trans" (random is an embeddings entry)
+    baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity")  # of "tfidf", "oracle", "t-trans", "popularity"
+    #                                 (random is an embeddings entry; each runs on the tasks it applies to)
     seed: int = 0  # first seed; heads and random tables use seed .. seed + seeds - 1
     seeds: int = 3  # head trainings per (task, model), mean reported; deterministic fits (logreg on a real table, tfidf) run once
     bootstrap_samples: int = 1000  # resamples of test users per interval (cost ~ samples x test users)
@@ -139,6 +168,8 @@ class EvalConfig:
     t_trans_batch_size: int = 64  # users per step
     t_trans_max_epochs: int = 30  # epochs at most
     t_trans_patience: int = 3  # epochs without a better val loss before stopping (best weights restored)
+    retrieval_history_weight: float = 0.5  # retrieval heads: target share on a train user's earlier items (rest: held-out item)
+    retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     torch_threads: int = 1  # torch intra-op threads while heads and T-Trans train (restored after); 0 = leave
     #                         as is. Their matmuls are small: more threads mostly add synchronisation
     #                         (U-MLP 13x, T-Trans 5-12x slower with 2 threads on a busy 2-core box)
@@ -158,6 +189,8 @@ class EvalConfig:
             raise ValueError(f"quantile must be in (0, 0.5), got {self.quantile}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not 0 <= self.retrieval_history_weight < 1:
+            raise ValueError(f"retrieval_history_weight must be in [0, 1), got {self.retrieval_history_weight}")
         if self.t_trans_item_encoder not in ("text", "category"):
             raise ValueError(f"t_trans_item_encoder must be 'text' or 'category', got {self.t_trans_item_encoder!r}")
         for name in self.embeddings:
@@ -205,8 +238,15 @@ class TaskData:
     ids: dict[str, np.ndarray]  # split -> (n,) user ids (object array of str)
     y: dict[str, np.ndarray]  # split -> (n,) int64 class index or float64 value
     classes: list | None  # class values in index order (None for regression)
-    n_events: dict[str, np.ndarray]  # split -> (n,) history length
+    n_events: dict[str, np.ndarray]  # split -> (n,) history length (without the held-out event for last_event tasks)
     left_out: dict[str, int]  # users dropped and why
+    history: dict[str, list[np.ndarray]] | None = None  # retrieval: split -> per user, catalog indices of the
+    #                                                     items before the held-out one (oldest first)
+
+    @property
+    def holdout(self) -> int:
+        """Events held out of each user's history for this task (1 for last_event tasks, else 0)."""
+        return int(self.task.table == LAST_EVENT)
 
 
 def user_table(data: str | Path) -> pa.Table:
@@ -263,8 +303,15 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
 
     split = np.asarray(joined.column("split").to_pylist(), dtype=object)
     raw = joined.column("label").to_pylist()
-    classes = None
-    if task.type == "regression":
+    classes, hist = None, None
+    if task.type == "retrieval":
+        catalog, user_items = item_histories(data)
+        classes = catalog
+        index = {v: i for i, v in enumerate(catalog)}
+        y_all = np.asarray([index[v] for v in raw], dtype=np.int64)  # the held-out item is in the catalog by construction
+        hist = [user_items[u][:-1] for u in joined.column("user_id").to_pylist()]
+        keep_rows = np.ones(len(y_all), bool)
+    elif task.type == "regression":
         try:
             y_all = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -285,17 +332,65 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         keep_rows = y_all >= 0  # val/test users whose class never occurs in train cannot be scored
         left_out["class_unseen_in_train"] = int((~keep_rows).sum())
     uid = np.asarray(joined.column("user_id").to_pylist(), dtype=object)
-    n_ev = joined.column("n_events").to_numpy()
-    out_ids, out_y, out_n = {}, {}, {}
+    n_ev = joined.column("n_events").to_numpy() - int(task.table == LAST_EVENT)
+    out_ids, out_y, out_n, out_h = {}, {}, {}, {}
     for s in ("train", "val", "test"):
         m = (split == s) & keep_rows
         out_ids[s], out_y[s], out_n[s] = uid[m], y_all[m], n_ev[m]
+        if hist is not None:
+            out_h[s] = [h for h, k in zip(hist, m) if k]
         if not m.any():
             raise EvalError(f"task {task.name!r}: no labelled {s} users (after the users filter {task.users!r})")
-    return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v})
+    return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v}, out_h or None)
+
+
+def _last_elements(col: pa.ChunkedArray | pa.Array, valid: np.ndarray) -> pa.Array:
+    """Each row's last list element (null where ``valid`` is False or the list is empty)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    off = arr.offsets.to_numpy()
+    ok = valid & (np.diff(off) > 0)
+    return arr.values.take(pa.array(np.where(ok, off[1:] - 1, 0), pa.int64(), mask=~ok))
+
+
+def last_event_table(data: str | Path) -> pa.Table:
+    """The built-in ``last_event`` table: per user, properties of the LAST event of the combined history.
+
+    Columns user_id, split, item_id, service, category (path joined with " > "), category_top (level 0),
+    category_leaf (deepest level). Users with fewer than 2 events get nulls (no history would be left).
+    """
+    t = read_sequences(data, columns=["user_id", "split", "n_events", "service", "item_id", "category"])
+    valid = t.column("n_events").to_numpy() >= 2
+    paths = _last_elements(t.column("category"), valid).to_pylist()
+    return pa.table({
+        "user_id": t.column("user_id"), "split": t.column("split"),
+        "item_id": _last_elements(t.column("item_id"), valid),
+        "service": _last_elements(t.column("service"), valid),
+        "category": pa.array([" > ".join(p) if p else None for p in paths], pa.string()),
+        "category_top": pa.array([p[0] if p else None for p in paths], pa.string()),
+        "category_leaf": pa.array([p[-1] if p else None for p in paths], pa.string()),
+    })
+
+
+def item_histories(data: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The retrieval catalog and every user's items as catalog indices.
+
+    Returns (catalog: sorted distinct non-null item ids of every user's stored sequence, user id ->
+    (n,) int64 indices of the user's events with an item, oldest first, the last event included).
+    """
+    t = read_sequences(data, columns=["user_id", "item_id"])
+    items = t.column("item_id").combine_chunks()
+    flat = items.flatten()
+    catalog = pc.unique(flat.drop_null()).sort()
+    idx = pc.index_in(flat, value_set=catalog).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    off = items.offsets.to_numpy()
+    off = off - off[0]
+    users = t.column("user_id").to_pylist()
+    return catalog.to_pylist(), {u: (lambda a: a[a >= 0])(idx[off[i]:off[i + 1]]) for i, u in enumerate(users)}
 
 
 def _attribute_table(data: str | Path, name: str) -> pa.Table:
+    if name == LAST_EVENT:
+        return last_event_table(data)
     manifest = load_manifest(data)
     names = [a["name"] for a in manifest.get("attributes", [])]
     if name not in names:
@@ -316,6 +411,7 @@ class EmbeddingTable:
     source: str  # path, or "random"
     ids: pa.Array  # (n,) string
     x: np.ndarray  # (n, D) float32
+    holdout_last: int | None = 0  # events held out of each history when embedding (None: unknown)
 
     @property
     def dim(self) -> int:
@@ -340,7 +436,28 @@ def load_embeddings(path: str | Path, name: str = "") -> EmbeddingTable:
         ids, x = read_embeddings(path)
     except EmbedError as exc:
         raise EvalError(f"embeddings {name!r}: {exc}") from None
-    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x)
+    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x, embeddings_holdout(path, name))
+
+
+def embeddings_holdout(path: str | Path, name: str = "") -> int | None:
+    """``holdout_last`` an embedding table was made with: its ``holdout_last`` column (``userfm embed``
+    writes one), else the embed ``manifest.json`` next to it (tables from before the column: 0), else None."""
+    import pyarrow.dataset as pads
+
+    p = Path(path)
+    src = p / "embeddings" if (p / "embeddings").is_dir() else p
+    ds = pads.dataset(str(src), format="parquet")
+    if "holdout_last" in ds.schema.names:
+        vals = pc.unique(ds.to_table(columns=["holdout_last"]).column(0)).to_pylist()
+        if len(vals) > 1:
+            raise EvalError(f"embeddings {name!r} ({path}): rows made with different holdout_last values {sorted(vals)}")
+        return int(vals[0]) if vals and vals[0] is not None else None
+    for m in (p / "manifest.json", p.parent / "manifest.json", p.parent.parent / "manifest.json"):
+        if m.is_file():
+            info = json.loads(m.read_text())
+            if info.get("kind") == "userfm.embeddings":
+                return int(info.get("holdout_last", 0))
+    return None
 
 
 def random_embeddings(user_ids: np.ndarray, dim: int, seed: int) -> np.ndarray:
@@ -387,7 +504,7 @@ class LinearHead:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(n, D) embeddings -> (n, k) class probabilities (column order = ``classes``)."""
-        if self.meta["kind"] != "logreg":
+        if self.meta["kind"] not in ("logreg", "softmax"):
             raise EvalError("predict_proba: a regression head has no class probabilities; use predict")
         z = self.decision(x)
         if z.shape[1] == 1:  # binary: scikit-learn keeps one row of coefficients, for class 1
@@ -404,6 +521,10 @@ class LinearHead:
     def scores(self, x: np.ndarray) -> np.ndarray:
         """What the metrics read: probabilities (n, k), or values (n,) for regression."""
         return self.decision(x)[:, 0] if self.meta["kind"] == "ridge" else self.predict_proba(x)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, D) -> (n, k) pre-softmax scores (a retrieval head: one per catalog item, order ``classes``)."""
+        return self.decision(x)
 
 
 def _mlp_module(d_in: int, hidden: int, n_out: int, dropout: float):
@@ -450,6 +571,10 @@ class MLPHead:
     def scores(self, x: np.ndarray) -> np.ndarray:
         return self.predict(x) if self.classes is None else self.predict_proba(x)
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, D) -> (n, k) pre-softmax scores (a retrieval head: one per catalog item, order ``classes``)."""
+        return self._out(x)
+
 
 def save_head(path: str | Path, head: LinearHead | MLPHead) -> Path:
     """Write ``head.json`` (metadata, classes, task) and ``weights.safetensors`` (float32 arrays)."""
@@ -480,7 +605,7 @@ def load_head(path: str | Path) -> LinearHead | MLPHead:
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     if meta["kind"] == "mlp":
         return MLPHead(meta, weights)
-    if meta["kind"] in ("logreg", "ridge"):
+    if meta["kind"] in ("logreg", "ridge", "softmax"):
         return LinearHead(meta, weights)
     raise EvalError(f"{p}/head.json: unknown head kind {meta['kind']!r}")
 
@@ -601,13 +726,119 @@ _FITTERS = {"mlp": fit_mlp, "logreg": fit_logreg}
 
 
 # --------------------------------------------------------------------------------------------------
+# Next-item retrieval: heads over the item catalog, full-ranking ranks, popularity
+# --------------------------------------------------------------------------------------------------
+
+
+def _soft_targets(y: np.ndarray, history: list[np.ndarray], n_items: int, weight: float) -> np.ndarray:
+    """(n,) held-out items + histories -> (n, n_items) float32 target distributions: 1 - ``weight`` on the
+    held-out item, ``weight`` spread evenly over the earlier items (all on the held-out item when the
+    history has no item)."""
+    t = np.zeros((len(y), n_items), np.float32)
+    for i, (item, h) in enumerate(zip(y, history)):
+        if weight > 0 and len(h):
+            np.add.at(t[i], h, weight / len(h))
+            t[i, item] += 1.0 - weight
+        else:
+            t[i, item] = 1.0
+    return t
+
+
+def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, task: TaskConfig,
+                  classes: list, cfg: EvalConfig, seed: int, history: list[np.ndarray], hidden: int = 0) -> LinearHead | MLPHead:
+    """A retrieval head: frozen user vector (n, D) -> logits over the ``classes`` catalog (n, n_items).
+
+    ``hidden`` 0: one linear layer (saved as a ``softmax`` LinearHead); > 0: the U-MLP. Trained with AdamW
+    on softmax cross-entropy towards :func:`_soft_targets`, early-stopped on the val users' held-out-item
+    cross-entropy with the best epoch's weights restored.
+    """
+    with _torch_threads(cfg.torch_threads):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        mean, std = _standardize_stats(x_tr)
+        n_items = len(classes)
+        xt = torch.from_numpy(((x_tr - mean) / std).astype(np.float32))
+        xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
+        yv = torch.from_numpy(y_va.astype(np.int64))
+        model = _mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout) if hidden else nn.Linear(xt.shape[1], n_items)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
+        best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
+        for epoch in range(cfg.mlp_max_epochs):
+            epochs = epoch + 1
+            model.train()
+            for idx in torch.randperm(len(xt), generator=gen).split(cfg.mlp_batch_size):
+                rows = idx.numpy()
+                target = torch.from_numpy(_soft_targets(y_tr[rows], [history[i] for i in rows], n_items,
+                                                        cfg.retrieval_history_weight))
+                loss = F.cross_entropy(model(xt[idx]), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                val = float(F.cross_entropy(model(xv), yv))
+            if val < best_loss - 1e-6:
+                best_loss, best_epoch, bad = val, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.mlp_patience:
+                    break
+        best_state = best_state or model.state_dict()
+    meta = {"task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]), "best_epoch": best_epoch,
+            "epochs": epochs, "val_loss": best_loss, "seed": seed, "history_weight": cfg.retrieval_history_weight}
+    if hidden:
+        meta.update(kind="mlp", hidden=hidden, n_out=n_items, dropout=cfg.mlp_dropout, target_mean=0.0, target_std=1.0)
+        return MLPHead(meta, {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}})
+    return LinearHead({**meta, "kind": "softmax"}, {"x_mean": mean, "x_std": std, "coef": best_state["weight"].numpy(),
+                                                    "intercept": best_state["bias"].numpy()})
+
+
+def retrieval_ranks(score_fn: Callable[[np.ndarray], np.ndarray], n: int, target: np.ndarray,
+                    seen: list[np.ndarray] | None = None, chunk: int = 1024) -> np.ndarray:
+    """0-based rank of each user's held-out item in the full catalog ranking, ``chunk`` users at a time.
+
+    ``score_fn(rows)`` -> (len(rows), n_items) scores of users ``rows``; ``seen`` (per user, catalog indices)
+    are removed from the ranking when given (the target itself never is). Returns (n,) int64.
+    """
+    out = np.empty(n, np.int64)
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        scores = np.asarray(score_fn(rows))
+        exclude = None
+        if seen is not None:
+            exclude = np.zeros(scores.shape, bool)
+            for j, r in enumerate(rows):
+                exclude[j, seen[r]] = True
+        out[rows] = M.target_rank(scores, target[rows], exclude)
+    return out
+
+
+def _popularity_ranks(td: TaskData, seen: list[np.ndarray] | None) -> tuple[np.ndarray, float, float]:
+    """Popularity baseline: item counts over training users' events (held-out ones included) -> test ranks."""
+    t0 = time.perf_counter()
+    n_items = len(td.classes)
+    counts = np.bincount(np.concatenate([*td.history["train"], td.y["train"]]).astype(np.int64), minlength=n_items)
+    pop = counts.astype(np.float64)
+    t1 = time.perf_counter()
+    ranks = retrieval_ranks(lambda rows: np.broadcast_to(pop, (len(rows), n_items)), len(td.y["test"]), td.y["test"], seen)
+    return ranks, t1 - t0, time.perf_counter() - t1
+
+
+# --------------------------------------------------------------------------------------------------
 # TF-IDF baseline
 # --------------------------------------------------------------------------------------------------
 
 
-def user_texts(data: str | Path) -> dict[str, str]:
-    """user id -> the texts of the user's kept events (scope "all"), one per line."""
-    t = read_sequences(data, columns=["user_id", "text"])
+def user_texts(data: str | Path, holdout: int = 0) -> dict[str, str]:
+    """user id -> the texts of the user's kept events (scope "all"), one per line, without the last ``holdout``."""
+    from userfm.embed import drop_last_events
+
+    t = drop_last_events(read_sequences(data, columns=["user_id", "text"]), holdout)
     return {u: "\n".join(x or []) for u, x in zip(t.column("user_id").to_pylist(), t.column("text").to_pylist())}
 
 
@@ -654,6 +885,9 @@ def _slice_batch(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.
 def _ttrans_scores(td: TaskData, seqs: pa.Table, cfg: EvalConfig, seed: int) -> tuple[np.ndarray, float, float, dict]:
     """Train UserEncoder + Linear end to end on the task's train users, early-stopped on val loss.
 
+    ``seqs`` must already lack the held-out events of a last_event task (see ``run_evaluate``). A
+    retrieval task is a classification over the catalog (held-out item only); its "scores" are ranks.
+
     Vocabularies (and the BPE tokenizer for the "text" item encoder) are fitted on the training users
     only, so nothing about val/test users leaks in. Returns (test scores, train s, infer s, info).
     """
@@ -677,6 +911,7 @@ def _ttrans_scores(td: TaskData, seqs: pa.Table, cfg: EvalConfig, seed: int) -> 
         tok = TextTokenizer.fit(texts, vocab_size=cfg.t_trans_text_vocab)
     batches = {s: make_batch(rows[s], vocabs, tok) for s in rows}
     regression = td.task.type == "regression"
+    retrieval = td.task.type == "retrieval"
     y = {s: td.y[s] for s in td.y}
     t_mean, t_std = (float(y["train"].mean()), float(y["train"].std() or 1.0)) if regression else (0.0, 1.0)
     if regression:
@@ -719,7 +954,12 @@ def _ttrans_scores(td: TaskData, seqs: pa.Table, cfg: EvalConfig, seed: int) -> 
     model.load_state_dict(best_state or model.state_dict())  # None only if every val loss was NaN
     t1 = time.perf_counter()
     out = predict("test").double()
-    scores = (out[:, 0] * t_std + t_mean).numpy() if regression else torch.softmax(out, dim=1).numpy()
+    if retrieval:  # what the metrics read: the held-out item's rank in the catalog
+        logits = out.numpy()
+        scores = retrieval_ranks(lambda r: logits[r], len(logits), td.y["test"],
+                                 td.history["test"] if cfg.retrieval_mask_seen else None)
+    else:
+        scores = (out[:, 0] * t_std + t_mean).numpy() if regression else torch.softmax(out, dim=1).numpy()
     info = {"params": num_params(model), "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss,
             "encoder": dataclasses.asdict(enc_cfg)}
     return scores, t1 - t0, time.perf_counter() - t1, info
@@ -801,12 +1041,36 @@ def _find_ground_truth(cfg: EvalConfig, manifest: dict) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, tables: dict[str, pa.Table]) -> None:
-    """Fail before any training: every task's table and column exist."""
+def _available(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict,
+               progress: Callable[[str], None]) -> tuple[tuple[TaskConfig, ...], list[dict]]:
+    """Tasks whose table this dataset has, and the others with the reason they are skipped (e.g. the
+    MovieLens gender task on ml-latest, which has no user attributes). Every task skipped is an error."""
     names = [a["name"] for a in manifest.get("attributes", [])]
+    keep, skipped = [], []
     for t in tasks:
-        if t.table not in names:
-            raise EvalError(f"task {t.name!r}: no attributes table {t.table!r} in {cfg.data}; ingested tables: {names}")
+        if t.table == LAST_EVENT or t.table in names:
+            keep.append(t)
+        else:
+            reason = f"no attributes table {t.table!r} in {cfg.data}; ingested tables: {names}"
+            skipped.append({"task": t.name, "reason": reason})
+            progress(f"[evaluate] skipping task {t.name}: {reason}")
+    if not keep:
+        raise EvalError("no task can run: " + "; ".join(f"task {s['task']!r}: {s['reason']}" for s in skipped))
+    return tuple(keep), skipped
+
+
+def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, tables: dict[str, pa.Table],
+           real: dict[str, "EmbeddingTable"]) -> None:
+    """Fail before any training: every task's column exists, held-out-event tasks get leave-one-out tables."""
+    for t in tasks:
+        if t.table == LAST_EVENT:
+            for name, table in real.items():
+                if table.holdout_last != 1:
+                    made = "unknown (no holdout_last column or embed manifest)" if table.holdout_last is None else table.holdout_last
+                    raise EvalError(
+                        f"task {t.name!r} holds out each user's last event, but embeddings {name!r} ({table.source}) were made "
+                        f"with holdout_last={made}: they may have seen the label. Embed with `userfm embed --set holdout_last=1` "
+                        f"and evaluate held-out-event tasks (table {LAST_EVENT}) in a run of their own")
         if t.target not in tables[t.table].column_names:
             cols = [c for c in tables[t.table].column_names if c not in ("user_id", "split")]
             raise EvalError(f"task {t.name!r}: column {t.target!r} is not in table {t.table!r} (columns: {cols})")
@@ -827,16 +1091,16 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
     if not cfg.out:
         raise ConfigError("out is required (the run folder for results)")
     manifest = load_manifest(cfg.data)
-    tasks = load_tasks(cfg.tasks, cfg.only_tasks)
+    tasks, skipped_tasks = _available(cfg, load_tasks(cfg.tasks, cfg.only_tasks), manifest, progress)
     tables = {name: _attribute_table(cfg.data, name) for name in sorted({t.table for t in tasks})}
-    _check(cfg, tasks, manifest, tables)
+    real = {n: load_embeddings(p, n) for n, p in cfg.embeddings.items() if p != RANDOM}
+    _check(cfg, tasks, manifest, tables, real)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
-    real = {n: load_embeddings(p, n) for n, p in cfg.embeddings.items() if p != RANDOM}
     rand_dim = cfg.random_dim or (next(iter(real.values())).dim if real else 64)
-    emb_info = {n: {"source": t.source, "dim": t.dim, "users": len(t.ids)} for n, t in real.items()}
+    emb_info = {n: {"source": t.source, "dim": t.dim, "users": len(t.ids), "holdout_last": t.holdout_last} for n, t in real.items()}
     emb_info.update({n: {"source": RANDOM, "dim": rand_dim, "users": None} for n, p in cfg.embeddings.items() if p == RANDOM})
     users = user_table(cfg.data)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
@@ -846,8 +1110,21 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         all_ids = users.column("user_id").combine_chunks()
         rand = {s: EmbeddingTable(RANDOM, RANDOM, all_ids, random_embeddings(all_ids.to_numpy(zero_copy_only=False), rand_dim, s))
                 for s in seeds}
-    texts = user_texts(cfg.data) if "tfidf" in cfg.baselines else {}
-    seqs = read_sequences(cfg.data, columns=SEQ_COLUMNS) if "t-trans" in cfg.baselines else None
+    # Per holdout (0, or 1 for last_event tasks): texts / sequences without the held-out events, built once.
+    texts_by, seqs_by = {}, {}
+
+    def texts(h: int) -> dict[str, str]:
+        if h not in texts_by:
+            texts_by[h] = user_texts(cfg.data, h)
+        return texts_by[h]
+
+    def seqs(h: int) -> pa.Table:
+        if h not in seqs_by:
+            from userfm.embed import drop_last_events
+
+            seqs_by[h] = drop_last_events(read_sequences(cfg.data, columns=SEQ_COLUMNS), h)
+        return seqs_by[h]
+
     gt_path = _find_ground_truth(cfg, manifest) if "oracle" in cfg.baselines else None
     truth = json.loads(gt_path.read_text()) if gt_path else None
 
@@ -865,8 +1142,12 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         n_te = td.n_events["test"]
         lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
         cold, heavy = n_te <= lo_q, n_te >= hi_q
+        retrieval = task.type == "retrieval"
+        seen = td.history["test"] if retrieval and cfg.retrieval_mask_seen else None
         task_info.append({
-            "name": task.name, "config": dataclasses.asdict(task), "classes": td.classes,
+            "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
+            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen} if retrieval else {}),
+            "holdout_last": td.holdout,
             "users": {s: int(len(td.ids[s])) for s in td.ids}, "left_out": td.left_out,
             "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
             "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
@@ -880,15 +1161,25 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 scores, tr_s, inf_s, saved = [], [], [], []
                 # lbfgs logistic regression on a fixed table is deterministic: one fit serves every seed
                 # (the random table changes with the seed, so its logreg is refitted).
-                fit_seeds = seeds[:1] if head == "logreg" and source != RANDOM else seeds
+                # (A retrieval "logreg" is a linear layer trained with torch: seeded, refitted per seed.)
+                fit_seeds = seeds[:1] if head == "logreg" and source != RANDOM and not retrieval else seeds
                 for seed in fit_seeds:
                     table = rand[seed] if source == RANDOM else real[emb_name]
                     x = {s: table.lookup(td.ids[s]) for s in td.ids}
                     t0 = time.perf_counter()
-                    fitted = _FITTERS[head](x["train"], td.y["train"], x["val"], td.y["val"], task=task,
-                                            classes=td.classes, cfg=cfg, seed=seed)
+                    if retrieval:
+                        fitted = fit_retrieval(x["train"], td.y["train"], x["val"], td.y["val"], task=task, classes=td.classes,
+                                               cfg=cfg, seed=seed, history=td.history["train"],
+                                               hidden=cfg.mlp_hidden if head == "mlp" else 0)
+                    else:
+                        fitted = _FITTERS[head](x["train"], td.y["train"], x["val"], td.y["val"], task=task,
+                                                classes=td.classes, cfg=cfg, seed=seed)
                     t1 = time.perf_counter()
-                    scores.append(fitted.scores(x["test"]))
+                    if retrieval:
+                        x_te = x["test"]
+                        scores.append(retrieval_ranks(lambda r: fitted.logits(x_te[r]), len(x_te), td.y["test"], seen))
+                    else:
+                        scores.append(fitted.scores(x["test"]))
                     inf_s.append(time.perf_counter() - t1)
                     tr_s.append(t1 - t0)
                     fitted.meta.update(embedding=emb_name, embedding_source=source)
@@ -900,9 +1191,13 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 model = f"{emb_name}/{head}"
                 task_scores[model] = scores
                 task_rows[model] = _row(td, model, emb_name, head, scores, cold, heavy, tr_s, inf_s, cfg, saved)
-        if "tfidf" in cfg.baselines:
+        if "popularity" in cfg.baselines and retrieval:
+            s, a, b = _popularity_ranks(td, seen)  # deterministic: one count serves every seed
+            task_scores["popularity"] = [s] * len(seeds)
+            task_rows["popularity"] = _row(td, "popularity", None, "popularity", [s] * len(seeds), cold, heavy, [a], [b], cfg, [])
+        if "tfidf" in cfg.baselines and not retrieval:  # (retrieval: a logistic regression over the catalog is too slow)
             scores, tr_s, inf_s = [], [], []
-            s, a, b = _tfidf_scores(td, texts, cfg, seeds[0])  # deterministic: one fit serves every seed
+            s, a, b = _tfidf_scores(td, texts(td.holdout), cfg, seeds[0])  # deterministic: one fit serves every seed
             scores, tr_s, inf_s = [s] * len(seeds), [a], [b]
             task_scores["tfidf/logreg"] = scores
             task_rows["tfidf/logreg"] = _row(td, "tfidf/logreg", None, "logreg", scores, cold, heavy, tr_s, inf_s, cfg, [])
@@ -910,7 +1205,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             scores, tr_s, inf_s, infos = [], [], [], []
             for seed in seeds:
                 with _torch_threads(cfg.torch_threads):
-                    s, a, b, info = _ttrans_scores(td, seqs, cfg, seed)
+                    s, a, b, info = _ttrans_scores(td, seqs(td.holdout), cfg, seed)
                 scores.append(s), tr_s.append(a), inf_s.append(b), infos.append(info)
             task_scores["t-trans"] = scores
             task_rows["t-trans"] = _row(td, "t-trans", None, "t-trans", scores, cold, heavy, tr_s, inf_s, cfg, [])
@@ -919,7 +1214,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         # paired difference to the random floor: same head; tfidf vs random/logreg, t-trans vs random/mlp
         floors = [m for m in task_scores if cfg.embeddings.get(m.split("/")[0]) == RANDOM]
         for model, row in task_rows.items():
-            floor_head = {"t-trans": "mlp"}.get(row["head"], row["head"])
+            floor_head = {"t-trans": "mlp", "popularity": "mlp"}.get(row["head"], row["head"])
             floor = next((f for f in floors if f.split("/")[1] == floor_head), None)
             if floor is not None and floor != model:
                 row["vs_random"] = {"model": floor, **_difference(task.metric, td.y["test"], task_scores[model],
@@ -946,7 +1241,9 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         "ground_truth": str(gt_path) if gt_path else None,
         "seeds": seeds,
         "tasks": task_info,
+        "skipped_tasks": skipped_tasks,
         "rows": rows,
+        "head_timings": head_timings(rows),
     }
     results["charts"] = write_charts(results, out) if cfg.charts else []
     results["timings_s"] = {"total": round(time.perf_counter() - t_start, 3)}
@@ -959,6 +1256,23 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
 # --------------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------------
+
+
+def head_timings(rows: list[dict]) -> list[dict]:
+    """ShopperBERT's speed claim on our setup: per task with a T-Trans row, each U-MLP row's training and
+    inference seconds (head only: the frozen embeddings are computed once for every task) against
+    T-Trans's (featurizing the task's sequences included), seed means, and the ratios T-Trans / U-MLP."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        tt = next((r for r in rows if r["task"] == task and r["model"] == "t-trans"), None)
+        for r in rows:
+            if tt is None or r["task"] != task or r["head"] != "mlp":
+                continue
+            out.append({"task": task, "u_mlp": r["model"], "u_mlp_train_s": r["train_s"], "u_mlp_infer_s": r["infer_s"],
+                        "t_trans_train_s": tt["train_s"], "t_trans_infer_s": tt["infer_s"],
+                        "train_ratio": round(tt["train_s"] / max(r["train_s"], 1e-9), 1),
+                        "infer_ratio": round(tt["infer_s"] / max(r["infer_s"], 1e-9), 1)})
+    return out
 
 
 def _fmt(d: dict | None) -> str:
@@ -982,7 +1296,10 @@ def format_markdown(results: dict) -> str:
         lines += [f"## {name}", "",
                   f"`{c['table']}.{c['target']}` ({c['type']}, users: {c['users']}); users train {t['users']['train']} / "
                   f"val {t['users']['val']} / test {t['users']['test']}; cold <= {t['cold_max_events']:g} events "
-                  f"({t['n_cold']} users), heavy >= {t['heavy_min_events']:g} ({t['n_heavy']} users).", "",
+                  f"({t['n_cold']} users), heavy >= {t['heavy_min_events']:g} ({t['n_heavy']} users)."
+                  + (f" Held-out last event; full ranking over {t['n_items']:,} items"
+                     f"{', seen items masked' if t.get('mask_seen') else ', seen items not masked'}." if "n_items" in t else
+                     " Held-out last event (history without it)." if t.get("holdout_last") else ""), "",
                   f"| model | {c['metric']} (test) | cold | heavy | vs random | train s | infer s |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -990,6 +1307,15 @@ def format_markdown(results: dict) -> str:
             lines.append(f"| {r['model']}{metric_note} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {_fmt(r.get('heavy'))} | "
                          f"{_fmt(r.get('vs_random'))} | {r.get('train_s', '-')} | {r.get('infer_s', '-')} |")
         lines.append("")
+    if results.get("head_timings"):
+        lines += ["## Head timings: U-MLP vs T-Trans (seconds, seed means)", "",
+                  "| task | U-MLP | U-MLP train s | T-Trans train s | ratio | U-MLP infer s | T-Trans infer s | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {h['task']} | {h['u_mlp']} | {h['u_mlp_train_s']} | {h['t_trans_train_s']} | {h['train_ratio']}x | "
+                  f"{h['u_mlp_infer_s']} | {h['t_trans_infer_s']} | {h['infer_ratio']}x |" for h in results["head_timings"]]
+        lines.append("")
+    for sk in results.get("skipped_tasks", []):
+        lines.append(f"Skipped task {sk['task']}: {sk['reason']}")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ HIGHER_IS_BETTER = {
 }
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "auc", "log_loss")
 REGRESSION_METRICS = ("rmse",)
+RETRIEVAL_METRICS = ("hr@10", "ndcg@10")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,10 +177,17 @@ def compute(name: str, y_true: np.ndarray, scores: np.ndarray) -> float:
     """Metric ``name`` of a head's output (see the module docstring for shapes).
 
     accuracy / macro_f1 use argmax of ``scores``; auc uses column 1 (binary only); log_loss uses the
-    probabilities; rmse the values.
+    probabilities; rmse the values. Retrieval metrics ``hr@k`` / ``ndcg@k`` read ``scores`` as the (n,)
+    0-based ranks of the held-out items (:func:`target_rank`); ``y_true`` is not used.
     """
     if name == "rmse":
         return rmse(y_true, scores)
+    if name.startswith(("hr@", "ndcg@")):
+        kind, k = name.split("@", 1)
+        r = np.asarray(scores)
+        if r.ndim != 1 or not k.isdecimal():
+            raise ValueError(f"metric {name!r} needs (n,) ranks and an integer k, got shape {r.shape}")
+        return hit_rate_at_k(r, int(k)) if kind == "hr" else ndcg_at_k(r, int(k))
     s = np.asarray(scores)
     if s.ndim != 2:
         raise ValueError(f"metric {name!r} needs (n, k) class probabilities, got shape {s.shape}")
@@ -193,7 +201,7 @@ def compute(name: str, y_true: np.ndarray, scores: np.ndarray) -> float:
         return roc_auc(y_true, s[:, 1])
     if name == "log_loss":
         return log_loss(y_true, s)
-    raise ValueError(f"unknown metric {name!r}; known: {sorted(CLASSIFICATION_METRICS + REGRESSION_METRICS)}")
+    raise ValueError(f"unknown metric {name!r}; known: {sorted(CLASSIFICATION_METRICS + REGRESSION_METRICS + RETRIEVAL_METRICS)}")
 
 
 # --------------------------------------------------------------------------------------------------
