@@ -3,13 +3,14 @@
 Same model, data and per-worker batch in the three setups, every worker on 1 torch thread:
 
   (a) plain:  one process, ``torch.set_num_threads(1)``, the pieces ``pretrain.train_loop`` uses
-              (``pretrain.featurize`` on the train split, ``step_inputs``, ``loss_and_backward``,
-              gradient clipping, AdamW with ``lr_at``), no Ray in the loop;
+              (``pretrain.featurize`` on the train split, ``features.bucket_by_length`` over
+              ``bucket_batches`` batches, ``step_inputs``, ``features.trim_events``,
+              ``loss_and_backward``, gradient clipping, AdamW with ``lr_at``), no Ray in the loop;
   (b) ray x1: ``run_pretrain(num_workers=1, threads_per_worker=1)`` (Ray Train v2, materialized
               Ray Datasets, ``iter_batches`` on the worker's shard);
   (c) ray x2: the same with ``num_workers=2`` (DDP over gloo): the global batch doubles (weak scaling);
-  (a') reference: (a) on length-bucketed batches cut to their longest view (what bucketing + dynamic
-              padding in the loader would give), to show what padding every view to ``max_events`` costs;
+  (a') reference: (a) without bucketing or trimming, every view padded to ``max_events`` (what the
+              loop did before): shows what bucketing + trimming gain;
   (c') reference: (a) as DDP over 2 spawned processes (gloo, 1 thread each), no Ray: separates
               what 2-core DDP costs from what Ray costs.
 
@@ -52,7 +53,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 
 TARGETS = {"b/a": 0.95, "c/b": 1.6, "mfu": 0.40}
-BUCKETED = "a'"  # the plain loop on length-bucketed, trimmed batches
+PADDED = "a'"  # the plain loop without bucketing or trimming (views padded to max_events)
 PLAIN_DDP = "c'"  # the plain loop as DDP over 2 processes, no Ray
 
 
@@ -105,41 +106,32 @@ def flops_per_row(cfg, enc_cfg, rows) -> tuple[float, float]:
     return useful, padded
 
 
-def trim(nb: dict[str, np.ndarray], max_events: int) -> dict[str, np.ndarray]:
-    """Cut each view's event axis to its longest sequence in the batch (dynamic padding)."""
-    out = {}
-    for k, v in nb.items():
-        prefix = k.rsplit(".", 1)[0] + "." if "." in k else ""
-        if v.ndim >= 2 and v.shape[1] == max_events and k.split(".")[-1] not in ("length", "pair_kind"):
-            v = v[:, : max(1, int(nb[prefix + "length"].max()))]
-        out[k] = v
-    return out
+def _batches(cfg, rows, epoch: int, rank: int, bucketed: bool):
+    """One epoch of index batches as the worker sees them: a seeded shuffle (the local-shuffle
+    stand-in), then (``bucketed``) ``bucket_by_length`` over ``cfg.bucket_batches`` batches."""
+    from userfm.features import batch_lengths, bucket_by_length
+    from userfm.pretrain import step_seed
+
+    n = len(next(iter(rows.values())))
+    order = np.random.default_rng(cfg.seed + epoch).permutation(n)
+    plain = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(n // cfg.batch_size)]
+    if not bucketed:
+        return plain
+    lengths = batch_lengths(rows)
+    tagged = ({"idx": b, "length": lengths[b]} for b in plain)
+    return [b["idx"] for b in bucket_by_length(tagged, cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, rank))]
 
 
-def _view_len(cfg, rows) -> np.ndarray:
-    """Per row, the longest view (one forward runs both views padded to the wider: objectives._concat_torch)."""
-    keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
-    return np.max(np.stack([rows[k] for k in keys]), axis=0)
+def padding_stats(cfg, rows) -> dict[str, float]:
+    """Real events / computed events: padded to max_events; random batches trimmed to their longest
+    view; length-bucketed batches (as the training loop makes them), trimmed."""
+    from userfm.features import batch_lengths
 
-
-def bucketed_batches(cfg, rows, epoch: int) -> list[np.ndarray]:
-    """Batches of rows with similar lengths (sorted by length, random tie-break), in a random order."""
-    rng = np.random.default_rng(cfg.seed + epoch)
-    n = len(rows["a.length" if "a.length" in rows else "length"])
-    order = np.lexsort((rng.random(n), _view_len(cfg, rows)))
-    batches = [order[i:i + cfg.batch_size] for i in range(0, n - cfg.batch_size + 1, cfg.batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def padding_stats(cfg, rows, batches: int = 200) -> dict[str, float]:
-    """Real events / computed events: padded to max_events; batches trimmed to their longest view;
-    length-bucketed batches, trimmed."""
     keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
     real = float(np.mean([np.mean(rows[k]) for k in keys]))
-    longest = _view_len(cfg, rows)
-    rng = np.random.default_rng(0)
-    random_w = [longest[rng.choice(len(longest), cfg.batch_size, replace=False)].max() for _ in range(batches)]
-    bucket_w = [longest[b].max() for b in bucketed_batches(cfg, rows, 0)]
+    longest = batch_lengths(rows)
+    random_w = [longest[b].max() for b in _batches(cfg, rows, 0, 0, bucketed=False)]
+    bucket_w = [longest[b].max() for b in _batches(cfg, rows, 0, 0, bucketed=True)]
     return {"padded": real / cfg.max_events, "trimmed": real / float(np.mean(random_w)),
             "bucketed": real / float(np.mean(bucket_w))}
 
@@ -254,17 +246,16 @@ def measure_peaks(seconds: float = 2.0) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------- setups
 
 
-def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = False) -> float:
+def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = True) -> float:
     """(a) train_loop's step, in this process, 1 thread, no Ray. Returns samples/s after the first interval.
 
-    ``bucketed``: batches of similar lengths, each cut to its longest view (what length bucketing +
-    dynamic padding in the loader would give); the same rows, FLOPs per sample and model otherwise.
+    ``bucketed=False``: (a') every batch padded to ``max_events``, no bucketing or trimming.
     With torch.distributed initialized (:func:`plain_ddp`): DDP over the ranks, each on its own rows.
     """
     import torch
 
     from userfm.encoders import UserEncoder
-    from userfm.features import to_torch
+    from userfm.features import to_torch, trim_events
     from userfm.objectives import build_head, loss_and_backward
     from userfm.pretrain import _objective_config, lr_at, step_inputs, step_seed
 
@@ -286,24 +277,18 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
         model = torch.nn.parallel.DistributedDataParallel(model)
         no_sync = model.no_sync
     model.train()
-    n = len(next(iter(rows.values())))
-    per_epoch = n // cfg.batch_size
     key = "length" if "length" in rows else "a.length"
     step, epoch, windows = 0, 0, []
     t0, samples = time.perf_counter(), 0
     while step < steps:
-        order = np.random.default_rng(cfg.seed + epoch).permutation(n)  # local shuffle stand-in
-        batches = (bucketed_batches(cfg, rows, epoch) if bucketed else
-                   [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(per_epoch)])
-        for idx in batches:
+        for idx in _batches(cfg, rows, epoch, rank, bucketed):
             if step >= steps:
                 break
             nb = {k: v[idx] for k, v in rows.items()}
-            if bucketed:
-                nb = trim(nb, cfg.max_events)
             seed = step_seed(cfg.seed, step, rank)
             torch.manual_seed(seed)
-            batch = to_torch(step_inputs(nb, cfg, np.random.default_rng(seed)))
+            nb_step = step_inputs(nb, cfg, np.random.default_rng(seed))
+            batch = to_torch(trim_events(nb_step) if bucketed else nb_step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -388,6 +373,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps per run (the first --log-every are warm-up)")
     ap.add_argument("--log-every", type=int, default=10, help="steps per timing interval")
     ap.add_argument("--batch-size", type=int, default=32, help="users (clue: user pairs) per worker per step")
+    ap.add_argument("--bucket-batches", type=int, default=8, help="length bucketing group in (a), (b), (c) (1 = off)")
     ap.add_argument("--max-events", type=int, default=64, help="events per view (PretrainConfig.max_events)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setup (median reported)")
     ap.add_argument("--users", type=int, default=4000, help="synthetic users in the dataset")
@@ -427,7 +413,7 @@ def main() -> None:
         data_s = time.perf_counter() - t0
         cfg = PretrainConfig(
             data=data, objective=args.objective, item_encoder=args.item_encoder, size=args.size,
-            max_events=args.max_events, batch_size=args.batch_size, max_steps=args.steps,
+            max_events=args.max_events, batch_size=args.batch_size, max_steps=args.steps, bucket_batches=args.bucket_batches,
             warmup_steps=min(10, args.steps), num_workers=1, threads_per_worker=1,
             cpus_per_worker=args.cpus_per_worker, log_every=args.log_every, eval_every=0,
             eval_batches=1, checkpoint_every=10**9, keep_checkpoints=1, max_failures=0,
@@ -442,7 +428,7 @@ def main() -> None:
         if n_rows < args.batch_size * 2:
             raise SystemExit(f"{n_rows} training rows < {args.batch_size * 2} (batch x 2 workers): raise --users")
 
-        setups = ["a", "b", "c"] if args.no_reference else ["a", BUCKETED, "b", "c", PLAIN_DDP]
+        setups = ["a", "b", "c"] if args.no_reference else ["a", PADDED, "b", "c", PLAIN_DDP]
         results: dict[str, list[float]] = {k: [] for k in setups}
         cpu: dict[str, list[CpuMeter]] = {k: [] for k in setups}
         extra: dict[str, list[dict]] = {"b": [], "c": []}
@@ -453,8 +439,8 @@ def main() -> None:
             for k in setups:
                 settle()  # the previous run's Ray workers are gone
                 with CpuMeter() as meter:
-                    if k in ("a", BUCKETED):
-                        results[k].append(plain_loop(cfg, enc_cfg, rows, args.steps, args.log_every, bucketed=k == BUCKETED))
+                    if k in ("a", PADDED):
+                        results[k].append(plain_loop(cfg, enc_cfg, rows, args.steps, args.log_every, bucketed=k != PADDED))
                     elif k == PLAIN_DDP:
                         results[k].append(plain_ddp(cfg, enc_cfg, rows, args.steps, args.log_every))
                     else:
@@ -469,7 +455,7 @@ def main() -> None:
         peak, peak_both = max(p[0] for p in peaks), max(p[1] for p in peaks)
 
         med = {k: statistics.median(v) for k, v in results.items()}
-        workers = {"a": 1, BUCKETED: 1, "b": 1, "c": 2, PLAIN_DDP: 2}
+        workers = {"a": 1, PADDED: 1, "b": 1, "c": 2, PLAIN_DDP: 2}
         ratio_ba, ratio_cb = med["b"] / med["a"], med["c"] / med["b"]
         mean_ev = eff["padded"] * args.max_events
 
@@ -496,19 +482,19 @@ def main() -> None:
         print(f"{'setup':<40} {'workers':>7} {'samples/s':>10} {'/worker':>8} {'GFLOP/s/w':>9} "
               f"{'MFU':>6} {'MFU pad':>7} {'ray bg':>6} {'others':>6}  runs")
         names = {"a": "(a)  plain PyTorch, 1 thread", "b": "(b)  Ray Train, 1 worker x 1 thread",
-                 "c": "(c)  Ray Train, 2 workers x 1 thread", BUCKETED: "(a') ref: (a), length-bucketed batches",
+                 "c": "(c)  Ray Train, 2 workers x 1 thread", PADDED: "(a') ref: (a), padded to max_events",
                  PLAIN_DDP: "(c') ref: plain DDP, 2 procs, no Ray"}
         mfu = {}
-        for k in sorted(setups, key=["a", "b", "c", BUCKETED, PLAIN_DDP].index):
+        for k in sorted(setups, key=["a", "b", "c", PADDED, PLAIN_DDP].index):
             per_w = med[k] / workers[k]
             mfu[k] = per_w * useful_f / peak
-            pad = f"{100 * per_w * padded_f / peak:>6.1f}%" if k != BUCKETED else f"{'-':>7}"
+            pad = f"{100 * per_w * padded_f / peak:>6.1f}%" if k == PADDED else f"{'-':>7}"
             bg = f"{statistics.median(m.ray_train for m in cpu[k]):>6.2f}" if k in ("b", "c") else f"{'-':>6}"
             runs = " ".join(f"{v:.1f}" for v in results[k])
             print(f"{names[k]:<40} {workers[k]:>7} {med[k]:>10.1f} {per_w:>8.1f} {per_w * useful_f / 1e9:>9.2f} "
                   f"{100 * mfu[k]:>5.1f}% {pad} {bg} {statistics.median(m.others for m in cpu[k]):>6.2f}  [{runs}]")
         print("  MFU: model FLOPs on real events / 1-thread matmul peak, per worker; MFU pad: FLOPs as computed "
-              "(views padded to max_events);\n  ray bg: CPU cores used by the driver + Ray's own processes "
+              "by (a') (views padded to max_events);\n  ray bg: CPU cores used by the driver + Ray's own processes "
               "(GCS, raylet, Train controller, Data actors) besides the Train workers,\n  while the workers "
               "were alive; others: CPU cores used by processes outside this benchmark (medians)")
         print()
@@ -517,17 +503,16 @@ def main() -> None:
         print(f"c/b = {ratio_cb:.3f}   (target >= {TARGETS['c/b']})  {ok(ratio_cb, TARGETS['c/b'])}"
               f"   [matmul-only ceiling with both cores busy: {2 * peak_both / peak:.2f}"
               + (f"; plain DDP without Ray c'/a: {med[PLAIN_DDP] / med['a']:.3f}" if PLAIN_DDP in med else "") + "]")
-        note = f"; length-bucketed plain loop (a'): {100 * mfu[BUCKETED]:.1f} %" if BUCKETED in mfu else ""
-        print(f"MFU (b) = {100 * mfu['b']:.1f} %  (target >= {100 * TARGETS['mfu']:.0f} %)  {ok(mfu['b'], TARGETS['mfu'])}"
-              f"   [as computed, padding included: {100 * mfu['b'] * padded_f / useful_f:.1f} %{note}]")
+        note = (f"   [without bucketing/trimming (a'): {100 * mfu[PADDED]:.1f} %; bucketing speed-up a/a' "
+                f"{med['a'] / med[PADDED]:.2f}x]" if PADDED in mfu else "")
+        print(f"MFU (b) = {100 * mfu['b']:.1f} %  (target >= {100 * TARGETS['mfu']:.0f} %)  {ok(mfu['b'], TARGETS['mfu'])}{note}")
         print()
         print("per repeat (the medians above mix clean and disturbed repeats on a shared machine):")
         for r in range(args.repeats):
             others = max(cpu[k][r].others for k in setups)
             flag = "clean" if others < 0.25 else "disturbed"
             print(f"  repeat {r + 1}: b/a {results['b'][r] / results['a'][r]:.3f}  c/b {results['c'][r] / results['b'][r]:.3f}"
-                  f"  MFU(b) {100 * results['b'][r] * useful_f / peak:.1f} %  (as computed "
-                  f"{100 * results['b'][r] * padded_f / peak:.1f} %)  max CPU of other processes {others:.2f} cores: {flag}")
+                  f"  MFU(b) {100 * results['b'][r] * useful_f / peak:.1f} %  max CPU of other processes {others:.2f} cores: {flag}")
         for k in ("b", "c"):
             e = extra[k]
             print(f"{names[k].strip()}: run_pretrain wall {statistics.median(x['wall_s'] for x in e):.1f} s "

@@ -83,7 +83,10 @@ class PretrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     peak_flops: float = 0.0  # per-worker peak FLOP/s for MFU; 0 = measure fp32 matmul at start
     seed: int = 0  # seeds model init, data order, masking, augmentation, dropout
-    bucket_batches: int = 8  # sort each run of this many batches by history length, so a step pads little (1 = off)
+    bucket_batches: int = 1  # sort each run of this many batches by history length, so a step pads little (1 = off).
+    #                          Off by default: contrastive batches of equally short histories are near-identical
+    #                          negatives; a tiny CLUE/text sweep trial stayed at loss log(batch) with it on (the demo's
+    #                          minilm CLUE learned with 8). Always on-safe for mlm.
     compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
     stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
     train_users: int = 0  # use only the first N training users by user-id hash (0 = all): the data-length axis of scaling sweeps
