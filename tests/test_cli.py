@@ -11,7 +11,7 @@ import pytest
 
 from userfm.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "pretrain", "embed", "evaluate", "summary"]
+SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "pretrain", "embed", "evaluate", "report", "sweep", "serve", "summary"]
 
 
 def run_cli(*args, timeout=120):
@@ -47,9 +47,10 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert run_cli().returncode == 2  # no subcommand: help, exit 2
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_demo_end_to_end(tmp_path, ray_local, capsys):
-    """The README's main job (small): synth -> ingest -> summary -> pretrain; counts line up with the generator."""
+    """The README's main job (small): synth -> ingest -> summary -> pretrain -> embed -> evaluate ->
+    report -> serve; counts line up with the generator, every served route answers 200."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6", "--set", "eval_seeds=1"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -61,9 +62,23 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     seqs = pq.read_table(out / "dataset" / "sequences" / "all")
     assert seqs.num_rows == 400
     printed = capsys.readouterr().out
-    assert "[demo 3/7] ingest with Ray Data done" in printed and "[demo 4/7] summarize done" in printed
-    assert "[demo 5/7] pretrain clue on Ray Train done" in printed and "[demo 6/7] embed users with clue done" in printed
-    assert "[demo 7/7] evaluate downstream tasks done" in printed and "[demo] finished" in printed
+    assert "[demo 3/9] ingest with Ray Data done" in printed and "[demo 4/9] summarize done" in printed
+    assert "[demo 5/9] pretrain clue on Ray Train done" in printed and "[demo 6/9] embed users with clue done" in printed
+    assert "[demo 7/9] evaluate downstream tasks done" in printed and "[demo 8/9] write the HTML report done" in printed
+    assert "[demo 9/9] serve embeddings and heads over HTTP (Ray Serve) done" in printed and "[demo] finished" in printed
+    # the report page and every figure it links exist
+    html = (out / "report" / "report.html").read_text()
+    assert summary["report"] == str(out / "report" / "report.html")
+    for src in __import__("re").findall(r'<img src="([^"]+)"', html):
+        assert (out / "report" / src).stat().st_size > 1000, src
+    # the serve stage called every route once with a real test user and got 200s
+    calls = {(c["method"], c["path"].split("?")[0]): c["status"] for c in summary["serve"]["calls"]}
+    uid, head = summary["serve"]["user_id"], summary["serve"]["head"]
+    assert head == "segment" and calls == {
+        ("GET", "/healthz"): 200, ("POST", "/v1/embed"): 200, ("GET", f"/v1/users/{uid}/embedding"): 200,
+        ("GET", f"/v1/users/{uid}/similar"): 200, ("GET", "/v1/heads"): 200, ("POST", "/v1/heads/segment/predict"): 200,
+        ("GET", "/docs"): 200}
+    assert f"GET  /v1/users/{uid}/embedding" in printed
     assert summary["pretrain"]["clue"]["step"] == 6 and summary["pretrain"]["clue"]["users_embedded"] == 400
     assert (out / "pretrain" / "clue" / "model" / "model.safetensors").exists()
     results = json.loads((out / "evaluate" / "results.json").read_text())

@@ -143,6 +143,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.report import ReportConfig, run_report
+
+    cfg = load_config(ReportConfig, args.config, args.overrides, run=args.run, out=args.out,
+                      sweeps=tuple(args.sweep) or None)
+    r = run_report(cfg)
+    missing = {k: v for k, v in r["sections"].items() if v != "ok"}
+    if missing:
+        print("[report] sections without data: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
+    print(r["html"])
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.runtime import init_ray
+    from userfm.sweep import SweepConfig, run_report, run_sweep
+
+    if args.report:
+        if args.report[0] != "report" or len(args.report) != 2:
+            raise CLIError(f"expected `userfm sweep report EXPERIMENT_DIR`, got {' '.join(args.report)!r}")
+        run_report(args.report[1])
+        return 0
+    if not args.config and not args.resume:
+        raise CLIError("--config YAML is required (e.g. experiments/scaling/smoke.yaml)")
+    cfg = load_config(SweepConfig, args.config, args.overrides, out=args.out)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    summary = run_sweep(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.serve import ServeConfig, serve_forever
+
+    cfg = load_config(ServeConfig, args.config, args.overrides, model=args.model, embeddings=args.embeddings,
+                      host=args.host, port=args.port)
+    serve_forever(cfg, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -235,6 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder")
     _add_config_args(p)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write an HTML report (with PNG figures) of a run folder",
+                       description="One self-contained HTML page plus PNGs in RUN_DIR/report/: data summary, pretraining "
+                       "curves, the evaluation table with intervals and cold/heavy users, 2-D maps of the embeddings "
+                       "coloured by attribute, k-means clusters with their top keywords, sweep figures. Missing pieces "
+                       "become notes.")
+    p.add_argument("run", help="run folder (as written by userfm demo: dataset/, pretrain/, embeddings/, evaluate/)")
+    p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
+    p.add_argument("--sweep", action="append", default=[], metavar="DIR",
+                   help="a folder with sweep figures fig_*.png to link (repeatable)")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("sweep", help="scaling-law sweep on Ray Tune (`sweep report EXPERIMENT` for fits and figures)",
+                       description="`userfm sweep --config YAML`: one Tune trial per grid point (model size x global batch x "
+                       "training users x steps/epochs x output dim), each pretraining on Ray Train, then test loss, embedding "
+                       "and one downstream task; results.parquet/csv in the experiment folder. `userfm sweep report "
+                       "EXPERIMENT_DIR`: power-law fits, fig_*.png and summary.md in EXPERIMENT_DIR/report.")
+    p.add_argument("report", nargs="*", metavar="report EXPERIMENT_DIR", help="write the report of an experiment folder")
+    p.add_argument("--out", help="experiment folder (SweepConfig.out)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in out (Tuner.restore); finished trials are kept")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("serve", help="serve embeddings and downstream heads over HTTP (Ray Serve), until Ctrl-C",
+                       description="One Ray Serve app: an Encoder (events -> embedding, batched), an EmbeddingStore "
+                       "(stored embeddings, similar users, reload), one Head deployment per saved head, behind a FastAPI "
+                       "ingress: POST /v1/embed, GET /v1/users/{id}/embedding, GET /v1/users/{id}/similar, GET /v1/heads, "
+                       "POST /v1/heads/{name}/predict, GET /healthz, /docs. Binds 127.0.0.1 by default. The same app "
+                       "runs under Ray's `serve run experiments/serve/serve-config.yaml`.")
+    p.add_argument("--model", help="exported encoder folder (ServeConfig.model)")
+    p.add_argument("--embeddings", help="embedding table from `userfm embed` (ServeConfig.embeddings)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000; 0 = a free one)")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("summary", help="print counts of an ingested dataset",
                        description="Rows kept/quarantined by reason, users by split, services, history lengths.")

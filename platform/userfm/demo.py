@@ -1,8 +1,9 @@
 """``userfm demo``: the end-to-end pipeline on an embedded local Ray, one progress line per stage.
 
-Stages so far: synthesize (or convert real) logs -> ingest with Ray Data -> summary -> pretrain CLUE
-on Ray Train (``--compare``: also MLM and SimCLR) -> embed every user -> evaluate the default tasks.
-Later stages (report, serve) join here as they land.
+Stages: synthesize (or convert real) logs -> ingest with Ray Data -> summary -> pretrain CLUE on Ray
+Train (``--compare``: also MLM and SimCLR) -> embed every user with Ray Data actors -> evaluate the
+default tasks -> write the HTML report -> start the Ray Serve app, call each route once, print the
+answers -> shut Serve down. Everything lands in one run folder; ``demo_summary.json`` lists it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ class DemoConfig:
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
     max_events: int = 256  # most recent events kept per user sequence
-    pretrain_steps: int = 200  # optimizer steps per pretraining run (0 = skip pretraining)
+    pretrain_steps: int = 400  # optimizer steps per pretraining run (0 = skip pretraining)
+    batch_size: int = 64  # users per worker per step (the contrastive batch is this x num_workers)
+    bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
+    item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
+    t_trans: bool = False  # also train the task-specific T-Trans baseline per task (slow: minutes per task)
+    report: bool = True  # write the HTML run report (report/report.html)
+    serve: bool = True  # start the Serve app on 127.0.0.1, call each route once, shut it down
+    serve_port: int = 0  # HTTP port for the serve stage; 0 = a free one
 
     def __post_init__(self):
         if self.data is not None and self.format not in REAL_FORMATS + ("events",):
@@ -96,7 +104,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     raw, dataset = out / "raw", out / "dataset"
     objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
     tasks = _default_tasks(cfg)
-    stages = _Stages(4 + 2 * len(objectives) + (1 if objectives and tasks else 0))
+    stages = _Stages(4 + 2 * len(objectives) + (1 if objectives and tasks else 0) + int(cfg.report)
+                     + int(cfg.serve and bool(objectives)))
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -126,7 +135,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     for objective in objectives:
         pcfg = PretrainConfig(
             data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
-            item_encoder="category" if objective == "mlm" else "text", pooling="cls" if objective == "mlm" else "mean",
+            item_encoder="category" if objective == "mlm" else cfg.item_encoder,
+            pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
             max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed,
             eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
             log_every=max(1, cfg.pretrain_steps // 10),
@@ -143,12 +153,27 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
 
     evaluation = None
     if objectives and tasks:
+        baselines = EvalConfig.baselines + (("t-trans",) if cfg.t_trans else ())
         vcfg = EvalConfig(data=str(dataset), out=str(out / "evaluate"), tasks=str(tasks), seeds=cfg.eval_seeds,
-                          embeddings={**{o: pretrained[o]["embeddings"] for o in objectives}, "random": "random"})
+                          embeddings={**{o: pretrained[o]["embeddings"] for o in objectives}, "random": "random"},
+                          baselines=baselines)
         ev = stages.run("evaluate downstream tasks", lambda: run_evaluate(vcfg))
         evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev)}
     elif objectives:
         print("[demo] no label tables in this data: evaluation skipped")
+
+    report = None
+    if cfg.report:
+        from userfm.report import ReportConfig, run_report
+
+        # demo_summary.json so far, so the report's run section has the stage timings
+        (out / "demo_summary.json").write_text(json.dumps({"config": to_dict(cfg), "timings_s": stages.timings}, indent=2))
+        report = stages.run("write the HTML report", lambda: run_report(ReportConfig(run=str(out)), progress=print))["html"]
+
+    served = None
+    if cfg.serve and objectives:
+        served = stages.run("serve embeddings and heads over HTTP (Ray Serve)",
+                            lambda: _serve_stage(cfg, out, dataset, pretrained, evaluation is not None))
 
     result = {
         "config": to_dict(cfg),
@@ -156,6 +181,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
         "ingest": {k: manifest[k] for k in ("rows_in", "rows_kept", "rows_quarantined", "users", "services")},
         "pretrain": pretrained,
         "evaluate": evaluation,
+        "report": report,
+        "serve": served,
         "timings_s": stages.timings,
     }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
@@ -163,4 +190,56 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
         f"[demo] finished in {sum(stages.timings.values()):.1f}s: {manifest['rows_in']:,} events -> "
         f"{manifest['users']['total']:,} user sequences in {dataset}; summary: {out / 'demo_summary.json'}"
     )
+    if evaluation:
+        for task, models in evaluation["headline"].items():
+            print(f"[demo]   {task:<18} " + "  ".join(f"{m} {v}" for m, v in models.items()))
+    if report:
+        print(f"[demo] report: {report}")
     return result
+
+
+def _brief(body) -> str:
+    """One line of a JSON answer for the terminal (long vectors shortened)."""
+    def short(v):
+        if isinstance(v, list) and len(v) > 4 and all(isinstance(x, (int, float)) for x in v):
+            return [round(x, 4) for x in v[:3]] + [f"... {len(v)} values"]
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [short(x) for x in v[:3]] + ([f"... {len(v)} items"] if len(v) > 3 else [])
+        return v
+    text = json.dumps(short(body), default=str)
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, with_heads: bool) -> dict:
+    """Start the Serve app for the CLUE encoder (its embeddings, its evaluation heads), call every
+    route once with a real test user, print the answers, shut Serve down."""
+    from userfm.dataset import read_sequences
+    from userfm.serve import ServeConfig, events_from_sequence, smoke_calls, start, stop
+
+    # one head deployment (each is a replica process): the first attribute task's CLUE U-MLP
+    heads_dir = out / "evaluate" / "heads"
+    tasks = [d.name for d in sorted(heads_dir.iterdir()) if (d / "clue-mlp" / "seed0").is_dir()] if with_heads else []
+    head = "segment" if "segment" in tasks else (tasks[0] if tasks else None)
+    scfg = ServeConfig(
+        model=pretrained["clue"]["model"], embeddings=pretrained["clue"]["embeddings"],
+        heads={head: str(heads_dir / head / "clue-mlp" / "seed0")} if head else {},
+        minilm_cache=str(dataset / "minilm_cache") if (dataset / "minilm_cache").exists() else "",
+        port=cfg.serve_port,
+    )
+    test = read_sequences(dataset, split="test")
+    row = max(test.slice(0, 50).to_pylist(), key=lambda r: len(r["ts"]))  # a test user with a real history
+    events = events_from_sequence(row)[-20:]
+    base = start(scfg)
+    try:
+        calls = smoke_calls(base, row["user_id"], events, head_name=head)
+    finally:
+        stop()
+    for method, path, status, body in calls:
+        print(f"[demo]   {method:<4} {path:<40} -> {status} {_brief(body) if path != '/docs' else '(OpenAPI UI)'}")
+    bad = [(m, p, st) for m, p, st, _ in calls if st != 200]
+    if bad:
+        raise UserfmError(f"serve stage: routes answered with errors: {bad}")
+    return {"url": base, "user_id": row["user_id"], "head": head,
+            "calls": [{"method": m, "path": p, "status": st} for m, p, st, _ in calls]}
