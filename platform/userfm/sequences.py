@@ -230,13 +230,9 @@ def build_partition(
     return PartitionResult(clean, duplicates, seq_all, seq_svc, stats)
 
 
-def service_rows(sequences: pa.Table) -> pa.Table:
-    """Combined ("all") sequence rows -> one row per (user, service) with that service's events.
-
-    Each output row keeps its events in the order they had in the combined row (time order), so a
-    training batch can pair a user's services (CLUE) from one row per user, without needing every
-    by_service row of that user to land in the same batch.
-    """
+def _flatten_sequences(sequences: pa.Table) -> tuple[pa.Table, pa.Table, np.ndarray, np.ndarray]:
+    """Sequence rows -> (rows cast to SEQUENCE_SCHEMA, one row per event with user_id + list columns,
+    each event's row index, events per row)."""
     sequences = sequences.select(list(SEQUENCE_SCHEMA.names)).cast(SEQUENCE_SCHEMA)
     lengths = pc.list_value_length(sequences.column("ts")).to_numpy(zero_copy_only=False)
     lengths = np.nan_to_num(lengths.astype(float)).astype(np.int64)
@@ -244,7 +240,17 @@ def service_rows(sequences: pa.Table) -> pa.Table:
     cols = {"user_id": sequences.column("user_id").take(pa.array(parents))}
     for name in LIST_COLUMNS:
         cols[name] = pc.list_flatten(sequences.column(name))
-    flat = pa.table(cols)
+    return sequences, pa.table(cols), parents, lengths
+
+
+def service_rows(sequences: pa.Table) -> pa.Table:
+    """Combined ("all") sequence rows -> one row per (user, service) with that service's events.
+
+    Each output row keeps its events in the order they had in the combined row (time order), so a
+    training batch can pair a user's services (CLUE) from one row per user, without needing every
+    by_service row of that user to land in the same batch.
+    """
+    sequences, flat, parents, lengths = _flatten_sequences(sequences)
     order = np.lexsort((_ranks(flat.column("service")), parents))  # stable: time order kept
     flat = flat.take(pa.array(order))
     svc = flat.column("service").combine_chunks()
@@ -260,14 +266,7 @@ def restrict_services(sequences: pa.Table, services: tuple[str, ...] | list[str]
     Event order is kept; ``n_events`` becomes the kept count; users left with no event are dropped.
     This is how an encoder is pretrained on services A, B only, for cross-service transfer to C.
     """
-    sequences = sequences.select(list(SEQUENCE_SCHEMA.names)).cast(SEQUENCE_SCHEMA)
-    lengths = pc.list_value_length(sequences.column("ts")).to_numpy(zero_copy_only=False)
-    lengths = np.nan_to_num(lengths.astype(float)).astype(np.int64)
-    parents = np.repeat(np.arange(sequences.num_rows), lengths)
-    cols = {"user_id": sequences.column("user_id").take(pa.array(parents))}
-    for name in LIST_COLUMNS:
-        cols[name] = pc.list_flatten(sequences.column(name))
-    flat = pa.table(cols)
+    sequences, flat, parents, lengths = _flatten_sequences(sequences)
     keep = np.asarray(pc.fill_null(pc.is_in(flat.column("service"), pa.array(list(services), pa.string())), False)
                       .to_numpy(zero_copy_only=False), bool)
     flat, parents = flat.filter(pa.array(keep)), parents[keep]
