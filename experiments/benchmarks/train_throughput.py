@@ -119,7 +119,7 @@ def _batches(cfg, rows, epoch: int, rank: int, bucketed: bool):
         return plain
     lengths = batch_lengths(rows)
     tagged = ({"idx": b, "length": lengths[b]} for b in plain)
-    return [b["idx"] for b in bucket_by_length(tagged, cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, rank))]
+    return [b["idx"] for b in bucket_by_length(tagged, cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, 0))]  # as train_loop
 
 
 def padding_stats(cfg, rows) -> dict[str, float]:

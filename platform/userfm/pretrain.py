@@ -415,7 +415,8 @@ def train_loop(config: dict) -> None:
         it = bucket_by_length(train_shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch,
-        ), cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, rank))
+        ), cfg.bucket_batches, seed=step_seed(cfg.seed, epoch, 0))  # same bucket order on every rank: a DDP
+        #                                                            step waits for its slowest rank
         for i, nb in enumerate(it):
             if i >= steps_per_epoch or step >= cfg.max_steps:
                 break
