@@ -159,8 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.runtime import init_ray
-    from userfm.sweep import SweepConfig, run_report, run_sweep
+    from userfm.sweep import SweepConfig, grid_points, run_report, run_sweep
 
     if args.report:
         if args.report[0] != "report" or len(args.report) != 2:
@@ -170,6 +169,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.config and not args.resume:
         raise CLIError("--config YAML is required (e.g. experiments/scaling/smoke.yaml)")
     cfg = load_config(SweepConfig, args.config, args.overrides, out=args.out)
+    if not args.resume:
+        grid_points(cfg)  # a bad grid fails here, before Ray is imported
+    from userfm.runtime import init_ray
+
     init_ray(args.address, num_cpus=args.num_cpus)
     summary = run_sweep(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2, default=str))
