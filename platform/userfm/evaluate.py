@@ -694,19 +694,37 @@ def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, c
         yt, yv = torch.from_numpy(y_tr.astype(np.int64)), torch.from_numpy(y_va.astype(np.int64))
         loss_fn = F.cross_entropy
     model = _mlp_module(xt.shape[1], cfg.mlp_hidden, n_out, cfg.mlp_dropout)
+    best_state, best_epoch, best_loss, epochs = _early_stopped_fit(
+        model, len(xt), lambda idx: loss_fn(model(xt[idx]), yt[idx]), lambda: loss_fn(model(xv), yv), cfg, gen)
+    weights = {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}}
+    meta = {"kind": "mlp", "task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]),
+            "hidden": cfg.mlp_hidden, "n_out": n_out, "dropout": cfg.mlp_dropout, "target_mean": t_mean,
+            "target_std": t_std, "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss, "seed": seed}
+    return MLPHead(meta, weights)
+
+
+def _early_stopped_fit(model, n: int, batch_loss, val_loss, cfg: EvalConfig, gen) -> tuple[dict, int, float, int]:
+    """AdamW over shuffled mini-batches of ``n`` rows (``batch_loss(idx) -> loss``), one ``val_loss()``
+    per epoch, stop after ``mlp_patience`` epochs without improvement.
+
+    Returns (best epoch's state dict, best epoch, best val loss, epochs run); the final state when no
+    val loss was finite.
+    """
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
     best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
     for epoch in range(cfg.mlp_max_epochs):
         epochs = epoch + 1
         model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(cfg.mlp_batch_size):
-            loss = loss_fn(model(xt[idx]), yt[idx])
+        for idx in torch.randperm(n, generator=gen).split(cfg.mlp_batch_size):
+            loss = batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            val = float(loss_fn(model(xv), yv))
+            val = float(val_loss())
         if val < best_loss - 1e-6:
             best_loss, best_epoch, bad = val, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -714,12 +732,7 @@ def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, c
             bad += 1
             if bad >= cfg.mlp_patience:
                 break
-    best_state = best_state or model.state_dict()  # None only if every val loss was NaN
-    weights = {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}}
-    meta = {"kind": "mlp", "task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]),
-            "hidden": cfg.mlp_hidden, "n_out": n_out, "dropout": cfg.mlp_dropout, "target_mean": t_mean,
-            "target_std": t_std, "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss, "seed": seed}
-    return MLPHead(meta, weights)
+    return best_state or model.state_dict(), best_epoch, best_loss, epochs
 
 
 _FITTERS = {"mlp": fit_mlp, "logreg": fit_logreg}
@@ -765,30 +778,15 @@ def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np
         xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
         yv = torch.from_numpy(y_va.astype(np.int64))
         model = _mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout) if hidden else nn.Linear(xt.shape[1], n_items)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
-        best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
-        for epoch in range(cfg.mlp_max_epochs):
-            epochs = epoch + 1
-            model.train()
-            for idx in torch.randperm(len(xt), generator=gen).split(cfg.mlp_batch_size):
-                rows = idx.numpy()
-                target = torch.from_numpy(_soft_targets(y_tr[rows], [history[i] for i in rows], n_items,
-                                                        cfg.retrieval_history_weight))
-                loss = F.cross_entropy(model(xt[idx]), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            model.eval()
-            with torch.no_grad():
-                val = float(F.cross_entropy(model(xv), yv))
-            if val < best_loss - 1e-6:
-                best_loss, best_epoch, bad = val, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= cfg.mlp_patience:
-                    break
-        best_state = best_state or model.state_dict()
+
+        def batch_loss(idx):
+            rows = idx.numpy()
+            target = torch.from_numpy(_soft_targets(y_tr[rows], [history[i] for i in rows], n_items,
+                                                    cfg.retrieval_history_weight))
+            return F.cross_entropy(model(xt[idx]), target)
+
+        best_state, best_epoch, best_loss, epochs = _early_stopped_fit(
+            model, len(xt), batch_loss, lambda: F.cross_entropy(model(xv), yv), cfg, gen)
     meta = {"task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]), "best_epoch": best_epoch,
             "epochs": epochs, "val_loss": best_loss, "seed": seed, "history_weight": cfg.retrieval_history_weight}
     if hidden:
