@@ -106,7 +106,7 @@ def flops_per_row(cfg, enc_cfg, rows) -> tuple[float, float]:
     return useful, padded
 
 
-def _batches(cfg, rows, epoch: int, rank: int, bucketed: bool):
+def _batches(cfg, rows, epoch: int, bucketed: bool):
     """One epoch of index batches as the worker sees them: a seeded shuffle (the local-shuffle
     stand-in), then (``bucketed``) ``bucket_by_length`` over ``cfg.bucket_batches`` batches."""
     from userfm.features import batch_lengths, bucket_by_length
@@ -130,8 +130,8 @@ def padding_stats(cfg, rows) -> dict[str, float]:
     keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
     real = float(np.mean([np.mean(rows[k]) for k in keys]))
     longest = batch_lengths(rows)
-    random_w = [longest[b].max() for b in _batches(cfg, rows, 0, 0, bucketed=False)]
-    bucket_w = [longest[b].max() for b in _batches(cfg, rows, 0, 0, bucketed=True)]
+    random_w = [longest[b].max() for b in _batches(cfg, rows, 0, bucketed=False)]
+    bucket_w = [longest[b].max() for b in _batches(cfg, rows, 0, bucketed=True)]
     return {"padded": real / cfg.max_events, "trimmed": real / float(np.mean(random_w)),
             "bucketed": real / float(np.mean(bucket_w))}
 
@@ -281,7 +281,7 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     step, epoch, windows = 0, 0, []
     t0, samples = time.perf_counter(), 0
     while step < steps:
-        for idx in _batches(cfg, rows, epoch, rank, bucketed):
+        for idx in _batches(cfg, rows, epoch, bucketed):
             if step >= steps:
                 break
             nb = {k: v[idx] for k, v in rows.items()}

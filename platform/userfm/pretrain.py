@@ -424,7 +424,8 @@ def train_loop(config: dict) -> None:
                 continue
             seed = step_seed(cfg.seed, step, rank)
             torch.manual_seed(seed)
-            batch = _to_device(trim_events(step_inputs(nb, cfg, np.random.default_rng(seed))), device)
+            nb_step = trim_events(step_inputs(nb, cfg, np.random.default_rng(seed)))
+            batch = _to_device(nb_step, device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -436,8 +437,7 @@ def train_loop(config: dict) -> None:
             step += 1
             window["samples"] += len(nb["length"]) if "length" in nb else len(nb["a.length"])
             window["events"] += int(sum(np.sum(v) for k, v in nb.items() if k.endswith("length")))
-            window["flops"] += batch_flops({k: v.cpu().numpy() for k, v in batch.items() if k.endswith("length")},
-                                           enc_cfg, cfg.max_text_tokens, bool(cfg.mini_batch_size))
+            window["flops"] += batch_flops(nb_step, enc_cfg, cfg.max_text_tokens, bool(cfg.mini_batch_size))
             window["loss"].append(float(loss))
             for k, v in metrics.items():
                 window["metrics"].setdefault(k, []).append(v)
@@ -629,9 +629,10 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     t0 = time.perf_counter()
     train_rows = _read_rows(cfg.data, "train", cfg.train_users)
     if cfg.services:
+        from userfm.dataset import load_manifest
         from userfm.sequences import restrict_services
 
-        known = set(json.loads((Path(cfg.data) / "manifest.json").read_text()).get("services", {}))
+        known = set(load_manifest(cfg.data).get("services", {}))
         unknown = sorted(set(cfg.services) - known) if known else []
         if unknown:
             raise PretrainError(f"services: {unknown} not in the dataset (it has {sorted(known)})")
