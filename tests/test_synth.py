@@ -27,7 +27,9 @@ from userfm.synth import (
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 chunks of 1000 users, ~90k events: big enough for statistics, small enough to run in a second.
-CFG = SynthConfig(n_users=3000, events_per_user=30.0, users_per_file=1000, seed=7)
+# This file tests the "topics" story (attributes act through the topic mix); tests/test_synth_latent.py
+# tests the default "latent" story.
+CFG = SynthConfig(n_users=3000, events_per_user=30.0, users_per_file=1000, seed=7, mode="topics")
 TABLES = ("events", "future_events", "attributes", "future_labels", "latent", "catalog")
 
 

@@ -406,6 +406,29 @@ _WEEKDAY = {
 }
 WEEKDAY_PROFILE = {s: np.array(w) / np.sum(w) for s, w in _WEEKDAY.items()}
 
+# --- latent mode: structure that a bag of words does not expose --------------------------------------
+MODES = ("latent", "topics")
+# segment (latent mode) = a lifestyle: when in the day the user is active, on every service alike.
+LIFESTYLES: tuple[str, ...] = ("early_bird", "commuter", "lunch_break", "evening", "night_owl", "all_day")
+LIFESTYLE_HOURS = {
+    "early_bird": _bumps((6.5, 1.0, 1.0), base=0.02),
+    "commuter": _bumps((8.0, 0.8, 1.0), (18.0, 0.8, 1.0), base=0.02),
+    "lunch_break": _bumps((12.5, 0.8, 1.0), base=0.02),
+    "evening": _bumps((20.5, 1.0, 1.0), base=0.02),
+    "night_owl": _bumps((1.5, 1.2, 1.0), base=0.02),
+    "all_day": _bumps((9.0, 3.0, 0.3), (15.0, 3.0, 0.3), (21.0, 3.0, 0.3), base=0.02),
+}
+# Topic persistence (probability an event stays on the previous event's topic) ~ Beta with this mean
+# per age bracket (young users hop between interests, older ones stay): an order-only signal, since the
+# stationary topic mix of the chain is still theta.
+PERSIST_MEAN = np.array([0.1, 0.35, 0.6, 0.85])
+PERSIST_CONC = 12.0
+# Routine (parents: weekend-heavy, re-buying the same items) ~ Beta with this mean for (non-parent, parent).
+ROUTINE_MEAN = np.array([0.15, 0.6])
+ROUTINE_CONC = 8.0
+ROUTINE_WEEKEND = 0.6  # share of a routine=1 user's events moved onto weekend days
+ROUTINE_REPEAT = 0.6  # probability a routine=1 user's event repeats their previous item on that service
+
 _US_PER_DAY = 86_400_000_000
 _US_PER_HOUR = 3_600_000_000
 
@@ -433,6 +456,15 @@ class SynthConfig:
     queries_per_topic: int = 150  # distinct search queries per topic (capped by the vocabulary)
     articles_per_topic: int = 200  # news articles per topic (capped by the vocabulary)
     item_zipf: float = 1.0  # Zipf exponent of item popularity within a topic (0 = uniform)
+    # Which generative story (module docstring). "latent" (default): attributes live mostly in when,
+    # in what order and how repetitively users act, on every service alike; words carry a weak share.
+    # "topics": the original story, where the attributes act only through the topic (= word) mix, so a
+    # bag of words is nearly the sufficient statistic.
+    mode: str = "latent"
+    word_signal: float = 0.3  # latent: attribute -> topic link in [0, 1] (exponent on the age tilt, scale on parent weights; 1 = topics mode)
+    time_signal: float = 0.7  # latent: probability an event's hour follows the user's lifestyle (= segment) profile rather than the service's
+    order_signal: float = 1.0  # latent: in [0, 1], spread of the age brackets' topic-persistence means around their average (0 = no order signal)
+    routine_signal: float = 1.0  # latent: in [0, 1], spread of parents' vs non-parents' routine means (weekend share, repeat purchases)
 
     def __post_init__(self) -> None:
         if self.n_users < 1:
@@ -462,6 +494,11 @@ class SynthConfig:
             raise ValueError("activity_sigma must be >= 0; topic_concentration, service_concentration > 0")
         if self.item_zipf < 0:
             raise ValueError(f"item_zipf must be >= 0, got {self.item_zipf}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        for name in ("word_signal", "time_signal", "order_signal", "routine_signal"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def _parse_start(start: str) -> dt.datetime:
@@ -600,27 +637,82 @@ def _noisy(rng: np.random.Generator, y: np.ndarray, k: int, eps: float) -> np.nd
     return np.where(flip, (y + shift) % k, y)
 
 
-def age_posterior(persona: np.ndarray, topic_concentration: float) -> np.ndarray:
-    """P(age bracket | persona) under the generative model, shape (n_users, len(AGE_BRACKETS)).
+def _age_alpha(topic_concentration: float, word_signal: float = 1.0) -> np.ndarray:
+    """Dirichlet parameters of the persona per age bracket, (n_ages, n_topics)."""
+    return topic_concentration * AGE_TILT ** word_signal
+
+
+def _log_dirichlet(persona: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """log Dirichlet(persona | alpha[k]) for every user and row k of ``alpha``: (n_users, n_rows)."""
+    log_norm = np.array([math.lgamma(a.sum()) - sum(math.lgamma(x) for x in a) for a in alpha])
+    log_theta = np.log(np.clip(persona, 1e-300, None))
+    return log_theta @ (alpha - 1.0).T + log_norm
+
+
+def _log_beta(x: np.ndarray, mean: np.ndarray, conc: float) -> np.ndarray:
+    """log Beta(x | mean[k] * conc, (1 - mean[k]) * conc) for every x and k: (len(x), len(mean))."""
+    a, b = mean * conc, (1.0 - mean) * conc
+    norm = np.array([math.lgamma(aa + bb) - math.lgamma(aa) - math.lgamma(bb) for aa, bb in zip(a, b)])
+    x = np.clip(x, 1e-12, 1 - 1e-12)[:, None]
+    return (a - 1) * np.log(x) + (b - 1) * np.log1p(-x) + norm
+
+
+def _normalize_log(loglik: np.ndarray) -> np.ndarray:
+    loglik = loglik - loglik.max(axis=-1, keepdims=True)
+    p = np.exp(loglik)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def age_posterior(persona: np.ndarray, topic_concentration: float, word_signal: float = 1.0) -> np.ndarray:
+    """P(age bracket | persona) under the topics-mode model, shape (n_users, len(AGE_BRACKETS)).
 
     Args:
         persona: (n_users, n_topics) topic mixtures (rows sum to 1).
         topic_concentration: ``SynthConfig.topic_concentration``.
+        word_signal: exponent on the age tilt (1 in topics mode).
     """
-    alpha = topic_concentration * AGE_TILT  # (n_ages, n_topics)
-    log_norm = np.array([math.lgamma(a.sum()) - sum(math.lgamma(x) for x in a) for a in alpha])
-    log_theta = np.log(np.clip(persona, 1e-300, None))
-    loglik = log_theta @ (alpha - 1.0).T + log_norm + np.log(AGE_PRIOR)  # (n_users, n_ages)
-    loglik -= loglik.max(axis=1, keepdims=True)
-    p = np.exp(loglik)
-    return p / p.sum(axis=1, keepdims=True)
+    loglik = _log_dirichlet(persona, _age_alpha(topic_concentration, word_signal)) + np.log(AGE_PRIOR)
+    return _normalize_log(loglik)
+
+
+def _parent_given_age(persona: np.ndarray, word_signal: float = 1.0) -> np.ndarray:
+    """P(is_parent | persona, age) for every age bracket: (n_users, n_ages)."""
+    return _sigmoid(PARENT_BIAS + word_signal * (persona @ PARENT_W)[:, None] + PARENT_AGE[None, :])
 
 
 def parent_posterior(persona: np.ndarray, topic_concentration: float) -> np.ndarray:
     """P(is_parent | persona), shape (n_users,): the age-conditional logistic marginalised over age."""
     p_age = age_posterior(persona, topic_concentration)
-    p_parent_given_age = _sigmoid(PARENT_BIAS + (persona @ PARENT_W)[:, None] + PARENT_AGE[None, :])
-    return (p_age * p_parent_given_age).sum(axis=1)
+    return (p_age * _parent_given_age(persona)).sum(axis=1)
+
+
+def persist_mean(cfg: "SynthConfig") -> np.ndarray:
+    """Mean topic persistence per age bracket (latent mode): PERSIST_MEAN pulled to its average by order_signal."""
+    avg = float(PERSIST_MEAN.mean())
+    return avg + cfg.order_signal * (PERSIST_MEAN - avg)
+
+
+def routine_mean(cfg: "SynthConfig") -> np.ndarray:
+    """Mean routine of (non-parents, parents) (latent mode), pulled to their average by routine_signal."""
+    avg = float(ROUTINE_MEAN.mean())
+    return avg + cfg.routine_signal * (ROUTINE_MEAN - avg)
+
+
+def latent_posteriors(cfg: "SynthConfig", persona: np.ndarray, persist: np.ndarray,
+                      routine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Latent mode: (P(age | latents) (n, n_ages), P(parent | latents) (n,)) for a model that knows every
+    latent the logs are drawn from (persona, topic persistence, routine), by exact enumeration of the joint
+    P(age, parent | latents) ∝ P(age) Dir(persona | age) Beta(persist | age) P(parent | persona, age)
+    Beta(routine | parent). A channel whose signal is 0 leaves no trace in the logs and is left out."""
+    log_age = np.log(AGE_PRIOR) + _log_dirichlet(persona, _age_alpha(cfg.topic_concentration, cfg.word_signal))
+    if cfg.order_signal > 0:
+        log_age = log_age + _log_beta(persist, persist_mean(cfg), PERSIST_CONC)
+    pa_ = _parent_given_age(persona, cfg.word_signal)  # (n, n_ages)
+    log_routine = _log_beta(routine, routine_mean(cfg), ROUTINE_CONC) if cfg.routine_signal > 0 else np.zeros((len(routine), 2))
+    # joint (n, n_ages, 2): parent = 0 / 1
+    joint = log_age[:, :, None] + np.stack([np.log1p(-pa_), np.log(pa_)], axis=2) + log_routine[:, None, :]
+    flat = _normalize_log(joint.reshape(len(persona), -1)).reshape(joint.shape)
+    return flat.sum(axis=2), flat[:, :, 1].sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -633,9 +725,17 @@ class _Users:
     rate: np.ndarray  # (n,) expected history events
     n_hist: np.ndarray  # (n,) history events
     n_fut: np.ndarray  # (n,) future-window events
+    lifestyle: np.ndarray | None = None  # latent mode: (n,) index into LIFESTYLES (= the true segment)
+    persist: np.ndarray | None = None  # latent mode: (n,) topic persistence in [0, 1]
+    routine: np.ndarray | None = None  # latent mode: (n,) routine in [0, 1]
 
 
 ATTRIBUTE_CLASSES: dict[str, tuple] = {"age_bracket": AGE_BRACKETS, "is_parent": (False, True), "segment": TOPICS}
+
+
+def attribute_classes(cfg: "SynthConfig") -> dict[str, tuple]:
+    """Class names of each attribute; the segment is a topic (topics mode) or a lifestyle (latent mode)."""
+    return {**ATTRIBUTE_CLASSES, "segment": TOPICS if cfg.mode == "topics" else LIFESTYLES}
 
 
 def _make_users(cfg: SynthConfig) -> _Users:
@@ -644,14 +744,25 @@ def _make_users(cfg: SynthConfig) -> _Users:
     width = max(7, len(str(n)))
     user_id = pa.array([f"u{i:0{width}d}" for i in range(1, n + 1)], pa.string())
 
+    latent = cfg.mode == "latent"
+    ws = cfg.word_signal if latent else 1.0
     age = rng.choice(len(AGE_BRACKETS), size=n, p=AGE_PRIOR)
-    g = rng.standard_gamma(cfg.topic_concentration * AGE_TILT[age])  # (n, n_topics) -> Dirichlet rows
+    g = rng.standard_gamma(_age_alpha(cfg.topic_concentration, ws)[age])  # (n, n_topics) -> Dirichlet rows
     persona = g / g.sum(axis=1, keepdims=True)
     bad = ~np.isfinite(persona).all(axis=1)  # all gammas underflowed to 0 (vanishingly rare)
     persona[bad] = 1.0 / n_topics
-    parent = rng.random(n) < _sigmoid(PARENT_BIAS + persona @ PARENT_W + PARENT_AGE[age])
-    true = {"age_bracket": age, "is_parent": parent.astype(np.int64), "segment": persona.argmax(axis=1)}
-    observed = {k: _noisy(rng, v, len(ATTRIBUTE_CLASSES[k]), cfg.label_noise) for k, v in true.items()}
+    parent = rng.random(n) < _sigmoid(PARENT_BIAS + ws * (persona @ PARENT_W) + PARENT_AGE[age])
+    lifestyle = persist = routine = None
+    if latent:
+        lifestyle = rng.integers(0, len(LIFESTYLES), n)
+        m = persist_mean(cfg)[age]
+        persist = rng.beta(m * PERSIST_CONC, (1 - m) * PERSIST_CONC)
+        m = routine_mean(cfg)[parent.astype(np.int64)]
+        routine = rng.beta(m * ROUTINE_CONC, (1 - m) * ROUTINE_CONC)
+    segment = lifestyle if latent else persona.argmax(axis=1)
+    true = {"age_bracket": age, "is_parent": parent.astype(np.int64), "segment": segment}
+    classes = attribute_classes(cfg)
+    observed = {k: _noisy(rng, v, len(classes[k]), cfg.label_noise) for k, v in true.items()}
 
     n_svc = len(cfg.services)
     pop = np.array([SERVICE_POPULARITY[s] for s in cfg.services])
@@ -669,7 +780,7 @@ def _make_users(cfg: SynthConfig) -> _Users:
     rate = np.minimum(cfg.events_per_user * x / x.mean(), cfg.max_events_per_user)
     n_hist = np.maximum(rng.poisson(rate), 1)
     n_fut = rng.poisson(rate * cfg.future_days / cfg.days)
-    return _Users(user_id, persona, true, observed, service_w, rate, n_hist, n_fut)
+    return _Users(user_id, persona, true, observed, service_w, rate, n_hist, n_fut, lifestyle, persist, routine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,6 +802,15 @@ def _sample_rows(rng: np.random.Generator, row: np.ndarray, probs: np.ndarray) -
     return np.minimum(idx, k - 1)
 
 
+def _service_day_hour(rng: np.random.Generator, cnt: int, name: str, weekday: np.ndarray,
+                      n_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Day index in [0, n_days) and hour of ``cnt`` events of service ``name`` from its weekday and hour rhythm."""
+    day_cdf = np.cumsum(WEEKDAY_PROFILE[name][weekday])
+    day = np.minimum(np.searchsorted(day_cdf / day_cdf[-1], rng.random(cnt), side="right"), n_days - 1)
+    hour = np.minimum(np.searchsorted(np.cumsum(HOUR_PROFILE[name]), rng.random(cnt), side="right"), 23)
+    return day, hour
+
+
 def _event_times(rng: np.random.Generator, svc: np.ndarray, services: tuple[str, ...], t0_us: int,
                  first_weekday: int, n_days: int) -> np.ndarray:
     """Microsecond UTC timestamps in [t0, t0 + n_days) with each service's weekday and hour rhythm."""
@@ -701,33 +821,53 @@ def _event_times(rng: np.random.Generator, svc: np.ndarray, services: tuple[str,
         cnt = int(m.sum())
         if cnt == 0:
             continue
-        day_cdf = np.cumsum(WEEKDAY_PROFILE[name][weekday])
-        day = np.minimum(np.searchsorted(day_cdf / day_cdf[-1], rng.random(cnt), side="right"), n_days - 1)
-        hour = np.minimum(np.searchsorted(np.cumsum(HOUR_PROFILE[name]), rng.random(cnt), side="right"), 23)
+        day, hour = _service_day_hour(rng, cnt, name, weekday, n_days)
         ts[m] = t0_us + day * _US_PER_DAY + hour * _US_PER_HOUR + rng.integers(0, _US_PER_HOUR, cnt)
     return ts
 
 
-def _events(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, counts: np.ndarray,
-            rng: np.random.Generator, t0_us: int, first_weekday: int, n_days: int):
-    """Events of users ``lo .. lo + len(counts)``; returns (EVENT_SCHEMA table, local user, service, topic)."""
-    hi = lo + counts.shape[0]
-    row = np.repeat(np.arange(counts.shape[0]), counts)  # (n_events,) user index within the chunk
-    svc = _sample_rows(rng, row, users.service_w[lo:hi])
-    topic = _sample_rows(rng, row, users.persona[lo:hi])
-    noise = rng.random(row.shape[0]) < cfg.topic_noise
-    topic[noise] = rng.integers(0, len(TOPICS), int(noise.sum()))
-    item = np.empty(row.shape[0], np.int64)
+def _latent_times(cfg: SynthConfig, users: _Users, lo: int, row: np.ndarray, svc: np.ndarray,
+                  rng: np.random.Generator, t0_us: int, first_weekday: int, n_days: int) -> np.ndarray:
+    """Latent mode timestamps: the service's rhythm, except that with probability ``time_signal`` the hour
+    follows the user's lifestyle, and with probability ``ROUTINE_WEEKEND * routine`` the day is a
+    uniformly drawn weekend day of the window."""
+    n = row.shape[0]
+    weekday = (first_weekday + np.arange(n_days)) % 7
+    day, hour = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for s, name in enumerate(cfg.services):
+        m = svc == s
+        day[m], hour[m] = _service_day_hour(rng, int(m.sum()), name, weekday, n_days)
+    life = users.lifestyle[lo:][row]
+    by_life = rng.random(n) < cfg.time_signal
+    for k, name in enumerate(LIFESTYLES):
+        m = by_life & (life == k)
+        hour[m] = np.minimum(np.searchsorted(np.cumsum(LIFESTYLE_HOURS[name]), rng.random(int(m.sum())), side="right"), 23)
+    weekend = np.nonzero(weekday >= 5)[0]
+    moved = rng.random(n) < ROUTINE_WEEKEND * users.routine[lo:][row]
+    if weekend.size:
+        day[moved] = rng.choice(weekend, int(moved.sum()))
+    return t0_us + day * _US_PER_DAY + hour * _US_PER_HOUR + rng.integers(0, _US_PER_HOUR, n)
+
+
+def _forward_fill(keep: np.ndarray) -> np.ndarray:
+    """Index of the last position <= i where ``keep`` is True (``keep[0]`` must be True)."""
+    return np.maximum.accumulate(np.where(keep, np.arange(keep.shape[0]), 0))
+
+
+def _draw_items(cfg: SynthConfig, cat: _Catalog, svc: np.ndarray, topic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Catalog row of each event: Zipf-popular item of its (service, topic)."""
+    item = np.empty(svc.shape[0], np.int64)
     for s in range(len(cfg.services)):
         m = svc == s
         rank = np.searchsorted(cat.zipf_cdf[s], rng.random(int(m.sum())), side="right")
         item[m] = cat.offset[s] + topic[m] * cat.size[s] + np.minimum(rank, cat.size[s] - 1)
-    ts = _event_times(rng, svc, cfg.services, t0_us, first_weekday, n_days) if n_days > 0 else item * 0
+    return item
 
-    order = np.lexsort((ts, row))  # by user, then time
-    row, svc, topic, item, ts = row[order], svc[order], topic[order], item[order], ts[order]
+
+def _event_table(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, hi: int, row: np.ndarray,
+                 svc: np.ndarray, item: np.ndarray, ts: np.ndarray) -> pa.Table:
     items = cat.table.take(pa.array(item))
-    table = pa.Table.from_arrays(
+    return pa.Table.from_arrays(
         [
             users.user_id.slice(lo, hi - lo).take(pa.array(row)),
             pa.array(ts, TS_TYPE),
@@ -739,7 +879,51 @@ def _events(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, counts: np.
         ],
         schema=EVENT_SCHEMA,
     )
-    return table, row, svc, topic
+
+
+def _events(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, counts: np.ndarray,
+            rng: np.random.Generator, t0_us: int, first_weekday: int, n_days: int):
+    """Events of users ``lo .. lo + len(counts)``; returns (EVENT_SCHEMA table, local user, service, topic)."""
+    hi = lo + counts.shape[0]
+    row = np.repeat(np.arange(counts.shape[0]), counts)  # (n_events,) user index within the chunk
+    svc = _sample_rows(rng, row, users.service_w[lo:hi])
+    if cfg.mode == "latent":
+        return _latent_events(cfg, cat, users, lo, hi, row, svc, rng, t0_us, first_weekday, n_days)
+    topic = _sample_rows(rng, row, users.persona[lo:hi])
+    noise = rng.random(row.shape[0]) < cfg.topic_noise
+    topic[noise] = rng.integers(0, len(TOPICS), int(noise.sum()))
+    item = _draw_items(cfg, cat, svc, topic, rng)
+    ts = _event_times(rng, svc, cfg.services, t0_us, first_weekday, n_days) if n_days > 0 else item * 0
+
+    order = np.lexsort((ts, row))  # by user, then time
+    row, svc, topic, item, ts = row[order], svc[order], topic[order], item[order], ts[order]
+    return _event_table(cfg, cat, users, lo, hi, row, svc, item, ts), row, svc, topic
+
+
+def _latent_events(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, hi: int, row: np.ndarray,
+                   svc: np.ndarray, rng: np.random.Generator, t0_us: int, first_weekday: int, n_days: int):
+    """Latent mode: times first (lifestyle hours, routine weekends), then, in time order, a topic chain that
+    stays on the previous event's topic with the user's persistence (else draws from the persona), items
+    from the topics, and repeats: with probability ``ROUTINE_REPEAT * routine`` an event takes the item of
+    the user's previous event on the same service."""
+    n = row.shape[0]
+    ts = _latent_times(cfg, users, lo, row, svc, rng, t0_us, first_weekday, n_days) if n_days > 0 else np.zeros(n, np.int64)
+    order = np.lexsort((ts, row))  # by user, then time
+    row, svc, ts = row[order], svc[order], ts[order]
+    fresh = _sample_rows(rng, row, users.persona[lo:hi])
+    noise = rng.random(n) < cfg.topic_noise
+    fresh[noise] = rng.integers(0, len(TOPICS), int(noise.sum()))
+    first = np.r_[True, row[1:] != row[:-1]] if n else np.zeros(0, bool)
+    stay = (rng.random(n) < users.persist[lo:hi][row]) & ~first
+    topic = fresh[_forward_fill(~stay)] if n else fresh
+    item = _draw_items(cfg, cat, svc, topic, rng)
+    repeat = rng.random(n) < ROUTINE_REPEAT * users.routine[lo:hi][row]
+    by_svc = np.lexsort((np.arange(n), svc, row))  # (user, service), time order kept within
+    r, s = row[by_svc], svc[by_svc]
+    opens = np.r_[True, (r[1:] != r[:-1]) | (s[1:] != s[:-1])] if n else np.zeros(0, bool)
+    src = by_svc[_forward_fill(~(repeat[by_svc] & ~opens))] if n else by_svc
+    item[by_svc], topic[by_svc] = item[src], topic[src]
+    return _event_table(cfg, cat, users, lo, hi, row, svc, item, ts), row, svc, topic
 
 
 def _future_labels(cfg: SynthConfig, users: _Users, lo: int, n: int, row: np.ndarray, svc: np.ndarray,
@@ -792,11 +976,13 @@ def _iter_chunks(cfg: SynthConfig, cat: _Catalog, users: _Users) -> Iterator[tup
 def _attribute_tables(cfg: SynthConfig, users: _Users) -> tuple[pa.Table, pa.Table]:
     """(attributes = observed noisy labels, latent = persona and noise-free labels)."""
 
+    segments = np.array(attribute_classes(cfg)["segment"], dtype=object)
+
     def labels(y: dict[str, np.ndarray]) -> dict[str, pa.Array]:
         return {
             "age_bracket": pa.array(np.array(AGE_BRACKETS, dtype=object)[y["age_bracket"]], pa.string()),
             "is_parent": pa.array(y["is_parent"].astype(bool)),
-            "segment": pa.array(np.array(TOPICS, dtype=object)[y["segment"]], pa.string()),
+            "segment": pa.array(segments[y["segment"]], pa.string()),
         }
 
     attributes = pa.table({"user_id": users.user_id, **labels(users.observed)})
@@ -812,28 +998,56 @@ def _attribute_tables(cfg: SynthConfig, users: _Users) -> tuple[pa.Table, pa.Tab
             "n_future_events": pa.array(users.n_fut.astype(np.int64)),
         }
     )
+    if cfg.mode == "latent":
+        latent = latent.append_column("topic_persistence", pa.array(users.persist)).append_column(
+            "routine", pa.array(users.routine))
     return attributes, latent
 
 
 def _oracle(cfg: SynthConfig, users: _Users) -> dict[str, dict[str, Any]]:
     """Per attribute: class priors, and accuracy of the Bayes-optimal predictor that knows the persona."""
     eps = cfg.label_noise
-    post = {
-        "age_bracket": age_posterior(users.persona, cfg.topic_concentration),
-        "is_parent": None,
-        "segment": np.eye(len(TOPICS))[users.persona.argmax(axis=1)],  # segment is a function of persona
-    }
-    p1 = parent_posterior(users.persona, cfg.topic_concentration)
-    post["is_parent"] = np.stack([1.0 - p1, p1], axis=1)
-    model = {
-        "age_bracket": {"prior": AGE_PRIOR.tolist(), "dirichlet_alpha": (cfg.topic_concentration * AGE_TILT).tolist(),
-                        "rule": "theta ~ Dirichlet(dirichlet_alpha[age])"},
-        "is_parent": {"bias": PARENT_BIAS, "topic_weights": PARENT_W.tolist(), "age_effect": PARENT_AGE.tolist(),
-                      "rule": "P(parent) = sigmoid(bias + topic_weights . theta + age_effect[age])"},
-        "segment": {"rule": "segment = argmax theta"},
-    }
+    if cfg.mode == "latent":
+        p_age, p1 = latent_posteriors(cfg, users.persona, users.persist, users.routine)
+        n_life = len(LIFESTYLES)
+        # hours reveal the lifestyle given enough events when time_signal > 0; else nothing does
+        p_seg = np.eye(n_life)[users.lifestyle] if cfg.time_signal > 0 else np.full((cfg.n_users, n_life), 1 / n_life)
+        post = {"age_bracket": p_age, "is_parent": np.stack([1.0 - p1, p1], axis=1), "segment": p_seg}
+        pm, rm = persist_mean(cfg), routine_mean(cfg)
+        model = {
+            "age_bracket": {"prior": AGE_PRIOR.tolist(),
+                            "dirichlet_alpha": _age_alpha(cfg.topic_concentration, cfg.word_signal).tolist(),
+                            "persistence_beta_mean": pm.tolist(), "persistence_beta_concentration": PERSIST_CONC,
+                            "rule": "theta ~ Dirichlet(dirichlet_alpha[age]); persistence ~ Beta(mean[age], conc); "
+                                    "each event keeps the previous event's topic with prob persistence"},
+            "is_parent": {"bias": PARENT_BIAS, "topic_weights": (cfg.word_signal * PARENT_W).tolist(),
+                          "age_effect": PARENT_AGE.tolist(), "routine_beta_mean": rm.tolist(),
+                          "routine_beta_concentration": ROUTINE_CONC, "routine_weekend": ROUTINE_WEEKEND,
+                          "routine_repeat": ROUTINE_REPEAT,
+                          "rule": "P(parent) = sigmoid(bias + topic_weights . theta + age_effect[age]); routine ~ "
+                                  "Beta(mean[parent], conc); an event falls on a weekend day with prob "
+                                  "routine_weekend * routine and repeats the user's previous item on that service "
+                                  "with prob routine_repeat * routine"},
+            "segment": {"rule": "segment = lifestyle ~ Uniform; an event's hour follows the lifestyle's hour "
+                                "profile with prob time_signal, else the service's",
+                        "hour_profiles": {k: v.tolist() for k, v in LIFESTYLE_HOURS.items()}},
+        }
+    else:
+        p1 = parent_posterior(users.persona, cfg.topic_concentration)
+        post = {
+            "age_bracket": age_posterior(users.persona, cfg.topic_concentration),
+            "is_parent": np.stack([1.0 - p1, p1], axis=1),
+            "segment": np.eye(len(TOPICS))[users.persona.argmax(axis=1)],  # segment is a function of persona
+        }
+        model = {
+            "age_bracket": {"prior": AGE_PRIOR.tolist(), "dirichlet_alpha": (cfg.topic_concentration * AGE_TILT).tolist(),
+                            "rule": "theta ~ Dirichlet(dirichlet_alpha[age])"},
+            "is_parent": {"bias": PARENT_BIAS, "topic_weights": PARENT_W.tolist(), "age_effect": PARENT_AGE.tolist(),
+                          "rule": "P(parent) = sigmoid(bias + topic_weights . theta + age_effect[age])"},
+            "segment": {"rule": "segment = argmax theta"},
+        }
     out = {}
-    for name, classes in ATTRIBUTE_CLASSES.items():
+    for name, classes in attribute_classes(cfg).items():
         k = len(classes)
         p = post[name]  # (n, k) P(true class | persona)
         pred = p.argmax(axis=1)
@@ -870,6 +1084,13 @@ def _ground_truth(cfg: SynthConfig, cat: _Catalog, users: _Users, svc_counts: di
                    for t in _TOPIC_SPECS],
         "services": list(cfg.services),
         "label_noise": cfg.label_noise,
+        "mode": cfg.mode,
+        # where each attribute's signal lives (latent mode), so a reader knows which model should see it
+        "channels": ({"age_bracket": ["topic mix (word_signal)", "topic persistence = event order (order_signal)"],
+                      "is_parent": ["topic mix (word_signal)", "weekend share + repeated items (routine_signal)"],
+                      "segment": ["hour of day on every service (time_signal)"]}
+                     if cfg.mode == "latent" else
+                     {"age_bracket": ["topic mix"], "is_parent": ["topic mix"], "segment": ["topic mix (argmax)"]}),
         "attributes": _oracle(cfg, users),
         "activity": {
             "n_users": cfg.n_users,
