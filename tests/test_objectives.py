@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from seqrows import all_scope, event_rows, table
 
 from userfm.encoders import UserEncoder, tiny
@@ -23,6 +24,7 @@ from userfm.objectives import (
     mask_events,
     mlm_batch,
     mlm_loss,
+    pretext_loss,
     simclr_batch,
     split_views,
 )
@@ -182,8 +184,8 @@ def _tiny_model(vocabs, tok, dropout=0.0):
     return UserEncoder(tiny(vocabs, tok, item_encoder="text", dropout=dropout, max_events=16))
 
 
-@pytest.mark.parametrize("objective", ["clue", "simclr"])
-def test_grad_cache_path_equals_plain_path(corpus, objective):
+@pytest.mark.parametrize("objective,proj_dim", [("clue", 0), ("simclr", 0), ("clue", 12)])
+def test_grad_cache_path_equals_plain_path(corpus, objective, proj_dim):
     tab, vocabs, tok = corpus
     if objective == "clue":
         batch = clue_batch(tab, vocabs, tok)
@@ -193,7 +195,8 @@ def test_grad_cache_path_equals_plain_path(corpus, objective):
     results = []
     for mbs in (0, 7):
         model = _tiny_model(vocabs, tok)
-        cfg = ObjectiveConfig(objective, mini_batch_size=mbs, learnable_temperature=True)
+        cfg = ObjectiveConfig(objective, mini_batch_size=mbs, learnable_temperature=True, proj_dim=proj_dim)
+        torch.manual_seed(1)
         head = build_head(cfg, model.config)
         loss, metrics = loss_and_backward(model, head, batch, cfg)
         results.append((loss.item(), [p.grad.clone() for p in [*model.parameters(), *head.parameters()]]))
@@ -247,3 +250,28 @@ def test_a_few_steps_reduce_the_loss(corpus, objective):
     assert losses[-1] < 0.8 * losses[0]
     if objective == "mlm":
         assert {"mlm/acc/category0", "mlm/acc/hour", "mlm/loss/year"} <= set(metrics)
+
+
+def test_projection_head_loss_by_hand_and_embeddings_taken_before_it(corpus):
+    """With proj_dim > 0 the loss is InfoNCE on g(z) = W2 gelu(W1 z + b1) + b2, while the encoder's
+    output (the user embedding) keeps the encoder's width."""
+    tab, vocabs, tok = corpus
+    batch = to_torch(clue_batch(tab, vocabs, tok))
+    model = _tiny_model(vocabs, tok).eval()
+    cfg = ObjectiveConfig("clue", proj_dim=6, temperature=0.2)
+    torch.manual_seed(3)
+    head = build_head(cfg, model.config)
+    loss, _ = pretext_loss(model, head, batch, cfg)
+    a, b = split_views(batch)  # pair_kind is not a view key
+    za, zb = model(a), model(b)
+    assert za.shape[1] == model.config.embed_dim == 32
+    lin1, lin2 = head.projection[0], head.projection[2]
+    g = lambda z: F.gelu(z @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias  # noqa: E731
+    ga, gb = F.normalize(g(za), dim=-1), F.normalize(g(zb), dim=-1)
+    logits = ga @ gb.T / 0.2  # (n, n), positives on the diagonal
+    labels = torch.arange(len(ga))
+    expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    assert ga.shape[1] == 6
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert lin1.weight.grad is not None and lin1.weight.grad.abs().sum() > 0

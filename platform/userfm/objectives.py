@@ -50,6 +50,7 @@ class ObjectiveConfig:
     event_mask_rate: float = 0.1  # simclr: probability each kept event is masked (>= 1 stays unmasked)
     single_service: str = "time_split"  # clue: users with one service: "time_split" or "skip"
     mini_batch_size: int = 0  # simclr/clue: GradCache mini-batch (rows); 0 = one plain forward
+    proj_dim: int = 0  # simclr/clue: output size of SimCLR's projection MLP g(.) the loss is computed on; 0 = no projection
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -335,11 +336,28 @@ def clue_batch(rows, vocabs: Vocabs, tokenizer=None, *, single_service: str = "t
 # --------------------------------------------------------------------------------------------------
 
 
+class ContrastiveHead(nn.Module):
+    """simclr/clue's own parameters: the temperature and SimCLR's projection MLP g(.)
+    (https://arxiv.org/abs/2002.05709, Sec. 4.2): the loss compares g(z), while downstream tasks read the
+    encoder's z itself, which keeps information the contrastive task would otherwise discard.
+    ``proj_dim = 0``: no projection (the loss compares z)."""
+
+    def __init__(self, d_in: int, proj_dim: int, temperature: float, learnable: bool = False):
+        super().__init__()
+        self.temperature = Temperature(temperature, learnable=learnable)
+        self.projection = (nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, proj_dim))
+                           if proj_dim else nn.Identity())
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(n, d_in) -> (n, proj_dim) (or (n, d_in) without a projection)."""
+        return self.projection(z)
+
+
 def build_head(cfg: ObjectiveConfig, encoder_cfg: EncoderConfig) -> nn.Module:
-    """The objective's own parameters: :class:`MLMHead` (mlm) or :class:`Temperature` (simclr/clue)."""
+    """The objective's own parameters: :class:`MLMHead` (mlm) or :class:`ContrastiveHead` (simclr/clue)."""
     if cfg.objective == "mlm":
         return MLMHead(encoder_cfg)
-    return Temperature(cfg.temperature, learnable=cfg.learnable_temperature)
+    return ContrastiveHead(encoder_cfg.embed_dim, cfg.proj_dim, cfg.temperature, cfg.learnable_temperature)
 
 
 def _retrieval_acc(za: Tensor, zb: Tensor) -> float:
@@ -383,11 +401,11 @@ def loss_and_backward(
 
     def loss_fn(za: Tensor, zb: Tensor) -> Tensor:
         seen["acc"] = _retrieval_acc(za.detach(), zb.detach())
-        return pair_loss(za, zb, head())
+        return pair_loss(head(za), head(zb), head.temperature())
 
     loss = grad_cache(model, [a, b], loss_fn, cfg.mini_batch_size, no_sync=no_sync)
     average_grads(head)
-    return loss, {"loss": loss.item(), "temperature": float(head().detach()), f"{cfg.objective}/top1": seen["acc"]}
+    return loss, {"loss": loss.item(), "temperature": float(head.temperature().detach()), f"{cfg.objective}/top1": seen["acc"]}
 
 
 def _model_views(batch: Mapping[str, Tensor]) -> tuple[dict, dict]:
@@ -419,8 +437,8 @@ def pretext_loss(
     za, zb = z[:n], z[n:]
     acc = _retrieval_acc(za.detach(), zb.detach())
     pair_loss = symmetric_info_nce if cfg.objective == "clue" else nt_xent
-    loss = pair_loss(za, zb, head())
-    return loss, {"temperature": float(head().detach()), f"{cfg.objective}/top1": acc}
+    loss = pair_loss(head(za), head(zb), head.temperature())
+    return loss, {"temperature": float(head.temperature().detach()), f"{cfg.objective}/top1": acc}
 
 
 def _concat_torch(views: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:

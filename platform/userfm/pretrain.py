@@ -67,6 +67,7 @@ class PretrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     temperature: float = 0.1  # contrastive softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
+    proj_dim: int = 0  # simclr/clue: SimCLR projection MLP (embed_dim -> embed_dim -> proj_dim) under the loss; embeddings are taken before it; 0 = none
     mask_rate: float = 0.15  # mlm: fraction of events masked
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
     services: tuple[str, ...] = ()  # pretrain on these services' events only (cross-service transfer); () = all
@@ -117,6 +118,7 @@ def _objective_config(cfg: PretrainConfig):
         learnable_temperature=cfg.learnable_temperature,
         single_service=cfg.single_service,
         mini_batch_size=cfg.mini_batch_size,
+        proj_dim=cfg.proj_dim,
     )
 
 
