@@ -275,3 +275,23 @@ def test_projection_head_loss_by_hand_and_embeddings_taken_before_it(corpus):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert lin1.weight.grad is not None and lin1.weight.grad.abs().sum() > 0
+
+
+def test_crop_views_keeps_a_contiguous_time_window_of_each_view(corpus):
+    from userfm.objectives import crop_views
+
+    tab, vocabs, tok = corpus
+    batch = clue_batch(tab, vocabs, tok)
+    same = crop_views(batch, 1.0, np.random.default_rng(0))
+    assert set(same) == set(batch) - {"pair_kind"}
+    for k in same:
+        np.testing.assert_array_equal(same[k], batch[k])
+    cropped = crop_views(batch, 0.3, np.random.default_rng(0))
+    for v in ("a", "b"):
+        n0, n1 = batch[f"{v}.length"], cropped[f"{v}.length"]
+        assert np.all((n1 >= 1) & (n1 <= n0))
+        for u in range(len(n0)):
+            ts0, ts1 = batch[f"{v}.ts"][u, : n0[u]], cropped[f"{v}.ts"][u, : n1[u]]
+            start = int(np.nonzero(ts0 == ts1[0])[0][0])  # the window is a contiguous run of the view
+            np.testing.assert_array_equal(ts1, ts0[start : start + n1[u]])
+    assert (cropped["a.length"] < batch["a.length"]).any()  # something was cut

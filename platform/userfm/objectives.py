@@ -49,6 +49,7 @@ class ObjectiveConfig:
     shuffle_prob: float = 0.5  # simclr: probability a view's event order is shuffled
     event_mask_rate: float = 0.1  # simclr: probability each kept event is masked (>= 1 stays unmasked)
     single_service: str = "time_split"  # clue: users with one service: "time_split" or "skip"
+    clue_crop: float = 1.0  # clue: each step, each view keeps a random time window of U[clue_crop, 1] x its span (1 = whole views, the same pair every epoch)
     mini_batch_size: int = 0  # simclr/clue: GradCache mini-batch (rows); 0 = one plain forward
     proj_dim: int = 0  # simclr/clue: output size of SimCLR's projection MLP g(.) the loss is computed on; 0 = no projection
 
@@ -57,7 +58,7 @@ class ObjectiveConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.single_service not in ("time_split", "skip"):
             raise ValueError(f"single_service must be 'time_split' or 'skip', got {self.single_service!r}")
-        for name in ("mask_rate", "replace_rate", "shuffle_prob", "event_mask_rate", "crop_min_fraction"):
+        for name in ("mask_rate", "replace_rate", "shuffle_prob", "event_mask_rate", "crop_min_fraction", "clue_crop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -320,6 +321,20 @@ def clue_pairs(rows, single_service: str = "time_split", seed: int = 0) -> tuple
             out_a[c].append(va[sa] if va is not None else None)
             out_b[c].append(vb[sb] if vb is not None else None)
     return out_a, out_b, stats
+
+
+def crop_views(batch: Mapping[str, np.ndarray], min_fraction: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """CLUE pairs -> the same pairs with each view cut to a random time window of U[min_fraction, 1] x its
+    span (``augment``'s crop alone: no shuffle, replacement or masking), so that a user's pair differs from
+    epoch to epoch and the encoder cannot memorise the training pairs. ``pair_kind`` is dropped."""
+    crop = ObjectiveConfig("clue", crop_min_fraction=min_fraction, replace_rate=0.0, shuffle_prob=0.0, event_mask_rate=0.0)
+    a, b = split_views(batch)
+    views = []
+    for v in (a, b):
+        out = augment(v, crop, rng) if min_fraction < 1.0 else dict(v)
+        out.pop("replaced", None)
+        views.append(out)
+    return _prefixed(*views)
 
 
 def clue_batch(rows, vocabs: Vocabs, tokenizer=None, *, single_service: str = "time_split", seed: int = 0,

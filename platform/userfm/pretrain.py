@@ -70,6 +70,7 @@ class PretrainConfig:
     proj_dim: int = 0  # simclr/clue: SimCLR projection MLP (embed_dim -> embed_dim -> proj_dim) under the loss; embeddings are taken before it; 0 = none
     mask_rate: float = 0.15  # mlm: fraction of events masked
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
+    clue_crop: float = 1.0  # clue: each step, each view keeps a random time window of U[clue_crop, 1] x its span; 1 = whole views (fixed pairs)
     services: tuple[str, ...] = ()  # pretrain on these services' events only (cross-service transfer); () = all
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPU, or CPU with bf16 support)
     num_workers: int = 2  # Ray Train workers (DDP ranks)
@@ -119,6 +120,7 @@ def _objective_config(cfg: PretrainConfig):
         single_service=cfg.single_service,
         mini_batch_size=cfg.mini_batch_size,
         proj_dim=cfg.proj_dim,
+        clue_crop=cfg.clue_crop,
     )
 
 
@@ -197,13 +199,13 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views."""
-    from userfm.objectives import mask_events, simclr_views
+    from userfm.objectives import crop_views, mask_events, simclr_views
 
     if cfg.objective == "mlm":
         return mask_events(nb, cfg.mask_rate, rng)
     if cfg.objective == "simclr":
         return simclr_views(nb, _objective_config(cfg), rng)
-    return {k: v for k, v in nb.items() if k != "pair_kind"}
+    return crop_views(nb, cfg.clue_crop, rng)
 
 
 def eval_loss(model, head, batch, cfg: PretrainConfig):
