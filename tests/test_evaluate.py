@@ -531,7 +531,7 @@ def strong(synth_ds):
     build_cache(_distinct_texts(synth_ds["ds"]), cache, encoder=FakeMiniLM())
     cfg = _cfg(synth_ds, "strong", only_tasks=("segment",), baselines=("tfidf", "t-trans", MINILM, "concat-tfidf"),
                minilm_cache=str(cache), t_trans_lrs=(1e-5, 3e-3), t_trans_item_encoder="category",
-               t_trans_max_events=32, t_trans_max_epochs=4, t_trans_patience=2, concat_tfidf_weights=(1.0, 3.0),
+               t_trans_max_events=32, t_trans_max_epochs=4, t_trans_patience=2, concat_tfidf_weights=(0.3, 1.0),
                logreg_c=(1.0,), logreg_max_iter=200)  # (lbfgs on 384 + TF-IDF dims is the slow part: keep it short)
     results = run_evaluate(cfg, progress=lambda s: None)
     td = task_data(synth_ds["ds"], TaskConfig(name="segment", table="attributes", target="segment", type="multiclass"),
@@ -586,7 +586,9 @@ def test_concat_features_and_row_by_hand(strong, synth_ds):
     assert x["train"].shape == (len(td.ids["train"]), 16 + vocab) and x["test"].shape[0] == len(td.ids["test"])
     mean, std = emb["train"].mean(axis=0), emb["train"].std(axis=0)
     np.testing.assert_allclose(x["test"][:, :16].toarray(), (emb["test"] - mean) / std, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(x["test"][:, 16:].toarray(), row["concat"]["tfidf_weight"] * feats.x["test"].toarray(), atol=1e-6)
+    # the TF-IDF block times weight * sqrt(16): at weight 1 its unit-norm rows weigh as much as the 16 z-scores
+    np.testing.assert_allclose(x["test"][:, 16:].toarray(), row["concat"]["tfidf_weight"] * 4.0 * feats.x["test"].toarray(),
+                               rtol=1e-5, atol=1e-6)
     model = LogisticRegression(C=row["concat"]["C"], max_iter=cfg.logreg_max_iter, random_state=0).fit(x["train"], td.y["train"])
     acc = np.mean(model.predict(x["test"]) == td.y["test"])
     assert acc == pytest.approx(row["per_seed"][0], abs=1e-6) and row["per_seed"] == [row["per_seed"][0]] * 2

@@ -20,8 +20,8 @@ its embedding table is the only input of a small head trained per task. For ever
                          ``<data>/minilm_cache`` from pretraining; texts missing from it are encoded and added)
                "concat-tfidf" for every real embedding table E (and minilm-mean): the standardised E
                          hstacked with the TF-IDF matrix, logistic regression (ridge), C and the TF-IDF block's
-                         weight chosen on val (row ``E+tfidf/logreg``): the "general user feature +
-                         service-specific feature" of the papers (opt-in)
+                         weight chosen on val (row ``E+tfidf/logreg``; ``concat_tfidf_weights``): the "general
+                         user feature + service-specific feature" of the papers (opt-in)
 
 Users come with the dataset's user-disjoint train/val/test split (ingest hashes the user id): heads fit
 on train, select on val, and every number reported is on test: the mean over ``seeds`` of the task's
@@ -176,10 +176,10 @@ class EvalConfig:
     logreg_max_iter: int = 1000  # lbfgs iterations
     tfidf_max_features: int = 50_000  # TF-IDF vocabulary size (unigrams + bigrams)
     tfidf_min_df: int = 2  # a term must occur in this many training users
-    concat_tfidf_weights: tuple[float, ...] = (1.0, 3.0, 10.0)  # concat-tfidf: factors on the TF-IDF block tried
-    #                         with every C (best val loss wins). Standardised embedding dims are ~1 per entry,
-    #                         TF-IDF entries ~0.1 (unit-norm rows): one L2 penalty would regularise the text
-    #                         block far harder; the factor lets val pick the balance (x factor^2 on its C)
+    concat_tfidf_weights: tuple[float, ...] = (0.3, 1.0, 3.0)  # concat-tfidf: factors w tried with every C (best
+    #                         val loss wins); the TF-IDF block is multiplied by w * sqrt(D), so at w = 1 its rows
+    #                         (unit norm) match the standardised D-dim embedding's (norm ~ sqrt(D)). One L2 penalty
+    #                         over blocks of unequal scale starves one of them; w lets val pick the balance
     minilm_cache: str = ""  # minilm-mean: MiniLM vector cache folder; "" = <data>/minilm_cache (pretraining's);
     #                         texts missing from it are encoded with the packaged model and appended
     t_trans_size: str = "tiny"  # T-Trans encoder size (encoders.SIZES); pick the pretrained encoder's for a fair match
@@ -974,13 +974,16 @@ def _tfidf_scores(td: TaskData, feats: TfidfFeatures, cfg: EvalConfig, seed: int
 
 
 def concat_features(emb: dict[str, np.ndarray], feats: TfidfFeatures, weight: float = 1.0) -> dict[str, Any]:
-    """split -> CSR [standardised embedding (n, D) | weight x TF-IDF (n, vocab)], standardised with the
-    train split's mean and std (constant dims stay constant)."""
+    """split -> CSR (n, D + vocab): [standardised embedding | weight * sqrt(D) * TF-IDF].
+
+    The embedding is standardised with the train split's mean and std (constant dims stay constant), so
+    its rows have norm ~ sqrt(D); TF-IDF rows have norm 1: at ``weight`` 1 both blocks weigh the same.
+    """
     import scipy.sparse as sp
 
     mean, std = _standardize_stats(emb["train"])
-    return {s: sp.hstack([sp.csr_matrix((emb[s] - mean) / std), feats.x[s] * np.float32(weight)], format="csr")
-            for s in emb}
+    scale = np.float32(weight * math.sqrt(emb["train"].shape[1]))
+    return {s: sp.hstack([sp.csr_matrix((emb[s] - mean) / std), feats.x[s] * scale], format="csr") for s in emb}
 
 
 def _concat_scores(td: TaskData, emb: dict[str, np.ndarray], feats: TfidfFeatures, cfg: EvalConfig,
