@@ -1269,7 +1269,8 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
 
     Returns the dict written to ``<out>/results.json``: ``config``, ``dataset``, ``embeddings``,
     ``tasks`` (per task: users by split, classes, cold/heavy thresholds, users left out and why),
-    ``rows`` (one per model x task, see ``_row``), ``charts`` and ``timings_s``.
+    ``rows`` (one per model x task, see ``_row``; plus ``vs_random``, ``paired`` {baseline: {test, cold}},
+    and what val chose: ``tfidf`` / ``concat`` / ``t_trans``), ``charts`` and ``timings_s``.
     """
     t_start = time.perf_counter()
     if not cfg.data:
@@ -1482,7 +1483,9 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
 def head_timings(rows: list[dict]) -> list[dict]:
     """ShopperBERT's speed claim on our setup: per task with a T-Trans row, each U-MLP row's training and
     inference seconds (head only: the frozen embeddings are computed once for every task) against
-    T-Trans's (featurizing the task's sequences included), seed means, and the ratios T-Trans / U-MLP."""
+    T-Trans's (featurizing the task's sequences included), seed means, and the ratios T-Trans / U-MLP.
+    T-Trans's seconds are one fit at the chosen learning rate; its search over ``t_trans_lrs`` is extra
+    (the row's ``t_trans.lr_search_s``)."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         tt = next((r for r in rows if r["task"] == task and r["model"] == "t-trans"), None)
