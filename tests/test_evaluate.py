@@ -451,6 +451,12 @@ def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds)
     assert pop["other_metrics"]["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(k + 2) if k < 10 else 0 for k in ranks]), abs=1e-6)
     for r in results["rows"]:
         assert 0 <= r["test"]["value"] <= 1 and r["cold"]["n"] > 0 and r["heavy"]["n"] > 0
+    # retrieval rows of a real table are paired with popularity (the MovieLens acceptance: beat popularity)
+    loo = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/mlp")
+    assert list(loo["paired"]) == ["popularity"]
+    for key in ("test", "cold"):
+        assert loo["paired"]["popularity"][key]["value"] == pytest.approx(loo[key]["value"] - pop[key]["value"], abs=2e-6)
+    assert "| vs popularity | vs popularity, cold |" in (Path(cfg.out) / "results.md").read_text()
     # the saved retrieval head reproduces its row
     row = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/logreg")
     head = load_head(Path(cfg.out) / row["heads"][0])
