@@ -19,6 +19,7 @@ from userfm.evaluate import (
     EvalConfig,
     EvalError,
     TaskConfig,
+    concat_features,
     fit_logreg,
     fit_mlp,
     fit_retrieval,
@@ -27,13 +28,17 @@ from userfm.evaluate import (
     load_embeddings,
     load_head,
     load_tasks,
+    minilm_mean_table,
     random_embeddings,
     retrieval_ranks,
     run_evaluate,
     save_head,
     task_data,
+    tfidf_features,
     user_table,
+    user_texts,
 )
+from userfm.features import text_hash
 
 pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
@@ -329,7 +334,7 @@ def test_t_trans_trains_from_scratch_and_beats_the_floor(synth_ds):
     # trained on the task's training users must beat random embeddings (lower RMSE) on test users.
     cfg = _cfg(synth_ds, "ttrans", embeddings={"random": "random"}, heads=("mlp",), baselines=("t-trans",),
                only_tasks=("n_future_events",), seeds=1, t_trans_item_encoder="category", t_trans_max_events=32,
-               t_trans_max_epochs=12, save_heads=False)
+               t_trans_max_epochs=12, t_trans_lrs=(1e-3,), save_heads=False)
     results = run_evaluate(cfg, progress=lambda s: None)
     row = next(r for r in results["rows"] if r["model"] == "t-trans")
     assert row["vs_random"]["model"] == "random/mlp" and row["vs_random"]["ci"][1] < 0
@@ -446,6 +451,12 @@ def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds)
     assert pop["other_metrics"]["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(k + 2) if k < 10 else 0 for k in ranks]), abs=1e-6)
     for r in results["rows"]:
         assert 0 <= r["test"]["value"] <= 1 and r["cold"]["n"] > 0 and r["heavy"]["n"] > 0
+    # retrieval rows of a real table are paired with popularity (the MovieLens acceptance: beat popularity)
+    loo = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/mlp")
+    assert list(loo["paired"]) == ["popularity"]
+    for key in ("test", "cold"):
+        assert loo["paired"]["popularity"][key]["value"] == pytest.approx(loo[key]["value"] - pop[key]["value"], abs=2e-6)
+    assert "| vs popularity | vs popularity, cold |" in (Path(cfg.out) / "results.md").read_text()
     # the saved retrieval head reproduces its row
     row = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/logreg")
     head = load_head(Path(cfg.out) / row["heads"][0])
@@ -459,3 +470,173 @@ def test_heldout_tasks_refuse_tables_that_saw_the_label(synth_ds, tmp_path):
     cfg = _cfg(synth_ds, "refuse", tasks=str(REPO / "experiments/tasks/synthetic-heldout.yaml"), only_tasks=("next_item",))
     with pytest.raises(EvalError, match=r"embeddings 'leaky'.*holdout_last=unknown.*--set holdout_last=1"):
         run_evaluate(cfg, progress=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------------- fair baselines
+
+
+def _fake_vectors(texts: list[str]) -> np.ndarray:
+    """A seeded unit vector per text (the cache's format, 384-d): a stand-in for MiniLM that costs nothing."""
+    out = np.empty((len(texts), 384), np.float32)
+    for i, h in enumerate(text_hash(texts)):
+        v = np.random.default_rng(int(h) & 0xFFFFFFFF).standard_normal(384)
+        out[i] = v / np.linalg.norm(v)
+    return out
+
+
+class FakeMiniLM:
+    """Encoder with MiniLMEncoder's call format (texts -> text_hash, vector) that records what it encodes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, texts):
+        texts = [t or "" for t in texts]
+        self.seen.extend(texts)
+        return {"text_hash": text_hash(texts), "vector": _fake_vectors(texts)}
+
+
+def _distinct_texts(ds) -> list[str]:
+    import pyarrow.compute as pc
+
+    return pc.unique(pc.list_flatten(read_sequences(ds, columns=["text"]).column("text"))).to_pylist()
+
+
+def test_minilm_mean_is_the_mean_of_each_users_cached_vectors(synth_ds, tmp_path):
+    from userfm.minilm import build_cache
+
+    ds = synth_ds["ds"]
+    texts = _distinct_texts(ds)
+    missing = texts[:3]
+    build_cache(texts[3:], tmp_path, encoder=FakeMiniLM())  # a cache that lacks 3 of the dataset's texts
+    enc = FakeMiniLM()
+    table = minilm_mean_table(ds, 0, tmp_path, encoder=enc, progress=lambda s: None)
+    assert sorted(enc.seen) == sorted(missing)  # only the missing texts were encoded ...
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 2  # ... and appended to the cache
+    enc.seen.clear()
+    loo = minilm_mean_table(ds, 1, tmp_path, encoder=enc, progress=lambda s: None)
+    assert enc.seen == [] and len(list(tmp_path.glob("part-*.parquet"))) == 2  # second time: all cached
+    assert table.dim == 384 and table.holdout_last == 0 and loo.holdout_last == 1
+
+    seq = read_sequences(ds, columns=["user_id", "text"]).to_pylist()
+    ids = np.array([r["user_id"] for r in seq[:40]], object)
+    got, got_loo = table.lookup(ids), loo.lookup(ids)
+    for r, g, g_loo in zip(seq[:40], got, got_loo):
+        events = _fake_vectors(r["text"])  # (n_events, 384), by hand
+        np.testing.assert_allclose(g, events.mean(axis=0), atol=1e-6)
+        np.testing.assert_allclose(g_loo, events[:-1].mean(axis=0) if len(events) > 1 else 0.0, atol=1e-6)
+    assert len(table.ids) == len(seq)
+
+
+@pytest.fixture(scope="module")
+def strong(synth_ds):
+    """Every baseline of the fair comparison on one task, two seeds, a MiniLM cache of stand-in vectors."""
+    from userfm.minilm import build_cache
+
+    cache = synth_ds["root"] / "fake_minilm_cache"
+    build_cache(_distinct_texts(synth_ds["ds"]), cache, encoder=FakeMiniLM())
+    cfg = _cfg(synth_ds, "strong", only_tasks=("segment",), baselines=("tfidf", "t-trans", MINILM, "concat-tfidf"),
+               minilm_cache=str(cache), t_trans_lrs=(1e-5, 3e-3), t_trans_item_encoder="category",
+               t_trans_max_events=32, t_trans_max_epochs=4, t_trans_patience=2, concat_tfidf_weights=(0.3, 1.0),
+               logreg_c=(1.0,), logreg_max_iter=200)  # (lbfgs on 384 + TF-IDF dims is the slow part: keep it short)
+    results = run_evaluate(cfg, progress=lambda s: None)
+    td = task_data(synth_ds["ds"], TaskConfig(name="segment", table="attributes", target="segment", type="multiclass"),
+                   user_table(synth_ds["ds"]))
+    return results, cfg, {r["model"]: r for r in results["rows"]}, td
+
+
+MINILM = "minilm-mean"
+
+
+def test_fair_baseline_rows_share_users_and_splits(strong):
+    results, cfg, rows, td = strong
+    assert set(rows) == {"leaky/mlp", "leaky/logreg", "random/mlp", "random/logreg", "minilm-mean/mlp", "minilm-mean/logreg",
+                         "tfidf/logreg", "leaky+tfidf/logreg", "minilm-mean+tfidf/logreg", "t-trans"}
+    info = results["tasks"][0]
+    for name, r in rows.items():  # every model is scored on the same test users, cold subset included
+        assert (r["test"]["n"], r["cold"]["n"]) == (len(td.ids["test"]), info["n_cold"]), name
+    assert results["embeddings"][MINILM]["dim"] == 384 and rows["minilm-mean/mlp"]["embedding"] == MINILM
+    md = (Path(cfg.out) / "results.md").read_text()
+    assert "| vs tfidf | vs tfidf, cold | vs t-trans | vs t-trans, cold |" in md
+    assert "| minilm-mean+tfidf/logreg |" in md and "t-trans: lr 0.003" in md
+
+
+def test_minilm_mean_rows_use_the_mean_vectors(strong, synth_ds):
+    _, cfg, rows, td = strong
+    seq = read_sequences(synth_ds["ds"], columns=["user_id", "text"]).to_pylist()
+    by_user = {r["user_id"]: _fake_vectors(r["text"]).mean(axis=0) for r in seq}
+    x_test = np.stack([by_user[u] for u in td.ids["test"]])
+    for head in ("logreg", "mlp"):
+        row = rows[f"minilm-mean/{head}"]
+        saved = load_head(Path(cfg.out) / row["heads"][0])
+        assert saved.meta["input_dim"] == 384
+        assert M.compute("accuracy", td.y["test"], saved.predict_proba(x_test)) == pytest.approx(row["per_seed"][0], abs=1e-6)
+
+
+def test_concat_features_and_row_by_hand(strong, synth_ds):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    _, cfg, rows, td = strong
+    texts = user_texts(synth_ds["ds"])
+    vocab = len(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2, max_features=50_000)
+                .fit([texts[u] for u in td.ids["train"]]).vocabulary_)
+    row = rows["leaky+tfidf/logreg"]
+    assert rows["tfidf/logreg"]["tfidf"]["features"] == row["concat"]["tfidf_features"] == vocab
+    assert row["concat"]["n_features"] == 16 + vocab and row["concat"]["embedding_dim"] == 16
+    assert row["concat"]["C"] in cfg.logreg_c and row["concat"]["tfidf_weight"] in cfg.concat_tfidf_weights
+
+    feats = tfidf_features(td, texts, cfg)
+    emb = {s: load_embeddings(synth_ds["leaky"]).lookup(td.ids[s]) for s in td.ids}
+    x = concat_features(emb, feats, row["concat"]["tfidf_weight"])
+    assert x["train"].shape == (len(td.ids["train"]), 16 + vocab) and x["test"].shape[0] == len(td.ids["test"])
+    mean, std = emb["train"].mean(axis=0), emb["train"].std(axis=0)
+    np.testing.assert_allclose(x["test"][:, :16].toarray(), (emb["test"] - mean) / std, rtol=1e-4, atol=1e-5)
+    # the TF-IDF block times weight * sqrt(16): at weight 1 its unit-norm rows weigh as much as the 16 z-scores
+    np.testing.assert_allclose(x["test"][:, 16:].toarray(), row["concat"]["tfidf_weight"] * 4.0 * feats.x["test"].toarray(),
+                               rtol=1e-5, atol=1e-6)
+    model = LogisticRegression(C=row["concat"]["C"], max_iter=cfg.logreg_max_iter, random_state=0).fit(x["train"], td.y["train"])
+    acc = np.mean(model.predict(x["test"]) == td.y["test"])
+    assert acc == pytest.approx(row["per_seed"][0], abs=1e-6) and row["per_seed"] == [row["per_seed"][0]] * 2
+
+
+def test_t_trans_learning_rate_is_chosen_on_val(strong):
+    _, _, rows, _ = strong
+    tt = rows["t-trans"]["t_trans"]
+    grid = tt["lr_grid"]
+    assert [g["lr"] for g in grid] == [1e-5, 3e-3]
+    losses = [g["val_loss"] for g in grid]
+    # 1e-5 barely moves the weights in 4 epochs: its val loss stays near the initial one; the winner is not the first
+    assert tt["lr"] == grid[int(np.argmin(losses))]["lr"] == 3e-3 and losses[1] < losses[0]
+    assert len(tt["epochs"]) == 2 and all(e <= 4 for e in tt["epochs"]) and tt["lr_search_s"] > 0
+
+
+def test_paired_differences_vs_tfidf_and_t_trans(strong):
+    results, _, rows, _ = strong
+    n_cold = results["tasks"][0]["n_cold"]
+    paired = {m for m, r in rows.items() if "paired" in r}
+    assert paired == {"leaky/mlp", "leaky/logreg", "minilm-mean/mlp", "minilm-mean/logreg", "leaky+tfidf/logreg",
+                      "minilm-mean+tfidf/logreg"}  # real tables only: not the random floor, not the baselines
+    for m in paired:
+        for ref in ("tfidf/logreg", "t-trans"):
+            for key in ("test", "cold"):
+                d = rows[m]["paired"][ref][key]
+                # same users, same seed means: the paired difference is the difference of the two rows' values
+                assert d["value"] == pytest.approx(rows[m][key]["value"] - rows[ref][key]["value"], abs=2e-6), (m, ref, key)
+                assert d["ci"][0] <= d["value"] <= d["ci"][1], (m, ref, key)
+            assert rows[m]["paired"][ref]["cold"]["n"] == n_cold
+    # the leaky table encodes the segment: it beats TF-IDF, with an interval above 0
+    assert rows["leaky/logreg"]["paired"]["tfidf/logreg"]["test"]["ci"][0] > 0
+
+
+def test_fair_baseline_config_errors():
+    with pytest.raises(ValueError, match="t_trans_lrs"):
+        EvalConfig(t_trans_lrs=())
+    with pytest.raises(ValueError, match="concat_tfidf_weights"):
+        EvalConfig(concat_tfidf_weights=(0.0,))
+    with pytest.raises(ValueError, match="'minilm-mean' is a baseline"):
+        EvalConfig(embeddings={"minilm-mean": "x.parquet"})
+    with pytest.raises(ValueError, match="no '/' or '\\+'"):
+        EvalConfig(embeddings={"a+tfidf": "x.parquet"})
+    with pytest.raises(ValueError, match="baselines: unknown"):
+        EvalConfig(baselines=("mean-minilm",))
