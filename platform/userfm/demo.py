@@ -25,18 +25,22 @@ class DemoConfig:
     out: str = "runs/demo"  # run folder; replaced on every run
     data: str | None = None  # real logs instead of synthetic (folder or file)
     format: str | None = None  # format of `data`: movielens | online-retail | amazon-reviews | events
-    n_users: int = 3000  # synthetic users
+    n_users: int = 10_000  # synthetic users (10k: CLUE sees ~8k training users, ~6 epochs in 400 steps, and does not overfit)
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
     max_events: int = 256  # most recent events kept per user sequence
     pretrain_steps: int = 400  # optimizer steps per pretraining run (0 = skip pretraining)
     batch_size: int = 64  # users per worker per step (the contrastive batch is this x num_workers)
+    size: str = "small"  # encoder size (encoders.SIZES): small = width 128, 4 layers -> 128-float user embeddings
+    proj_dim: int = 128  # clue/simclr: projection MLP under the contrastive loss (embeddings are taken before it); 0 = none
+    clue_crop: float = 0.5  # clue: each step, each service view keeps a random time window of U[clue_crop, 1] of its span
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
     t_trans: bool = False  # also train the task-specific T-Trans baseline per task (slow: minutes per task)
+    baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity", "minilm-mean")  # evaluate baselines (EvalConfig.baselines); t_trans adds "t-trans"
     report: bool = True  # write the HTML run report (report/report.html)
     serve: bool = True  # start the Serve app on 127.0.0.1, call each route once, shut it down
     serve_port: int = 0  # HTTP port for the serve stage; 0 = a free one
@@ -137,6 +141,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
             data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
             pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
+            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
             max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed,
             eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
             log_every=max(1, cfg.pretrain_steps // 10),
@@ -153,7 +158,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
 
     evaluation = None
     if objectives and tasks:
-        baselines = EvalConfig.baselines + (("t-trans",) if cfg.t_trans else ())
+        baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
         vcfg = EvalConfig(data=str(dataset), out=str(out / "evaluate"), tasks=str(tasks), seeds=cfg.eval_seeds,
                           embeddings={**{o: pretrained[o]["embeddings"] for o in objectives}, "random": "random"},
                           baselines=baselines)
