@@ -83,7 +83,8 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     assert (out / "pretrain" / "clue" / "model" / "model.safetensors").exists()
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert {r["model"] for r in results["rows"] if r["task"] == "segment"} == {
-        "clue/mlp", "clue/logreg", "random/mlp", "random/logreg", "tfidf/logreg", "oracle"}
+        "clue/mlp", "clue/logreg", "random/mlp", "random/logreg", "tfidf/logreg", "oracle",
+        "minilm-mean/mlp", "minilm-mean/logreg"}
     assert summary["evaluate"]["headline"]["segment"]["oracle"] == pytest.approx(truth["attributes"]["segment"]["oracle_accuracy"], abs=1e-3)
     # a second run replaces the run folder; a foreign folder is refused
     assert main(["demo", "--out", str(out), "--users", "50", "--set", "pretrain_steps=0"]) == 0
