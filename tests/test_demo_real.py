@@ -156,7 +156,7 @@ MOVIELENS_KINDS = {"gender": "attr", "age_bracket": "attr", "occupation": "attr"
 HEADS = ("mlp", "logreg")
 
 
-def _models(task: str, kind: str) -> set[str]:
+def _models(kind: str) -> set[str]:
     """The evaluation rows of a demo task: CLUE and random x both heads, + TF-IDF (classification) or popularity."""
     return {f"{e}/{h}" for e in ("clue", "random") for h in HEADS} | ({"popularity"} if kind == "retrieval" else {"tfidf/logreg"})
 
@@ -178,7 +178,7 @@ def _check_run(out: Path, printed: str, n_stages: int, users: dict[str, dict[str
     assert [t["name"] for t in results["tasks"]] == list(users)  # task-file order
     assert {t["name"]: t["users"] for t in results["tasks"]} == users
     for task, kind in kinds.items():
-        assert {r["model"] for r in results["rows"] if r["task"] == task} == _models(task, kind), task
+        assert {r["model"] for r in results["rows"] if r["task"] == task} == _models(kind), task
         assert (out / "evaluate" / "heads" / task / "clue-mlp" / "seed0" / "head.json").is_file()
     assert [s["task"] for s in results["skipped_tasks"]] == skipped
     md = (out / "evaluate" / "results.md").read_text()
@@ -187,6 +187,10 @@ def _check_run(out: Path, printed: str, n_stages: int, users: dict[str, dict[str
     by_pass = {p["name"]: p["tasks"] for p in results["passes"]}
     assert by_pass == {**({"full_history": [t for t in users if t not in last]} if len(last) < len(users) else {}),
                        "last_event_held_out": last}
+    # each pass evaluated the CLUE table it needs: the held-out one only for the last_event tasks
+    tables = {p["name"]: (p["embeddings"]["clue"]["source"], p["embeddings"]["clue"]["holdout_last"]) for p in results["passes"]}
+    assert tables == {**({"full_history": (str(out / "embeddings" / "clue"), 0)} if "full_history" in by_pass else {}),
+                      "last_event_held_out": (str(out / "embeddings_heldout" / "clue"), 1)}
     summary = json.loads((out / "demo_summary.json").read_text())
     clue = summary["pretrain"]["clue"]
     assert (clue["users_embedded"], clue["users_embedded_heldout"]) == (11, 10)  # user 10 has nothing left
