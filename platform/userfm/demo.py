@@ -4,6 +4,16 @@ Stages: synthesize (or convert real) logs -> ingest with Ray Data -> summary -> 
 Train (``--compare``: also MLM and SimCLR) -> embed every user with Ray Data actors -> evaluate the
 default tasks -> write the HTML report -> start the Ray Serve app, call each route once, print the
 answers -> shut Serve down. Everything lands in one run folder; ``demo_summary.json`` lists it.
+
+Default tasks: ``experiments/tasks/<format>.yaml`` (``synthetic.yaml`` without ``--data``). After
+ingest the demo keeps the tasks this data supports (the others are listed with the reason, e.g. the
+MovieLens gender task on ml-latest, which has no user attributes) and splits them by the embedding
+table they need: tasks on ``last_event`` (next genre, next item) predict each user's last event, so
+``userfm evaluate`` refuses a table that has seen it. For those the demo also embeds every user
+WITHOUT the last event (``embeddings_heldout/<objective>/``, ``holdout_last=1``) and evaluates them in a
+second pass. Both passes write their heads and charts into ``evaluate/``; their own
+``config.json`` / ``results.json`` / ``results.md`` move to ``evaluate/passes/<pass>/``, and
+``evaluate/results.json`` / ``results.md`` hold every task of both.
 """
 
 from __future__ import annotations
@@ -55,22 +65,99 @@ class DemoConfig:
 _TASKS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "tasks"
 
 
-def _default_tasks(cfg: DemoConfig) -> Path | None:
-    """The task file for this data, or None when the data has no labels to evaluate against."""
-    if cfg.data is None:
-        return _TASKS_DIR / "synthetic.yaml"
-    if cfg.format == "movielens":
-        return _TASKS_DIR / "movielens.yaml"  # used only if the conversion produced attributes
-    return None
+def _default_tasks(cfg: DemoConfig) -> Path:
+    """The task file for this data: one per format (each says what its converter provides)."""
+    return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
+
+
+PASSES = {0: "full_history", 1: "last_event_held_out"}  # holdout_last of the embedding table -> pass name
+
+
+@dataclass(frozen=True)
+class _TaskPlan:
+    """The task file's tasks this dataset supports, grouped by the embedding table they need."""
+
+    passes: dict[int, tuple[str, ...]]  # holdout_last (0 or 1) -> task names, in task-file order
+    skipped: tuple[dict, ...]  # {"task", "reason"} for each task the data cannot support
+    order: tuple[str, ...]  # every task name of the file, in file order
+    users: dict[str, dict[str, int]]  # task kept -> labelled users by split (train / val / test)
+
+
+def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
+    """Build each task's labels the way ``userfm evaluate`` will (``evaluate.task_data``) and keep the
+    ones that work: a task whose table was not ingested (no user attributes in ml-latest) or whose
+    labels cannot make a train/val/test evaluation (one class only, e.g. next_category on an Amazon dump
+    of one category; no item ids) is skipped with the evaluator's own reason instead of stopping the demo."""
+    from userfm.dataset import load_manifest, read_attributes
+    from userfm.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
+
+    ingested = [a["name"] for a in load_manifest(dataset).get("attributes", [])]
+    users = user_table(dataset)
+    tables: dict = {}
+    passes: dict[int, list[str]] = {}
+    skipped, users_by_task = [], {}
+    all_tasks = load_tasks(tasks)
+    for t in all_tasks:
+        if t.table != LAST_EVENT and t.table not in ingested:
+            skipped.append({"task": t.name, "reason": f"no attributes table {t.table!r} in this data "
+                                                      f"(ingested: {', '.join(ingested) or 'none'})"})
+            continue
+        if t.table not in tables:
+            tables[t.table] = last_event_table(dataset) if t.table == LAST_EVENT else read_attributes(dataset, t.table)
+        try:
+            td = task_data(dataset, t, users, tables)
+        except EvalError as exc:
+            skipped.append({"task": t.name, "reason": str(exc)})
+            continue
+        passes.setdefault(td.holdout, []).append(t.name)
+        users_by_task[t.name] = {s: len(ids) for s, ids in td.ids.items()}
+    return _TaskPlan({h: tuple(n) for h, n in sorted(passes.items())}, tuple(skipped), tuple(t.name for t in all_tasks),
+                     users_by_task)
+
+
+def merge_passes(parts: list[tuple[int, dict]], plan: _TaskPlan) -> dict:
+    """One results dict (the shape of ``evaluate/results.json``) from the evaluate passes' results.
+
+    Rows and tasks follow the task file's order; ``config`` keeps the settings every pass shares
+    (the per-pass configs, embedding tables and timings are under ``passes``); ``skipped_tasks`` lists
+    the tasks the plan left out. Head and chart paths are relative to the folder all passes wrote to.
+
+    Args:
+        parts: (holdout_last of the pass's embedding tables, ``run_evaluate``'s results), one per pass.
+    """
+    rank = {name: i for i, name in enumerate(plan.order)}
+    configs = [r["config"] for _, r in parts]
+    first = parts[0][1]
+    return {
+        "config": {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs[1:])},
+        "dataset": first["dataset"],
+        "ground_truth": next((r["ground_truth"] for _, r in parts if r.get("ground_truth")), None),
+        "seeds": first["seeds"],
+        "tasks": sorted((t for _, r in parts for t in r["tasks"]), key=lambda t: rank[t["name"]]),
+        "skipped_tasks": list(plan.skipped) + [sk for _, r in parts for sk in r.get("skipped_tasks", [])],
+        "rows": sorted((row for _, r in parts for row in r["rows"]), key=lambda row: rank[row["task"]]),
+        "head_timings": sorted((h for _, r in parts for h in r.get("head_timings", [])), key=lambda h: rank[h["task"]]),
+        "charts": [c for _, r in parts for c in r.get("charts", [])],
+        "passes": [{"name": PASSES[h], "holdout_last": h, "tasks": [t["name"] for t in r["tasks"]],
+                    "embeddings": r["embeddings"], "config": r["config"], "files": f"passes/{PASSES[h]}",
+                    "timings_s": r["timings_s"]} for h, r in parts],
+        "timings_s": {"total": round(sum(r["timings_s"]["total"] for _, r in parts), 3)},
+    }
 
 
 def _headline(results: dict) -> dict:
-    """task -> {model: primary metric} for the final summary (read from results.json's rows)."""
+    """task -> {model: primary metric} for the final summary (read from results.json's rows); retrieval
+    tasks also get "<task> <metric>" entries for their secondary metrics (next_item: HR@10, then NDCG@10)."""
     out: dict = {}
     for row in results.get("rows", []):
         value = row["test"]["value"]
         if value is not None:
             out.setdefault(row["task"], {})[row["model"]] = round(value, 3)
+    for row in results.get("rows", []):
+        if row["metric"] in ("hr@10", "ndcg@10"):
+            for m, v in row.get("other_metrics", {}).items():
+                if v is not None:
+                    out.setdefault(f"{row['task']} {m}", {})[row["model"]] = round(v, 3)
     return out
 
 
@@ -95,7 +182,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     from userfm.dataset import format_summary, summarize
     from userfm.ingest import IngestConfig, run_ingest
     from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import EvalConfig, run_evaluate
+    from userfm.evaluate import LAST_EVENT, load_tasks
     from userfm.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 
@@ -108,8 +195,13 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     raw, dataset = out / "raw", out / "dataset"
     objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
     tasks = _default_tasks(cfg)
-    stages = _Stages(4 + 2 * len(objectives) + (1 if objectives and tasks else 0) + int(cfg.report)
-                     + int(cfg.serve and bool(objectives)))
+
+    def n_stages(passes) -> int:  # data, Ray, ingest, summary; per objective pretrain + embed(s); evaluate; report; serve
+        return (4 + len(objectives) * (2 + int(1 in passes)) + int(bool(objectives and passes)) + int(cfg.report)
+                + int(cfg.serve and bool(objectives)))
+
+    # (until ingest has shown which tasks the data supports, count those of the task file)
+    stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}))
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -135,6 +227,16 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     summary = stages.run("summarize", lambda: summarize(dataset))
     print(format_summary(summary))
 
+    plan = None
+    if objectives:
+        plan = _plan_tasks(tasks, dataset)
+        for sk in plan.skipped:
+            print(f"[demo] task {sk['task']} skipped: {sk['reason']}")
+        print(f"[demo] tasks from {tasks}: " + ("; ".join(
+            f"{', '.join(names)} on the {'held-out' if h else 'full-history'} embeddings" for h, names in plan.passes.items())
+            or "none this data supports"))
+        stages.total = n_stages(plan.passes)
+
     pretrained = {}
     for objective in objectives:
         pcfg = PretrainConfig(
@@ -155,17 +257,21 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
         e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
         pretrained[objective]["embeddings"] = ecfg.out
         pretrained[objective]["users_embedded"] = e["users_embedded"]
+        if 1 in plan.passes:  # last_event tasks: the same encoder, each user's history without its last event
+            hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings_heldout" / objective),
+                               holdout_last=1)
+            h = stages.run(f"embed users with {objective}, last event held out", lambda: run_embed(hcfg))
+            pretrained[objective]["embeddings_heldout"] = hcfg.out
+            pretrained[objective]["users_embedded_heldout"] = h["users_embedded"]
 
-    evaluation = None
-    if objectives and tasks:
-        baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
-        vcfg = EvalConfig(data=str(dataset), out=str(out / "evaluate"), tasks=str(tasks), seeds=cfg.eval_seeds,
-                          embeddings={**{o: pretrained[o]["embeddings"] for o in objectives}, "random": "random"},
-                          baselines=baselines)
-        ev = stages.run("evaluate downstream tasks", lambda: run_evaluate(vcfg))
-        evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev)}
+    evaluation = ev = None
+    if objectives and plan.passes:
+        ev = stages.run("evaluate downstream tasks", lambda: _evaluate_stage(cfg, dataset, out / "evaluate", tasks, plan,
+                                                                              {o: pretrained[o] for o in objectives}))
+        evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev),
+                      "tasks": [t["name"] for t in ev["tasks"]], "skipped_tasks": ev["skipped_tasks"]}
     elif objectives:
-        print("[demo] no label tables in this data: evaluation skipped")
+        print("[demo] no task this data supports: evaluation skipped")
 
     report = None
     if cfg.report:
@@ -178,7 +284,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     served = None
     if cfg.serve and objectives:
         served = stages.run("serve embeddings and heads over HTTP (Ray Serve)",
-                            lambda: _serve_stage(cfg, out, dataset, pretrained, evaluation is not None))
+                            lambda: _serve_stage(cfg, out, dataset, pretrained, ev))
 
     result = {
         "config": to_dict(cfg),
@@ -198,9 +304,55 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     if evaluation:
         for task, models in evaluation["headline"].items():
             print(f"[demo]   {task:<18} " + "  ".join(f"{m} {v}" for m, v in models.items()))
+        for sk in evaluation["skipped_tasks"]:
+            print(f"[demo]   {sk['task']:<18} skipped: {sk['reason']}")
     if report:
         print(f"[demo] report: {report}")
     return result
+
+
+def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan: _TaskPlan, pretrained: dict) -> dict:
+    """``userfm evaluate`` once per pass of the plan (full-history tables; held-out tables for the
+    last_event tasks), all into ``out``; returns (and writes) the merged results."""
+    from userfm.evaluate import EvalConfig, format_markdown, run_evaluate
+
+    baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
+    parts = []
+    for holdout, names in plan.passes.items():
+        table = "embeddings_heldout" if holdout else "embeddings"
+        vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
+                          embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
+                          baselines=baselines)
+        print(f"[demo] evaluate pass {PASSES[holdout]} (holdout_last={holdout}): {', '.join(names)}", flush=True)
+        parts.append((holdout, run_evaluate(vcfg)))
+        # heads/ and chart_<task>.png do not collide (task names are unique); these three files do
+        keep = out / "passes" / PASSES[holdout]
+        keep.mkdir(parents=True)
+        for name in ("config.json", "results.json", "results.md"):
+            (out / name).replace(keep / name)
+    merged = merge_passes(parts, plan)
+    (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out / "results.md").write_text(format_markdown(merged))
+    return merged
+
+
+def _serve_head(results: dict | None, heads_dir: Path) -> str | None:
+    """The task whose CLUE U-MLP head (seed 0) the serve stage deploys: ``segment`` on synthetic data,
+    else the first classification task on a user-attribute table, else the first classification task
+    (a next-event head answers "what comes next" from the full history), else any; None without heads."""
+    from userfm.evaluate import LAST_EVENT
+
+    if results is None:
+        return None
+    tasks = [t for t in results["tasks"] if (heads_dir / t["name"] / "clue-mlp" / "seed0").is_dir()]
+    for keep in (lambda t: t["name"] == "segment",
+                 lambda t: t["config"]["type"] != "retrieval" and t["config"]["table"] != LAST_EVENT,
+                 lambda t: t["config"]["type"] != "retrieval",
+                 lambda t: True):
+        found = [t["name"] for t in tasks if keep(t)]
+        if found:
+            return found[0]
+    return None
 
 
 def _brief(body) -> str:
@@ -217,16 +369,15 @@ def _brief(body) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, with_heads: bool) -> dict:
-    """Start the Serve app for the CLUE encoder (its embeddings, its evaluation heads), call every
+def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, results: dict | None) -> dict:
+    """Start the Serve app for the CLUE encoder (its embeddings, one of its evaluation heads), call every
     route once with a real test user, print the answers, shut Serve down."""
     from userfm.dataset import read_sequences
     from userfm.serve import ServeConfig, events_from_sequence, smoke_calls, start, stop
 
-    # one head deployment (each is a replica process): the first attribute task's CLUE U-MLP
+    # one head deployment (each is a replica process)
     heads_dir = out / "evaluate" / "heads"
-    tasks = [d.name for d in sorted(heads_dir.iterdir()) if (d / "clue-mlp" / "seed0").is_dir()] if with_heads else []
-    head = "segment" if "segment" in tasks else (tasks[0] if tasks else None)
+    head = _serve_head(results, heads_dir)
     scfg = ServeConfig(
         model=pretrained["clue"]["model"], embeddings=pretrained["clue"]["embeddings"],
         heads={head: str(heads_dir / head / "clue-mlp" / "seed0")} if head else {},
