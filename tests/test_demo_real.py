@@ -162,8 +162,10 @@ def _models(kind: str) -> set[str]:
 
 
 def _tiny(out: Path, src: Path, fmt: str, **kw) -> DemoConfig:
+    # category items, a tiny encoder and no mean-MiniLM baseline: nothing loads MiniLM in these tests
     base = dict(out=str(out), data=str(src), format=fmt, pretrain_steps=2, batch_size=2, num_workers=1,
-                item_encoder="category", eval_seeds=1, report=False, serve=False)
+                item_encoder="category", size="tiny", eval_seeds=1, report=False, serve=False,
+                baselines=("tfidf", "oracle", "popularity"))
     return DemoConfig(**{**base, **kw})
 
 
