@@ -104,6 +104,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.refresh import RefreshConfig, run_refresh
+    from userfm.runtime import init_ray
+
+    cfg = load_config(
+        RefreshConfig, args.config, args.overrides, inputs=tuple(args.inputs) or None, data=args.data,
+        embeddings=args.embeddings, model=args.model, out=args.out, actors=args.actors, gpus=args.gpus,
+        overwrite=args.overwrite,
+    )
+    init_ray(args.address, num_cpus=args.num_cpus)
+    m = run_refresh(cfg)
+    print(json.dumps({k: m[k] for k in ("version", "window", "users", "partitions", "timings_s")}, indent=2))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from userfm.config import load_config
     from userfm.evaluate import EvalConfig, run_evaluate
@@ -268,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_embed)
+
+    p = sub.add_parser("refresh", help="a new window of logs -> new dataset + embedding table versions, re-embedding only changed users",
+                       description="Incremental refresh: validate the window's events with the dataset's own rules, rebuild "
+                       "only the sequences of the users it touches (others are copied), re-embed only users whose sequence "
+                       "changed or who are new (others keep their exact old rows), and write OUT/dataset, OUT/embeddings "
+                       "(version n + 1, same schemas) and OUT/manifest.json (window rows in = kept + quarantined; users "
+                       "unchanged / changed / new). Reload a running server with POST /v1/admin/reload.")
+    p.add_argument("inputs", nargs="*", help="the window's event files, folders or globs (RefreshConfig.inputs)")
+    p.add_argument("--data", help="current sequence dataset folder (userfm ingest, or OUT/dataset of a refresh)")
+    p.add_argument("--embeddings", help="its embedding table folder (userfm embed, or OUT/embeddings of a refresh)")
+    p.add_argument("--model", help="the exported encoder that made --embeddings")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--actors", type=int, help="inference actors (default 1)")
+    p.add_argument("--gpus", type=float, help="GPUs per actor (default 0: CPU)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_refresh)
 
     p = sub.add_parser("evaluate", help="downstream tasks on frozen embeddings: U-MLP / logistic heads vs baselines",
                        description="Train small heads on frozen embedding tables for the tasks of a YAML file, next to "
