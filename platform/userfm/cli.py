@@ -120,6 +120,23 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.drift import DriftConfig, format_markdown, run_drift
+
+    cfg = load_config(
+        DriftConfig, args.config, args.overrides, old=args.old, new=args.new, out=args.out, data=args.data,
+        heads=tuple(args.heads) or None, k=args.k, min_cosine=args.min_cosine, min_overlap=args.min_overlap,
+        max_metric_drop=args.max_metric_drop,
+    )
+    result = run_drift(cfg)
+    print(format_markdown(result))
+    if result["failures"]:
+        print("userfm drift: over threshold: " + "; ".join(result["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from userfm.config import load_config
     from userfm.evaluate import EvalConfig, run_evaluate
@@ -302,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_refresh)
+
+    p = sub.add_parser("drift", help="compare two embedding tables: aligned per-user cosine, neighbour overlap@k, old heads on the new table",
+                       description="Per-user cosine after orthogonal Procrustes alignment, neighbour overlap@k, and the old "
+                       "table's saved heads scored on the new table (as is and aligned). Writes drift.json, drift.md and "
+                       "per_user.parquet to --out and prints the Markdown. Exit status 1 when a threshold is crossed "
+                       "(--min-cosine, --min-overlap, --max-metric-drop), 2 on bad input.")
+    p.add_argument("old", nargs="?", help="the old embedding table (the one the heads were fitted on)")
+    p.add_argument("new", nargs="?", help="the new embedding table")
+    p.add_argument("--out", help="output folder (drift.json, drift.md, per_user.parquet)")
+    p.add_argument("--data", help="dataset folder with the heads' labels (needed with --heads)")
+    p.add_argument("--heads", action="append", default=[], metavar="DIR",
+                   help="a saved head, or a folder searched for heads (e.g. <evaluate out>/heads); repeatable")
+    p.add_argument("--k", type=int, help="neighbours per user for overlap@k (default 10)")
+    p.add_argument("--min-cosine", type=float, help="exit 1 when the mean aligned cosine is below this")
+    p.add_argument("--min-overlap", type=float, help="exit 1 when the mean overlap@k is below this")
+    p.add_argument("--max-metric-drop", type=float,
+                   help="exit 1 when a head's metric on the new table is worse than on the old by more than this")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_drift)
 
     p = sub.add_parser("evaluate", help="downstream tasks on frozen embeddings: U-MLP / logistic heads vs baselines",
                        description="Train small heads on frozen embedding tables for the tasks of a YAML file, next to "
