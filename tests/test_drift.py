@@ -167,6 +167,8 @@ def labelled(tmp_path_factory, ray_local):
     head = fit_logreg(x[:n_tr], y[:n_tr], x[n_tr:n_tr + n_va], y[n_tr:n_tr + n_va], task=task, classes=td.classes,
                       cfg=EvalConfig(logreg_c=(1.0,)), seed=0)
     save_head(root / "heads" / "segment" / "t-logreg" / "seed0", head)
+    head.meta.update(embedding="random", embedding_source="random")  # evaluate's random floor, saved beside it
+    save_head(root / "heads" / "segment" / "random-logreg" / "seed0", head)
     q = ortho_group.rvs(16, random_state=5)
     old = _write(root / "old" / "t.parquet", ids, x)
     new = _write(root / "new" / "t.parquet", ids, x @ q)
@@ -180,7 +182,10 @@ def test_old_heads_on_a_rotated_table_as_is_and_aligned(labelled):
     root = labelled["root"]
     r = run_drift(DriftConfig(old=labelled["old"], new=labelled["new"], data=str(root / "ds"), heads=(str(root / "heads"),),
                               max_metric_drop=0.05), **QUIET)
-    [h] = r["heads"]
+    skipped, h = r["heads"]
+    assert skipped == {"head": "segment/random-logreg/seed0", "path": str(root / "heads" / "segment" / "random-logreg" / "seed0"),
+                       "task": "segment", "kind": "logreg", "embedding_source": "random",
+                       "skipped": f"fitted on random, not on the old table {labelled['old']}"}
     assert h["head"] == "segment/t-logreg/seed0" and h["metric"] == "accuracy" and h["users"] == len(labelled["y_test"])
     head = load_head(root / "heads" / "segment" / "t-logreg" / "seed0")
     y, xt = labelled["y_test"], labelled["x_test"]

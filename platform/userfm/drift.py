@@ -183,6 +183,12 @@ def score_head(head, metric: str, y: np.ndarray, tables: dict[str, np.ndarray | 
     return {"metric": metric, "higher_is_better": M.HIGHER_IS_BETTER[metric], "values": values, "agreement": agreement}
 
 
+def _table_path(path: str | Path) -> Path:
+    """An embedding table's files folder: a run folder and its embeddings/ are the same table."""
+    p = Path(path).resolve()
+    return p / "embeddings" if (p / "embeddings").is_dir() else p
+
+
 def _heads_section(cfg: DriftConfig, ids: list[str], tables: dict[str, np.ndarray], progress) -> list[dict]:
     from userfm.evaluate import EvalError, TaskConfig, load_head, task_data, user_table
 
@@ -196,6 +202,11 @@ def _heads_section(cfg: DriftConfig, ids: list[str], tables: dict[str, np.ndarra
         task = TaskConfig(**head.meta["task"])
         entry = {"head": name, "path": str(path), "task": task.name, "kind": head.meta.get("kind"),
                  "embedding_source": head.meta.get("embedding_source")}
+        src = head.meta.get("embedding_source")
+        if src == "random" or (src and Path(src).exists() and _table_path(src) != _table_path(cfg.old)):
+            # `userfm evaluate` saves heads of every table it compared (random floor included) side by side
+            rows.append({**entry, "skipped": f"fitted on {src}, not on the old table {cfg.old}"})
+            continue
         if task.type == "retrieval":
             rows.append({**entry, "skipped": "retrieval heads rank the catalog per user; drift scores classification and regression heads"})
             continue

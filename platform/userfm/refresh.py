@@ -384,7 +384,8 @@ def run_refresh(cfg: RefreshConfig, progress: Callable[[str], None] = print) -> 
     else:
         fresh = None
     t_embed = time.perf_counter() - t3
-    fs.delete_dir(work)
+    if fs.get_file_info(work).type == pafs.FileType.Directory:  # (an empty window writes nothing there)
+        fs.delete_dir(work)
     with fs.open_output_stream(f"{data_out}/manifest.json") as f:  # the dataset is complete now
         f.write(json.dumps({**data_manifest, "timings_s": {**data_manifest["timings_s"],
                                                             "total": round(time.perf_counter() - t0, 3)}}, indent=2).encode())
