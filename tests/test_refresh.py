@@ -39,7 +39,8 @@ def _window(root, raw, old_events: pa.Table) -> dict:
                 text=f"fresh query {i} {k}", item_id=None, category=None, value=None) for i in range(3) for k in range(2)]
     # 4 exact copies of a user's old events (a user not otherwise in the window: it stays unchanged),
     # and one copy of a window row (a duplicate inside the window)
-    quiet_user = next(u for u in sorted(set(old_events.column("user_id").to_pylist())) if u not in changed)
+    counts = pc.value_counts(old_events.column("user_id")).to_pylist()
+    quiet_user = min(c["values"] for c in counts if c["counts"] >= 4 and c["values"] not in changed)
     dup_old = old_events.filter(pc.equal(old_events.column("user_id"), quiet_user)).slice(0, 4)
     assert dup_old.num_rows == 4
     rows = pa.concat_tables([fut, pa.Table.from_pylist(new, schema=EVENT_SCHEMA), dup_old, fut.slice(0, 1)])
