@@ -12,6 +12,7 @@ import pytest
 from userfm.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "synth", "convert", "ingest", "pretrain", "embed", "evaluate", "report", "sweep", "serve", "summary"]
+SUBCOMMANDS += ["refresh", "drift"]  # incremental refresh and embedding drift
 
 
 def run_cli(*args, timeout=120):

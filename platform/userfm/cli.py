@@ -104,6 +104,39 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.refresh import RefreshConfig, run_refresh
+    from userfm.runtime import init_ray
+
+    cfg = load_config(
+        RefreshConfig, args.config, args.overrides, inputs=tuple(args.inputs) or None, data=args.data,
+        embeddings=args.embeddings, model=args.model, out=args.out, actors=args.actors, gpus=args.gpus,
+        overwrite=args.overwrite,
+    )
+    init_ray(args.address, num_cpus=args.num_cpus)
+    m = run_refresh(cfg)
+    print(json.dumps({k: m[k] for k in ("version", "window", "users", "partitions", "timings_s")}, indent=2))
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from userfm.config import load_config
+    from userfm.drift import DriftConfig, format_markdown, run_drift
+
+    cfg = load_config(
+        DriftConfig, args.config, args.overrides, old=args.old, new=args.new, out=args.out, data=args.data,
+        heads=tuple(args.heads) or None, k=args.k, min_cosine=args.min_cosine, min_overlap=args.min_overlap,
+        max_metric_drop=args.max_metric_drop,
+    )
+    result = run_drift(cfg)
+    print(format_markdown(result))
+    if result["failures"]:
+        print("userfm drift: over threshold: " + "; ".join(result["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from userfm.config import load_config
     from userfm.evaluate import EvalConfig, run_evaluate
@@ -268,6 +301,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_embed)
+
+    p = sub.add_parser("refresh", help="a new window of logs -> new dataset + embedding table versions, re-embedding only changed users",
+                       description="Incremental refresh: validate the window's events with the dataset's own rules, rebuild "
+                       "only the sequences of the users it touches (others are copied), re-embed only users whose sequence "
+                       "changed or who are new (others keep their exact old rows), and write OUT/dataset, OUT/embeddings "
+                       "(version n + 1, same schemas) and OUT/manifest.json (window rows in = kept + quarantined; users "
+                       "unchanged / changed / new). Reload a running server with POST /v1/admin/reload.")
+    p.add_argument("inputs", nargs="*", help="the window's event files, folders or globs (RefreshConfig.inputs)")
+    p.add_argument("--data", help="current sequence dataset folder (userfm ingest, or OUT/dataset of a refresh)")
+    p.add_argument("--embeddings", help="its embedding table folder (userfm embed, or OUT/embeddings of a refresh)")
+    p.add_argument("--model", help="the exported encoder that made --embeddings")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--actors", type=int, help="inference actors (default 1)")
+    p.add_argument("--gpus", type=float, help="GPUs per actor (default 0: CPU)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(fn=cmd_refresh)
+
+    p = sub.add_parser("drift", help="compare two embedding tables: aligned per-user cosine, neighbour overlap@k, old heads on the new table",
+                       description="Per-user cosine after orthogonal Procrustes alignment, neighbour overlap@k, and the old "
+                       "table's saved heads scored on the new table (as is and aligned). Writes drift.json, drift.md and "
+                       "per_user.parquet to --out and prints the Markdown. Exit status 1 when a threshold is crossed "
+                       "(--min-cosine, --min-overlap, --max-metric-drop), 2 on bad input.")
+    p.add_argument("old", nargs="?", help="the old embedding table (the one the heads were fitted on)")
+    p.add_argument("new", nargs="?", help="the new embedding table")
+    p.add_argument("--out", help="output folder (drift.json, drift.md, per_user.parquet)")
+    p.add_argument("--data", help="dataset folder with the heads' labels (needed with --heads)")
+    p.add_argument("--heads", action="append", default=[], metavar="DIR",
+                   help="a saved head, or a folder searched for heads (e.g. <evaluate out>/heads); repeatable")
+    p.add_argument("--k", type=int, help="neighbours per user for overlap@k (default 10)")
+    p.add_argument("--min-cosine", type=float, help="exit 1 when the mean aligned cosine is below this")
+    p.add_argument("--min-overlap", type=float, help="exit 1 when the mean overlap@k is below this")
+    p.add_argument("--max-metric-drop", type=float,
+                   help="exit 1 when a head's metric on the new table is worse than on the old by more than this")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_drift)
 
     p = sub.add_parser("evaluate", help="downstream tasks on frozen embeddings: U-MLP / logistic heads vs baselines",
                        description="Train small heads on frozen embedding tables for the tasks of a YAML file, next to "

@@ -36,6 +36,9 @@ from userfm.config import to_dict
 from userfm.errors import UserfmError
 
 
+SEQUENCE_COLUMNS = ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
+
+
 class EmbedError(UserfmError):
     """Bad embed input (model folder, dataset, concat table)."""
 
@@ -211,6 +214,78 @@ def _concat(table: pa.Table, other: str) -> tuple[pa.Table, int]:
     return table.set_column(table.column_names.index("embedding"), "embedding", col), int((rows < 0).sum())
 
 
+def minilm_vectors(model: str, data: str, cache: str = "", progress=print) -> str | None:
+    """The MiniLM vector cache an encoder needs (``None`` for other item encoders): ``cache`` or
+    ``<data>/minilm_cache``, with every text of ``data`` encoded (only missing ones are)."""
+    enc_cfg = json.loads((Path(model) / "config.json").read_text())
+    if enc_cfg.get("item_encoder") != "minilm":
+        return None
+    from userfm.pretrain import build_minilm_cache
+
+    vectors_dir = cache or str(Path(data) / "minilm_cache")
+    build_minilm_cache(data, vectors_dir, progress)
+    return vectors_dir
+
+
+def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) -> pa.Table:
+    """A Ray Dataset of sequence rows -> one output row per input row (``EmbedActor`` columns, ``reason``
+    null for embedded users), over ``cfg.actors`` actors that each load ``cfg.model`` once."""
+    import ray
+
+    from userfm import runtime
+
+    if cfg.actors * cfg.cpus_per_actor >= runtime.cluster_cpus():
+        # Actors holding every CPU would leave none for the read tasks, and the pipeline would hang
+        # without an error (the Data + actors deadlock in ray-notes.md): read everything first.
+        # Small blocks, so every actor gets work.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
+                                   threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
+                                   holdout_last=cfg.holdout_last),
+        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
+        num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
+    )
+    parts = ray.get(list(ds.to_arrow_refs()))
+    parts = [t for t in parts if t.num_rows]
+    if not parts:
+        raise EmbedError("no sequence rows to embed")
+    return pa.concat_tables(parts)
+
+
+def split_skipped(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """``embed_rows`` output -> (embedding rows without ``reason``, skipped rows: user_id, split, n_events, reason)."""
+    ok = pc.is_null(table.column("reason"))
+    embedded = table.filter(ok).drop_columns(["reason"])
+    skipped = table.filter(pc.invert(ok)).select(["user_id", "split", "n_events", "reason"])
+    return embedded, skipped
+
+
+def skipped_by_reason(skipped: pa.Table) -> dict[str, int]:
+    if not skipped.num_rows:
+        return {}
+    return {r: int(c) for r, c in zip(*np.unique(skipped.column("reason").to_numpy(zero_copy_only=False), return_counts=True))}
+
+
+def write_table(out: Path, embedded: pa.Table, skipped: pa.Table, manifest: dict) -> None:
+    """An embedding table folder: ``embeddings/part-00000.parquet``, ``skipped.parquet``, and
+    ``manifest.json`` written last (a folder with a manifest is complete)."""
+    (out / "embeddings").mkdir(parents=True, exist_ok=True)
+    pq.write_table(embedded, out / "embeddings" / "part-00000.parquet")
+    pq.write_table(skipped, out / "skipped.parquet")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Create ``out``; an existing non-empty folder is an error unless ``overwrite`` (then it is emptied)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise EmbedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     """Embed every user of ``cfg.data`` (scope ``cfg.scope``) with ``cfg.model`` into ``cfg.out``."""
     import ray
@@ -226,52 +301,22 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     if cfg.scope != "all" and cfg.scope not in manifest["services"]:
         raise EmbedError(f"{cfg.data}: no service {cfg.scope!r}; services: {sorted(manifest['services'])}")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise EmbedError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc_cfg = json.loads((Path(cfg.model) / "config.json").read_text())
-    vectors_dir = None
-    if enc_cfg.get("item_encoder") == "minilm":
-        from userfm.pretrain import build_minilm_cache
-
-        vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
-        build_minilm_cache(cfg.data, vectors_dir, progress)
+    prepare_out(out, cfg.overwrite)
+    vectors_dir = minilm_vectors(cfg.model, cfg.data, cfg.minilm_cache, progress)
 
     runtime.init_ray()
     t0 = time.perf_counter()
     files = sorted(str(f) for f in folder.glob("*.parquet"))  # explicit list: no file-listing pass
-    ds = ray.data.read_parquet(files).select_columns(
-        ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
-    )
+    ds = ray.data.read_parquet(files).select_columns(SEQUENCE_COLUMNS)
     if cfg.scope != "all":
         ds = ds.filter(lambda r: r["scope"] == cfg.scope)
-    if cfg.actors * cfg.cpus_per_actor >= runtime.cluster_cpus():
-        # Actors holding every CPU would leave none for the read tasks, and the pipeline would hang
-        # without an error (the Data + actors deadlock in ray-notes.md): read everything first.
-        # Small blocks, so every actor gets work.
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
-                                   threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
-                                   holdout_last=cfg.holdout_last),
-        batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
-        num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
-    )
-    table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())))
+    table = embed_rows(ds, cfg, identity, vectors_dir)
     infer_s = time.perf_counter() - t0
     users_in = table.num_rows
-    ok = pc.is_null(table.column("reason"))
-    embedded = table.filter(ok).drop_columns(["reason"])
-    skipped = table.filter(pc.invert(ok)).select(["user_id", "split", "n_events", "reason"])
+    embedded, skipped = split_skipped(table)
     concat_missing = 0
     if cfg.concat:
         embedded, concat_missing = _concat(embedded, cfg.concat)
-    (out / "embeddings").mkdir()
-    pq.write_table(embedded, out / "embeddings" / "part-00000.parquet")
-    pq.write_table(skipped, out / "skipped.parquet")
     if users_in != embedded.num_rows + skipped.num_rows:
         raise EmbedError(f"user accounting failed: {users_in} in, {embedded.num_rows} embedded, {skipped.num_rows} skipped")
     expected = manifest["users"]["total"] if cfg.scope == "all" else None
@@ -288,12 +333,12 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
         "users_in": users_in,
         "users_embedded": embedded.num_rows,
         "users_skipped": skipped.num_rows,
-        "skipped_by_reason": {r: int(c) for r, c in zip(*np.unique(skipped.column("reason").to_numpy(zero_copy_only=False), return_counts=True))} if skipped.num_rows else {},
+        "skipped_by_reason": skipped_by_reason(skipped),
         "concat": {"table": cfg.concat, "users_missing": concat_missing} if cfg.concat else None,
         "timings_s": {"inference": round(infer_s, 3)},
         "users_per_s": round(users_in / infer_s, 1) if infer_s else None,
     }
-    (out / "manifest.json").write_text(json.dumps(result, indent=2))
+    write_table(out, embedded, skipped, result)
     progress(f"[embed] {users_in:,} users -> {embedded.num_rows:,} embeddings (dim {dim}), {skipped.num_rows} skipped; "
              f"{result['users_per_s']} users/s with {cfg.actors} actor(s) -> {out}")
     return result

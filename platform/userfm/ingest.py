@@ -238,8 +238,7 @@ def _validate_and_spill(batch: pa.Table, *, fmt: str, rules: Rules, num_partitio
     )
 
 
-def _read_pass1(fs: pafs.FileSystem, files: list[tuple[str, str, int]], cfg: IngestConfig, num_partitions: int, work_uri: str):
-    kwargs = dict(rules=cfg.rules(), num_partitions=num_partitions, work_uri=work_uri)
+def _read_pass1(fs: pafs.FileSystem, files: list[tuple[str, str, int]], kwargs: dict):
     datasets = []
     by_kind: dict[str, list[str]] = {}
     for path, kind, _ in files:
@@ -266,6 +265,54 @@ def _read_pass1(fs: pafs.FileSystem, files: list[tuple[str, str, int]], cfg: Ing
     for other in datasets[1:]:
         ds = ds.union(other)
     return ds
+
+
+@dataclass
+class Pass1:
+    """What pass 1 found: counts, and the spill files of kept rows by user partition."""
+
+    rows_in: int  # rows read
+    rows_valid: int  # rows that passed validation (duplicates are found in pass 2)
+    reasons: dict[str, int]  # quarantined rows by reason
+    truncated: int  # over-long texts cut
+    spill: dict[int, list[str]]  # partition -> spill files of its kept rows
+    quarantine_files: list[str]  # files of rejected rows
+    seconds: float
+
+
+def validate_and_partition(fs: pafs.FileSystem, files: list[tuple[str, str, int]], rules: Rules, num_partitions: int,
+                           work_uri: str) -> Pass1:
+    """Pass 1 over ``files`` (from ``expand_inputs``) on Ray Data, its per-task counts added up."""
+    t0 = time.perf_counter()
+    kwargs = dict(rules=rules, num_partitions=num_partitions, work_uri=work_uri)
+    rows = _read_pass1(fs, files, kwargs).take_all()
+    reasons: dict[str, int] = {}
+    for r in rows:
+        _merge_counts(reasons, json.loads(r["reasons"]))
+    spill: dict[int, list[str]] = {}
+    for r in rows:
+        for f, p in zip(r["spill_files"], r["spill_parts"]):
+            spill.setdefault(int(p), []).append(f)
+    return Pass1(
+        rows_in=sum(r["rows_in"] for r in rows),
+        rows_valid=sum(r["rows_kept"] for r in rows),
+        reasons=reasons,
+        truncated=sum(r["truncated"] for r in rows),
+        spill=spill,
+        quarantine_files=[r["quarantine_file"] for r in rows if r["quarantine_file"]],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def write_quarantine(fs: pafs.FileSystem, dest: str, files: list[str]) -> int:
+    """Concatenate quarantine files (in order) into ``dest`` (QUARANTINE_SCHEMA); return the rows written."""
+    written = 0
+    with pq.ParquetWriter(dest, QUARANTINE_SCHEMA, filesystem=fs) as writer:
+        for f in files:
+            t = pq.read_table(f, filesystem=fs)
+            writer.write_table(t.cast(QUARANTINE_SCHEMA))
+            written += t.num_rows
+    return written
 
 
 # ------------------------------------------------------------------------------- pass 2: group
@@ -362,19 +409,10 @@ def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> di
     progress(f"[ingest] {len(files)} file(s), {total_bytes / 1e6:.1f} MB -> {num_partitions} user partitions")
 
     # pass 1 ------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    rows = _read_pass1(fs_in, files, cfg, num_partitions, work_uri).take_all()
-    rows_in = sum(r["rows_in"] for r in rows)
-    rows_valid = sum(r["rows_kept"] for r in rows)
-    reasons: dict[str, int] = {}
-    for r in rows:
-        _merge_counts(reasons, json.loads(r["reasons"]))
-    spill: dict[int, list[str]] = {}
-    for r in rows:
-        for f, p in zip(r["spill_files"], r["spill_parts"]):
-            spill.setdefault(int(p), []).append(f)
-    quarantine_files = [r["quarantine_file"] for r in rows if r["quarantine_file"]]
-    t_pass1 = time.perf_counter() - t1
+    p1 = validate_and_partition(fs_in, files, cfg.rules(), num_partitions, work_uri)
+    rows_in, rows_valid, reasons, spill = p1.rows_in, p1.rows_valid, p1.reasons, p1.spill
+    quarantine_files = list(p1.quarantine_files)
+    t_pass1 = p1.seconds
     progress(f"[ingest] pass 1 (read + validate + partition): {rows_in:,} rows, {rows_in - rows_valid:,} quarantined, {t_pass1:.1f}s")
 
     # pass 2 ------------------------------------------------------------------------------------
@@ -411,12 +449,7 @@ def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> di
     progress(f"[ingest] pass 2 (dedupe + sort + sequences): {totals.get('users', 0):,} users, {t_pass2:.1f}s")
 
     # quarantine: one file, written from exactly the files the tasks reported ----------------------
-    q_written = 0
-    with pq.ParquetWriter(f"{out}/quarantine.parquet", QUARANTINE_SCHEMA, filesystem=fs) as writer:
-        for f in quarantine_files:
-            t = pq.read_table(f, filesystem=fs)
-            writer.write_table(t.cast(QUARANTINE_SCHEMA))
-            q_written += t.num_rows
+    q_written = write_quarantine(fs, f"{out}/quarantine.parquet", quarantine_files)
     if fs.get_file_info(work).type == pafs.FileType.Directory:
         fs.delete_dir(work)
 
@@ -437,7 +470,7 @@ def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> di
         "rows_kept": rows_kept,
         "rows_quarantined": rows_quarantined,
         "quarantined_by_reason": {r: reasons.get(r, 0) for r in REASONS},
-        "texts_truncated": sum(r["truncated"] for r in rows),
+        "texts_truncated": p1.truncated,
         "users": {"total": totals.get("users", 0), **{k: by_split.get(k, 0) for k in ("train", "val", "test")}},
         "services": dict(sorted(by_service.items())),
         "sequences": {

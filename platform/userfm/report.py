@@ -10,6 +10,7 @@ Sections, each read from what its stage wrote into the run folder (the layout of
   coloured by k-means cluster and by each attribute, with each colouring's 10-NN agreement in the
   full embedding space next to its chance level, so a reader can tell a real pattern from a pretty one;
 - the k-means clusters' top keywords (TF-IDF over each cluster's event text vs all users') as ranked bars;
+- embedding drift between two tables (``drift/drift.json`` or ``drift/<name>/drift.json``, ``userfm drift``);
 - sweep figures (``fig_*.png`` under ``**/report/`` of the run, or ``--sweep DIR``), copied beside the page.
 
 A missing piece turns its section into a note saying what is missing; it is never an error. Nothing
@@ -740,6 +741,39 @@ def _sweep_section(run: Path, out: Path, sweeps: tuple[str, ...]) -> tuple[str, 
     return "<p>Sweep figures, copied beside this page.</p>" + "".join(parts), "ok", figs
 
 
+def _drift_section(run: Path) -> str | None:
+    """``userfm drift --out <run>/drift[/NAME]`` results, one block per drift.json; None when the run has none
+    (drift is an optional comparison, so no "missing" note)."""
+    found = sorted(run.glob("drift/drift.json")) + sorted(run.glob("drift/*/drift.json"))
+    if not found:
+        return None
+    parts = []
+    for path in found:
+        r = json.loads(path.read_text())
+        u, rot, ov = r["users"], r["rotation"], r["overlap"]
+        stats = ("mean", "p05", "median", "p95", "min")
+        rows = [["per-user cosine, aligned (orthogonal Procrustes)"] + [f'<td class="num">{_num(r["cosine"].get(k), 4)}</td>' for k in stats]]
+        if r.get("cosine_raw"):
+            rows.append(["per-user cosine, as is"] + [f'<td class="num">{_num(r["cosine_raw"].get(k), 4)}</td>' for k in stats])
+        rows.append([f"neighbour overlap@{_e(ov['k'])} ({u['overlap_sampled']:,} users)"]
+                    + [f'<td class="num">{_num(ov.get(k), 4)}</td>' for k in stats])
+        heads = [[_e(h["head"]), _e(h["task"]), _e(h["metric"])]
+                 + [f'<td class="num">{_num(h["values"].get(k), 4)}</td>' for k in ("old", "raw", "aligned")]
+                 + [f'<td class="num">{_num(h["drop"].get("raw"), 4)}</td>', f'<td class="num">{_num(h["agreement"].get("raw"), 3)}</td>']
+                 for h in r.get("heads", []) if "values" in h]
+        verdict = ("<p><b>Over threshold</b>: " + _e("; ".join(r["failures"])) + "</p>") if r.get("failures") else \
+            '<p class="note">Within every configured threshold.</p>'
+        parts.append(
+            f"<h3>{_e(r['old'])} &rarr; {_e(r['new'])}</h3>"
+            f"<p>{u['common']:,} users in both tables ({u['only_old']:,} only old, {u['only_new']:,} only new); width "
+            f"{rot['dim_old']} &rarr; {rot['dim_new']}; Procrustes scale {_num(rot['scale'], 4)}.</p>"
+            + _table(["measure"] + list(stats), rows)
+            + (_table(["head", "task", "metric", "old table", "new, as is", "new, aligned", "drop (as is)", "same prediction"], heads)
+               if heads else "")
+            + verdict)
+    return "".join(parts)
+
+
 def _run_section(run: Path) -> str:
     path = run / "demo_summary.json"
     if not path.is_file():
@@ -793,9 +827,10 @@ def run_report(cfg: ReportConfig, progress: Callable[[str], None] = print) -> di
     results = run / "evaluate" / "results.json"
     results_path = results if results.is_file() else None
     sweep_figs = [p for p in run.glob("**/report/fig_*.png") if out.resolve() not in p.resolve().parents]
-    if ds is None and not objectives and results_path is None and not sweep_figs and not cfg.sweeps:
+    has_drift = any(run.glob("drift/drift.json")) or any(run.glob("drift/*/drift.json"))
+    if ds is None and not objectives and results_path is None and not sweep_figs and not cfg.sweeps and not has_drift:
         raise ReportError(f"{run}: not a run folder (no dataset/, pretrain/<objective>/, embeddings/<objective>/, "
-                          "evaluate/results.json or sweep figures)")
+                          "evaluate/results.json, drift/drift.json or sweep figures)")
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.png")) + [out / "report.html"]:  # stale figures of an earlier report
         old.unlink(missing_ok=True)
@@ -821,6 +856,10 @@ def run_report(cfg: ReportConfig, progress: Callable[[str], None] = print) -> di
     figures += f
     sections.append(("maps", "Embedding maps", maps))
     sections.append(("clusters", "Clusters and keywords", clusters))
+    drift = _drift_section(run)
+    if drift is not None:
+        status["drift"] = "ok"
+        sections.append(("drift", "Embedding drift", drift))
     progress("[report] sweep figures")
     body, status["sweeps"], f = _sweep_section(run, out, cfg.sweeps)
     figures += f

@@ -362,11 +362,28 @@ class Encoder:
         return [(x[i], int(used[i])) for i in range(len(users))]
 
 
+@dataclass(frozen=True)
+class _StoredTable:
+    """One loaded embedding table; replaced as a whole, never changed in place."""
+
+    ids: list[str]  # (N,) user ids, row order of x
+    index: dict[str, int]  # user id -> row
+    x: np.ndarray  # (N, D) float32
+    norms: np.ndarray  # (N,) L2 norms of x's rows
+    meta: dict  # source, model id/version, table_version digest, users, dim, loaded_at
+
+
 @serve.deployment
 class EmbeddingStore:
     """Precomputed embeddings by user id, exact top-k cosine neighbours, and a table switch in place.
 
-    Memory: ids (list + dict index), the (N, D) float32 matrix and N norms; no normalised copy.
+    Memory: ids (list + dict index), the (N, D) float32 matrix and N norms; no normalised copy (two
+    tables while a reload builds the new one).
+
+    Serve runs sync methods in a thread pool, so ``get``/``similar`` run while a ``reload`` is loading:
+    a reload builds the whole new table off to the side and swaps one reference, and every call reads
+    that reference once. A request during the swap is answered from the old table or the new one,
+    never from a mix (an index of one and the matrix of the other).
     """
 
     def __init__(self, path: str, expected_version: str | None = None, version_check: str = "refuse"):
@@ -385,49 +402,50 @@ class EmbeddingStore:
                 and ident["model_version"] != self.expected):
             raise ServeError(f"embeddings {path} were made by encoder version {ident['model_version']}, the served "
                              f"encoder is {self.expected} (version_check: refuse)")
-        self.ids, self.x = ids, np.ascontiguousarray(x)
-        self.index = {u: i for i, u in enumerate(ids)}
-        self.norms = np.linalg.norm(self.x, axis=1)
-        digest = hashlib.blake2b(self.x.tobytes(), digest_size=6)
+        x = np.ascontiguousarray(x)
+        digest = hashlib.blake2b(x.tobytes(), digest_size=6)
         digest.update("\x1f".join(ids).encode("utf-8", "surrogatepass"))
-        self.meta = {"source": str(path), **ident, "table_version": digest.hexdigest(), "users": len(ids), "dim": int(x.shape[1]),
-                     "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        return self.meta
+        meta = {"source": str(path), **ident, "table_version": digest.hexdigest(), "users": len(ids), "dim": int(x.shape[1]),
+                "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.table = _StoredTable(ids, {u: i for i, u in enumerate(ids)}, x, np.linalg.norm(x, axis=1), meta)
+        return meta
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config: {embeddings: PATH}`` in a Serve config switches every replica's table."""
         path = (user_config or {}).get("embeddings")
-        if path and path != self.meta["source"]:
+        if path and path != self.table.meta["source"]:
             self._load(path)
 
     def info(self) -> dict:
-        return self.meta
+        return self.table.meta
 
     def reload(self, path: str | None = None) -> dict:
         """Load ``path`` (default: the current source again); the old table serves until it succeeds."""
-        return self._load(path or self.meta["source"])
+        return self._load(path or self.table.meta["source"])
 
     def get(self, user_ids: list[str]) -> tuple[list[str], np.ndarray | None, dict]:
         """-> (missing ids, (n, D) embeddings or None when any is missing, the table's identity)."""
-        rows = [self.index.get(u) for u in user_ids]
+        t = self.table
+        rows = [t.index.get(u) for u in user_ids]
         missing = [u for u, r in zip(user_ids, rows) if r is None]
-        return missing, None if missing else self.x[rows], {k: self.meta[k] for k in ("model_id", "model_version", "table_version")}
+        return missing, None if missing else t.x[rows], {k: t.meta[k] for k in ("model_id", "model_version", "table_version")}
 
     def similar(self, user_id: str, k: int) -> list[tuple[str, float]] | None:
         """Top-k users by cosine similarity to ``user_id`` (itself excluded), best first; None if unknown."""
-        i = self.index.get(user_id)
+        t = self.table
+        i = t.index.get(user_id)
         if i is None:
             return None
-        scores = self.x @ self.x[i]  # (N,)
-        denom = self.norms * self.norms[i]
+        scores = t.x @ t.x[i]  # (N,)
+        denom = t.norms * t.norms[i]
         scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
         scores[i] = -np.inf
-        k = min(k, len(self.ids) - 1)
+        k = min(k, len(t.ids) - 1)
         if k <= 0:
             return []
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.lexsort((top, -scores[top]))]  # by score, ties by row: deterministic
-        return [(self.ids[j], float(scores[j])) for j in top]
+        return [(t.ids[j], float(scores[j])) for j in top]
 
 
 def head_outputs(head, x: np.ndarray) -> list[dict]:
