@@ -19,6 +19,7 @@ from userfm.synth import (
     NEWS_SECTIONS,
     ROUTINE_REPEAT,
     ROUTINE_WEEKEND,
+    TOPICS,
     WEEKDAY_PROFILE,
     SynthConfig,
     _forward_fill,
@@ -136,12 +137,8 @@ def test_word_signal_zero_makes_the_topic_mix_independent_of_age():
     assert np.abs(means - persona.mean(0)).max() < 0.03
     tilted = generate_tables(SynthConfig(n_users=4000, seed=4, word_signal=1.0))["latent"].to_pandas()
     p1 = np.stack(tilted.persona.to_numpy())
-    gaming = TOPIC_INDEX["gaming"]
+    gaming = TOPICS.index("gaming")
     assert p1[(tilted.age_bracket == "18-24").to_numpy(), gaming].mean() > 3 * p1[(tilted.age_bracket == "55+").to_numpy(), gaming].mean()
-
-
-TOPIC_INDEX = {name: i for i, name in enumerate(("sports", "cooking", "tech", "fashion", "travel", "music", "gaming",
-                                                 "gardening", "finance", "pets", "books", "fitness"))}
 
 
 def test_oracle_recomputed_with_scipy_densities(data):
