@@ -216,7 +216,7 @@ def test_split_of_the_tiny_users():
         "train": ["2", "3", "4", "5", "6", "8", "9", "12"], "val": ["11"], "test": ["1", "7", "10"]}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ["100k", "latest", pytest.param("1m", marks=pytest.mark.slow)])
 def test_demo_movielens_layouts(layout, tmp_path, ray_local, capsys):
     """`userfm demo --format movielens` on each layout: every stage finishes; 100k / 1M evaluate the
@@ -332,7 +332,7 @@ def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("fmt", list(OTHER))
 def test_demo_other_formats(fmt, tmp_path, ray_local, capsys):
     """The whole demo on the other formats: their last_event tasks (and Online Retail's country) get rows."""
