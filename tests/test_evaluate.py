@@ -640,3 +640,87 @@ def test_fair_baseline_config_errors():
         EvalConfig(embeddings={"a+tfidf": "x.parquet"})
     with pytest.raises(ValueError, match="baselines: unknown"):
         EvalConfig(baselines=("mean-minilm",))
+
+
+# --------------------------------------------------------------------------------- cross-fitting
+
+
+def test_cross_fit_scores_every_labelled_user_once_popularity_by_hand(synth_ds, heldout):
+    """folds=3: fold f (user-id hash) is test, f+1 val, the rest train; every labelled user is scored once,
+    and popularity's counts come from each fold's own training users (recomputed here by hand)."""
+    from userfm.evaluate import fold_of
+
+    cfg = dataclasses.replace(heldout[1], out=str(synth_ds["root"] / "crossfit"), folds=3, heads=("logreg",),
+                              only_tasks=("last_service", "next_item"), embeddings={"loo": str(synth_ds["root"] / "loo.parquet")})
+    results = run_evaluate(cfg, progress=lambda s: None)
+    seq = read_sequences(synth_ds["ds"], columns=["user_id", "n_events", "item_id"]).to_pylist()
+    labelled = [r for r in seq if r["n_events"] >= 2 and r["item_id"][-1] is not None]
+    fold = dict(zip([r["user_id"] for r in labelled], fold_of(np.array([r["user_id"] for r in labelled], dtype=object), 3)))
+    assert sorted(set(fold.values())) == [0, 1, 2]
+    info = next(t for t in results["tasks"] if t["name"] == "next_item")
+    assert info["users"]["test"] == len(labelled) and info["users"]["folds"] == 3
+    assert info["users"]["train"] == [sum(1 for v in fold.values() if v not in (f, (f + 1) % 3)) for f in range(3)]
+    assert info["users"]["val"] == [sum(1 for v in fold.values() if v == (f + 1) % 3) for f in range(3)]
+    catalog = sorted({i for r in seq for i in r["item_id"] if i is not None})
+    ranks = []
+    for f in range(3):
+        counts = dict.fromkeys(catalog, 0)
+        for r in labelled:
+            if fold[r["user_id"]] not in (f, (f + 1) % 3):
+                for i in r["item_id"]:
+                    if i is not None:
+                        counts[i] += 1
+        for r in labelled:
+            if fold[r["user_id"]] == f:
+                t = r["item_id"][-1]
+                ranks.append(sum(1 for i, c in counts.items() if c >= counts[t] and i != t))
+    pop = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "popularity")
+    assert pop["test"]["n"] == len(labelled)
+    assert pop["test"]["value"] == pytest.approx(np.mean(np.array(ranks) < 10), abs=1e-6)
+    # a classification task: one class order for every fold, every labelled user scored, heads saved per fold
+    svc = next(t for t in results["tasks"] if t["name"] == "last_service")
+    assert svc["users"]["test"] == len([r for r in seq if r["n_events"] >= 2])
+    row = next(r for r in results["rows"] if r["task"] == "last_service" and r["model"] == "loo/logreg")
+    assert row["test"]["n"] == svc["users"]["test"] and len(row["heads"]) == 3 and row["heads"][2].endswith("fold2")
+    tf = next(r for r in results["rows"] if r["task"] == "last_service" and r["model"] == "tfidf/logreg")
+    assert len(tf["tfidf"]["per_fold"]) == 3
+    # the three saved fold heads, each on its own fold's test users, reproduce the stacked row
+    task = TaskConfig(name="s", table="last_event", target="service", type="multiclass")
+    table, hits = load_embeddings(synth_ds["root"] / "loo.parquet"), []
+    for f in range(3):
+        td = task_data(synth_ds["ds"], task, user_table(synth_ds["ds"]), fold=(f, 3))
+        head = load_head(Path(cfg.out) / row["heads"][f])
+        hits += list(np.asarray(head.predict(table.lookup(td.ids["test"])), dtype=object) == np.asarray(td.classes, dtype=object)[td.y["test"]])
+    assert row["per_seed"][0] == pytest.approx(np.mean(hits), abs=1e-6)
+    assert "3-fold cross-fit: all" in (Path(cfg.out) / "results.md").read_text()
+
+
+def test_cross_fit_needs_three_folds():
+    for k in (1, 2, -1):
+        with pytest.raises(ValueError, match="folds must be 0"):
+            EvalConfig(data="d", out="o", folds=k)
+
+
+def test_cross_fit_refuses_encoders_pretrained_on_the_held_out_events(synth_ds, heldout, tmp_path):
+    """Folds score the encoder's own pretraining users: for last_event tasks its pretraining must have held
+    the last event out (the pretrain run's config.json, found through the embed manifest's model)."""
+    import shutil
+
+    for held, ok in ((0, False), (1, True)):
+        run = tmp_path / f"pre{held}"
+        (run / "model").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"pretrain": {"holdout_last": held}}))
+        emb = tmp_path / f"emb{held}"
+        (emb / "embeddings").mkdir(parents=True)
+        shutil.copy(synth_ds["root"] / "loo.parquet", emb / "embeddings" / "part-0.parquet")
+        (emb / "manifest.json").write_text(json.dumps({"kind": "userfm.embeddings", "holdout_last": 1,
+                                                       "config": {"model": str(run / "model")}}))
+        cfg = dataclasses.replace(heldout[1], out=str(tmp_path / f"out{held}"), folds=3, heads=("logreg",), seeds=1,
+                                  only_tasks=("next_item",), embeddings={"clue": str(emb)}, baselines=("popularity",))
+        if ok:
+            seq = read_sequences(synth_ds["ds"], columns=["n_events", "item_id"]).to_pylist()
+            n = sum(1 for r in seq if r["n_events"] >= 2 and r["item_id"][-1] is not None)
+            assert run_evaluate(cfg, progress=lambda s: None)["rows"][0]["test"]["n"] == n
+        else:
+            with pytest.raises(EvalError, match=r"pretrained on whole histories \(holdout_last=0\).*holdout_last=1"):
+                run_evaluate(cfg, progress=lambda s: None)

@@ -156,3 +156,33 @@ def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray
 
     again = build_minilm_cache(str(tmp_path / "ds"), str(cache), progress=lambda s: None)
     assert again == {"texts": n, "encoded": 0}  # second build reuses every vector
+
+
+def test_holdout_last_drops_each_users_last_event_before_featurizing(dataset):
+    """holdout_last=1: pretraining sees every history without its last event (what a leave-one-out
+    evaluation holds out); users with one event drop out; vocabularies are fitted without them too."""
+    from userfm.dataset import read_sequences
+    from userfm.pretrain import _fit_resources, _train_rows, featurize
+
+    cfg = quick(dataset, "unused-holdout", objective="mlm", item_encoder="category", holdout_last=1)
+    rows_ = read_sequences(cfg.data)
+    vocabs, _ = _fit_resources(cfg, _train_rows(cfg))
+    kw = dict(split="train", objective="mlm", vocabs_json=vocabs.to_json(), tokenizer_json=None, vectors_dir=None,
+              max_events=256, single_service="time_split", seed=0)
+    full, held = featurize(rows_, **kw), featurize(rows_, **kw, holdout_last=1)
+    lengths = np.asarray([len(r["ts"]) for r in rows_.to_pylist() if r["split"] == "train"])
+    cap = cfg.max_events  # the most recent max_events events are kept
+    assert list(full["length"]) == list(np.minimum(lengths[lengths > 0], cap))
+    assert list(held["length"]) == list(np.minimum(lengths[lengths > 1] - 1, cap))
+    n_full, n_held = lengths[lengths > 0], lengths[lengths > 1]
+    f_rows = full["category"][n_full > 1]  # the full rows whose user is still there, same order
+    checked = 0
+    for f_row, h_row, n in zip(f_rows, held["category"], n_held):
+        if n <= cap:  # not truncated: the same events, the last one gone
+            assert (h_row[:n - 1] == f_row[:n - 1]).all() and (h_row[n - 1:] == 0).all()
+            checked += 1
+    assert checked > 100
+    assert _train_rows(cfg).column("n_events").to_pylist() == [max(n - 1, 0) for n in
+                                                               read_sequences(cfg.data, split="train").column("n_events").to_pylist()]
+    with pytest.raises(ValueError, match="holdout_last"):
+        quick(dataset, "x", holdout_last=-1)

@@ -49,6 +49,9 @@ class DemoConfig:
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
+    eval_folds: int = 0  # 0: heads fit on the train split, scored on the test split. k >= 3: k-fold cross-fitting, every
+    #                      labelled user scored once (EvalConfig.folds; small real data: MovieLens' 61 test users -> 671);
+    #                      with tasks on the held-out last event, pretraining then holds it out of every history too
     t_trans: bool = False  # also train the task-specific T-Trans baseline per task (slow: minutes per task)
     baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity", "minilm-mean")  # evaluate baselines (EvalConfig.baselines); t_trans adds "t-trans"
     report: bool = True  # write the HTML run report (report/report.html)
@@ -58,6 +61,8 @@ class DemoConfig:
     def __post_init__(self):
         if self.data is not None and self.format not in REAL_FORMATS + ("events",):
             raise ValueError(f"--data needs --format, one of {', '.join(REAL_FORMATS + ('events',))}; got {self.format!r}")
+        if self.eval_folds < 0 or self.eval_folds in (1, 2):
+            raise ValueError(f"eval_folds must be 0 (the dataset's split) or >= 3, got {self.eval_folds}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
 
@@ -237,6 +242,8 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
             or "none this data supports"))
         stages.total = n_stages(plan.passes)
 
+    # cross-fitting scores the pretraining users too: their held-out last events must not be in pretraining
+    pretrain_holdout = int(bool(cfg.eval_folds and plan and 1 in plan.passes))
     pretrained = {}
     for objective in objectives:
         pcfg = PretrainConfig(
@@ -244,13 +251,13 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
             pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
             size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
-            max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed,
+            max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout,
             eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
             log_every=max(1, cfg.pretrain_steps // 10),
         )
         s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg))
         pretrained[objective] = {
-            "model": s["model"],
+            "model": s["model"], "holdout_last": pretrain_holdout,
             **{k: s["final"].get(k) for k in ("step", "loss", "val_loss", "samples_per_s", "pf_days") if k in s["final"]},
         }
         ecfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings" / objective))
@@ -322,7 +329,7 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
         table = "embeddings_heldout" if holdout else "embeddings"
         vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
                           embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
-                          baselines=baselines)
+                          baselines=baselines, folds=cfg.eval_folds)
         print(f"[demo] evaluate pass {PASSES[holdout]} (holdout_last={holdout}): {', '.join(names)}", flush=True)
         parts.append((holdout, run_evaluate(vcfg)))
         # heads/ and chart_<task>.png do not collide (task names are unique); these three files do
@@ -355,6 +362,11 @@ def _serve_head(results: dict | None, heads_dir: Path) -> str | None:
     return None
 
 
+def _first_head(seed_dir: Path) -> Path:
+    """A seed's head folder; cross-fitted evaluations keep one per fold (``fold<k>/``): serve the first."""
+    return seed_dir / "fold0" if (seed_dir / "fold0").is_dir() else seed_dir
+
+
 def _brief(body) -> str:
     """One line of a JSON answer for the terminal (long vectors shortened)."""
     def short(v):
@@ -380,7 +392,7 @@ def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, re
     head = _serve_head(results, heads_dir)
     scfg = ServeConfig(
         model=pretrained["clue"]["model"], embeddings=pretrained["clue"]["embeddings"],
-        heads={head: str(heads_dir / head / "clue-mlp" / "seed0")} if head else {},
+        heads={head: str(_first_head(heads_dir / head / "clue-mlp" / "seed0"))} if head else {},
         minilm_cache=str(dataset / "minilm_cache") if (dataset / "minilm_cache").exists() else "",
         port=cfg.serve_port,
     )

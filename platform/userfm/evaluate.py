@@ -195,6 +195,10 @@ class EvalConfig:
     t_trans_patience: int = 3  # epochs without a better val loss before stopping (best weights restored)
     retrieval_history_weight: float = 0.5  # retrieval heads: target share on a train user's earlier items (rest: held-out item)
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
+    folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
+    #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
+    #                 user-id hash), so every user is scored once by heads that never saw it: k x the fits, ~1/0.1
+    #                 x the test users (small datasets: MovieLens' 671 users give 61 test users, 671 cross-fitted)
     torch_threads: int = 1  # torch intra-op threads while heads and T-Trans train (restored after); 0 = leave
     #                         as is. Their matmuls are small: more threads mostly add synchronisation
     #                         (U-MLP 13x, T-Trans 5-12x slower with 2 threads on a busy 2-core box)
@@ -210,6 +214,8 @@ class EvalConfig:
             raise ValueError(f"baselines: unknown {bad}; known: {BASELINES} (the random floor is an embeddings entry: name: random)")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.folds < 0 or self.folds in (1, 2):
+            raise ValueError(f"folds must be 0 (the dataset's split) or >= 3 (train / val / test folds), got {self.folds}")
         if not 0 < self.quantile < 0.5:
             raise ValueError(f"quantile must be in (0, 0.5), got {self.quantile}")
         if not 0 < self.confidence < 1:
@@ -297,11 +303,21 @@ def user_table(data: str | Path) -> pa.Table:
                             pc.fill_null(users.column("n_services"), 0).cast(pa.int64()))
 
 
-def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[str, pa.Table] | None = None) -> TaskData:
+def fold_of(user_ids: np.ndarray, k: int) -> np.ndarray:
+    """(n,) user ids -> (n,) fold index in [0, k): the user-id hash (the one ingest splits by) cut in k."""
+    from userfm.sequences import split_fraction
+
+    return np.minimum((np.asarray([split_fraction(u) for u in user_ids], np.float64) * k).astype(np.int64), k - 1)
+
+
+def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[str, pa.Table] | None = None,
+              fold: tuple[int, int] | None = None) -> TaskData:
     """Join the task's label column with the users table, filter users, encode labels by split.
 
     Splits come from the dataset (user-disjoint by construction); a label table whose split disagrees
-    with the sequences' is an error rather than a silent leak.
+    with the sequences' is an error rather than a silent leak. ``fold`` (f, k): cross-fitting instead:
+    fold f of :func:`fold_of` is the test split, fold f + 1 (mod k) val, the others train; the classes
+    are those of every labelled user, so all k folds share one class order.
     """
     table = (tables or {}).get(task.table)
     if table is None:
@@ -335,6 +351,10 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         joined = joined.filter(keep)
 
     split = np.asarray(joined.column("split").to_pylist(), dtype=object)
+    if fold is not None:
+        f, k = fold
+        fid = fold_of(np.asarray(joined.column("user_id").to_pylist(), dtype=object), k)
+        split = np.where(fid == f, "test", np.where(fid == (f + 1) % k, "val", "train")).astype(object)
     raw = joined.column("label").to_pylist()
     classes, hist = None, None
     if task.type == "retrieval":
@@ -353,7 +373,7 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
             y_all = np.log1p(y_all)
         keep_rows = np.ones(len(y_all), bool)
     else:
-        train_vals = {v for v, s in zip(raw, split) if s == "train"}
+        train_vals = {v for v, s in zip(raw, split) if s == "train" or fold is not None}
         classes = sorted(train_vals, key=lambda v: (str(type(v)), v))
         if task.type == "binary" and len(classes) != 2:
             raise EvalError(f"task {task.name!r}: binary target {task.target!r} has {len(classes)} class(es) among "
@@ -375,6 +395,33 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         if not m.any():
             raise EvalError(f"task {task.name!r}: no labelled {s} users (after the users filter {task.users!r})")
     return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v}, out_h or None)
+
+
+def stack_folds(fold_tds: list[TaskData]) -> TaskData:
+    """The k cross-fitting folds of one task -> one TaskData whose test split is every fold's test users
+    (fold order), the order :func:`merge_folds` stacks their scores in. It has no train / val split."""
+    first = fold_tds[0]
+    cat = lambda key: np.concatenate([getattr(f, key)["test"] for f in fold_tds])  # noqa: E731
+    hist = {"test": [h for f in fold_tds for h in f.history["test"]]} if first.history is not None else None
+    return TaskData(first.task, {"test": cat("ids")}, {"test": cat("y")}, first.classes, {"test": cat("n_events")},
+                    first.left_out, hist)
+
+
+def merge_folds(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-fold ``score_models`` results -> one per model: each seed's test scores stacked over the folds
+    (fold order), fit / predict seconds of every fold's fits, heads saved, and what val chose per fold
+    (the first fold's choice at the top level, every fold's under ``per_fold``)."""
+    merged = {}
+    for model, first in parts[0].items():
+        per = [p[model] for p in parts]
+        merged[model] = {
+            "embedding": first["embedding"], "head": first["head"],
+            "scores": [np.concatenate([p["scores"][i] for p in per]) for i in range(len(first["scores"]))],
+            "train_s": [t for p in per for t in p["train_s"]], "infer_s": [t for p in per for t in p["infer_s"]],
+            "saved": [x for p in per for x in p["saved"]],
+            "extra": {k: {**v, "per_fold": [p["extra"][k] for p in per]} for k, v in first["extra"].items()},
+        }
+    return merged
 
 
 def _last_elements(col: pa.ChunkedArray | pa.Array, valid: np.ndarray) -> pa.Array:
@@ -490,6 +537,23 @@ def embeddings_holdout(path: str | Path, name: str = "") -> int | None:
             info = json.loads(m.read_text())
             if info.get("kind") == "userfm.embeddings":
                 return int(info.get("holdout_last", 0))
+    return None
+
+
+def pretrain_holdout(path: str | Path) -> int | None:
+    """``holdout_last`` the encoder behind an embedding table was pretrained with: the embed manifest's
+    ``config.model`` -> the pretraining run's ``config.json`` (``<run>/model`` is its export). None when
+    the table has no manifest or its model is not a `userfm pretrain` export."""
+    p = Path(path)
+    for m in (p / "manifest.json", p.parent / "manifest.json", p.parent.parent / "manifest.json"):
+        if m.is_file():
+            info = json.loads(m.read_text())
+            if info.get("kind") != "userfm.embeddings":
+                continue
+            run_cfg = Path(info.get("config", {}).get("model", "")).parent / "config.json"
+            if info.get("config", {}).get("model") and run_cfg.is_file():
+                return int(json.loads(run_cfg.read_text()).get("pretrain", {}).get("holdout_last", 0))
+            return None
     return None
 
 
@@ -655,7 +719,7 @@ def _fit_sklearn_linear(x_tr, y_tr, x_va, y_va, regression: bool, cs: tuple[floa
             loss = M.rmse(y_va, model.predict(x_va))
         else:
             model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x_tr, y_tr)
-            proba = np.zeros((x_va.shape[0], int(y_tr.max()) + 1))
+            proba = np.zeros((x_va.shape[0], int(max(y_tr.max(), y_va.max())) + 1))
             proba[:, model.classes_] = model.predict_proba(x_va)
             loss = M.log_loss(y_va, proba)
         if best is None or loss < best_loss:  # (the first fit stands if every val loss is NaN)
@@ -1247,8 +1311,22 @@ def _available(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict,
 
 
 def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, tables: dict[str, pa.Table],
-           real: dict[str, "EmbeddingTable"]) -> None:
-    """Fail before any training: every task's column exists, held-out-event tasks get leave-one-out tables."""
+           real: dict[str, "EmbeddingTable"], progress: Callable[[str], None] = print) -> None:
+    """Fail before any training: every task's column exists, held-out-event tasks get leave-one-out tables
+    (and, cross-fitted, encoders pretrained without the held-out events: folds score the users the encoder
+    was pretrained on)."""
+    if cfg.folds and any(t.table == LAST_EVENT for t in tasks):
+        for name, table in real.items():
+            held = pretrain_holdout(table.source)
+            if held is not None and held < 1:
+                raise EvalError(
+                    f"folds={cfg.folds} scores every user, including the encoder's pretraining users, and embeddings {name!r} "
+                    f"come from an encoder pretrained on whole histories (holdout_last={held}): it has seen the held-out "
+                    f"events of tasks on table {LAST_EVENT}. Pretrain with `--set holdout_last=1`, or evaluate without folds")
+            if held is None:
+                progress(f"[evaluate] warning: cannot tell whether the encoder behind embeddings {name!r} was pretrained "
+                         f"without the held-out events (no `userfm pretrain` config found); cross-fitted {LAST_EVENT} "
+                         f"tasks assume it was")
     for t in tasks:
         if t.table == LAST_EVENT:
             for name, table in real.items():
@@ -1282,7 +1360,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
     tasks, skipped_tasks = _available(cfg, load_tasks(cfg.tasks, cfg.only_tasks), manifest, progress)
     tables = {name: _attribute_table(cfg.data, name) for name in sorted({t.table for t in tasks})}
     real = {n: load_embeddings(p, n) for n, p in cfg.embeddings.items() if p != RANDOM}
-    _check(cfg, tasks, manifest, tables, real)
+    _check(cfg, tasks, manifest, tables, real, progress)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
@@ -1331,27 +1409,18 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         import sklearn.feature_extraction.text  # noqa: F401
         import sklearn.linear_model  # noqa: F401
 
-    rows, task_info = [], []
-    for task in tasks:
-        t_task = time.perf_counter()
-        td = task_data(cfg.data, task, users, tables)
-        n_te = td.n_events["test"]
-        lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
-        cold, heavy = n_te <= lo_q, n_te >= hi_q
+    def score_models(td: TaskData, fold: int | None = None) -> dict[str, dict]:
+        """Fit every (table x head) and baseline on ``td``'s train users (selection on val) and score its
+        test users: model -> {scores (one per seed), train_s, infer_s, saved, embedding, head, extra}."""
+        task = td.task
         retrieval = task.type == "retrieval"
         seen = td.history["test"] if retrieval and cfg.retrieval_mask_seen else None
-        task_info.append({
-            "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
-            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen} if retrieval else {}),
-            "holdout_last": td.holdout,
-            "users": {s: int(len(td.ids[s])) for s in td.ids}, "left_out": td.left_out,
-            "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
-            "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
-        })
-        progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, users train "
-                 f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
-        task_rows: dict[str, dict] = {}
-        task_scores: dict[str, list[np.ndarray]] = {}
+        fitted_models: dict[str, dict] = {}
+
+        def record(model, embedding, head, scores, tr_s, inf_s, saved=(), **extra):
+            fitted_models[model] = {"embedding": embedding, "head": head, "scores": scores, "train_s": list(tr_s),
+                                    "infer_s": list(inf_s), "saved": list(saved), "extra": extra}
+
         # every embedding table, then the mean-MiniLM one: the same heads, seeds and users
         tables_here = list(cfg.embeddings.items()) + ([(MINILM_MEAN, MINILM_MEAN)] if MINILM_MEAN in cfg.baselines else [])
 
@@ -1387,40 +1456,71 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     fitted.meta.update(embedding=emb_name, embedding_source=source)
                     if cfg.save_heads:
                         rel = Path("heads") / task.name / f"{emb_name}-{head}" / f"seed{seed}"
+                        if fold is not None:
+                            rel = rel / f"fold{fold}"
                         save_head(out / rel, fitted)
                         saved.append(str(rel))
-                scores = scores * (len(seeds) // len(fit_seeds))
-                model = f"{emb_name}/{head}"
-                task_scores[model] = scores
-                task_rows[model] = _row(td, model, emb_name, head, scores, cold, heavy, tr_s, inf_s, cfg, saved)
+                record(f"{emb_name}/{head}", emb_name, head, scores * (len(seeds) // len(fit_seeds)), tr_s, inf_s, saved)
         if "popularity" in cfg.baselines and retrieval:
             s, a, b = _popularity_ranks(td, seen)  # deterministic: one count serves every seed
-            task_scores["popularity"] = [s] * len(seeds)
-            task_rows["popularity"] = _row(td, "popularity", None, "popularity", [s] * len(seeds), cold, heavy, [a], [b], cfg, [])
+            record("popularity", None, "popularity", [s] * len(seeds), [a], [b])
         # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
         concat = "concat-tfidf" in cfg.baselines
         feats = tfidf_features(td, texts(td.holdout), cfg) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
         if feats is not None and "tfidf" in cfg.baselines:
             s, a, b, info = _tfidf_scores(td, feats, cfg, seeds[0])  # deterministic: one fit serves every seed
-            task_scores["tfidf/logreg"] = [s] * len(seeds)
-            task_rows["tfidf/logreg"] = _row(td, "tfidf/logreg", None, "logreg", [s] * len(seeds), cold, heavy, [a], [b], cfg, [])
-            task_rows["tfidf/logreg"]["tfidf"] = info
+            record("tfidf/logreg", None, "logreg", [s] * len(seeds), [a], [b], tfidf=info)
         if feats is not None and concat:  # every deterministic (non-random) table, + TF-IDF
             for emb_name, source in tables_here:
                 if source == RANDOM:
                     continue
                 table = table_of(emb_name, source, seeds[0])
                 s, a, b, info = _concat_scores(td, {sp: table.lookup(td.ids[sp]) for sp in td.ids}, feats, cfg, seeds[0])
-                model = f"{emb_name}+tfidf/logreg"
-                task_scores[model] = [s] * len(seeds)
-                task_rows[model] = _row(td, model, emb_name, "logreg", [s] * len(seeds), cold, heavy, [a], [b], cfg, [])
-                task_rows[model]["concat"] = info
+                record(f"{emb_name}+tfidf/logreg", emb_name, "logreg", [s] * len(seeds), [a], [b], concat=info)
         if "t-trans" in cfg.baselines:
             with _torch_threads(cfg.torch_threads):
                 scores, tr_s, inf_s, info = _ttrans_runs(td, seqs(td.holdout), cfg, seeds)
-            task_scores["t-trans"] = scores
-            task_rows["t-trans"] = _row(td, "t-trans", None, "t-trans", scores, cold, heavy, tr_s, inf_s, cfg, [])
-            task_rows["t-trans"]["t_trans"] = info
+            record("t-trans", None, "t-trans", scores, tr_s, inf_s, t_trans=info)
+        return fitted_models
+
+    rows, task_info = [], []
+    for task in tasks:
+        t_task = time.perf_counter()
+        if cfg.folds:
+            # cross-fitting: every labelled user is a test user once, scored by heads that never saw it
+            fold_tds = [task_data(cfg.data, task, users, tables, fold=(f, cfg.folds)) for f in range(cfg.folds)]
+            td = stack_folds(fold_tds)
+            fitted_models = merge_folds([score_models(ftd, f) for f, ftd in enumerate(fold_tds)])
+            users_info = {"train": [int(len(f.ids["train"])) for f in fold_tds],
+                          "val": [int(len(f.ids["val"])) for f in fold_tds], "test": int(len(td.ids["test"])), "folds": cfg.folds}
+        else:
+            td = task_data(cfg.data, task, users, tables)
+            fitted_models = None
+            users_info = {s: int(len(td.ids[s])) for s in td.ids}
+        n_te = td.n_events["test"]
+        lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
+        cold, heavy = n_te <= lo_q, n_te >= hi_q
+        retrieval = task.type == "retrieval"
+        task_info.append({
+            "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
+            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen} if retrieval else {}),
+            "holdout_last": td.holdout,
+            "users": users_info, "left_out": td.left_out,
+            "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
+            "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
+        })
+        if cfg.folds:
+            progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, {cfg.folds}-fold cross-fit over "
+                     f"{len(td.ids['test'])} users (train ~{int(np.mean(users_info['train']))} / val ~{int(np.mean(users_info['val']))} per fold)")
+        else:
+            progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, users train "
+                     f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
+            fitted_models = score_models(td)
+        task_scores = {m: f["scores"] for m, f in fitted_models.items()}
+        task_rows = {}
+        for m, f in fitted_models.items():
+            task_rows[m] = _row(td, m, f["embedding"], f["head"], f["scores"], cold, heavy, f["train_s"], f["infer_s"], cfg, f["saved"])
+            task_rows[m].update(f["extra"])
         # paired difference to the random floor: same head; tfidf vs random/logreg, t-trans vs random/mlp
         floors = [m for m in task_scores if cfg.embeddings.get(m.split("/")[0]) == RANDOM]
         for model, row in task_rows.items():
@@ -1516,6 +1616,13 @@ def _fmt_diff(d: dict | None) -> str:
     return f"{d['value']:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
 
 
+def _users_text(u: dict) -> str:
+    if "folds" in u:
+        return (f"{u['folds']}-fold cross-fit: all {u['test']} users are test users once (train ~{round(float(np.mean(u['train'])))} / "
+                f"val ~{round(float(np.mean(u['val'])))} per fold)")
+    return f"users train {u['train']} / val {u['val']} / test {u['test']}"
+
+
 def _tuning_notes(rows: list[dict]) -> list[str]:
     """What validation chose for the tuned baselines of one task (TF-IDF C, concat C / factor, T-Trans lr)."""
     notes = []
@@ -1537,8 +1644,10 @@ def format_markdown(results: dict) -> str:
     """One table per task: value [95 % CI] on test, cold and heavy users, vs the random floor, paired
     differences to TF-IDF / T-Trans (all and cold test users), timings; then what val chose."""
     level = round(100 * results["config"]["confidence"])
+    folds = results["config"].get("folds", 0)
+    split = f"the {folds} cross-fitted folds (every labelled user)" if folds else "the test split"
     lines = [f"# userfm evaluate: {results['dataset']['path']}", "",
-             f"Seeds {results['seeds']}; values are seed means on the test split with {level} % bootstrap "
+             f"Seeds {results['seeds']}; values are seed means on {split} with {level} % bootstrap "
              f"intervals over test users ({results['config']['bootstrap_samples']} resamples). Cold / heavy: bottom / "
              f"top {round(100 * results['config']['quantile'])} % of test users by history length. "
              f"vs X: paired bootstrap difference (this row - X, same resampled users), on all test users and on the "
@@ -1548,8 +1657,8 @@ def format_markdown(results: dict) -> str:
         rows = [r for r in results["rows"] if r["task"] == name]
         c = t["config"]
         lines += [f"## {name}", "",
-                  f"`{c['table']}.{c['target']}` ({c['type']}, users: {c['users']}); users train {t['users']['train']} / "
-                  f"val {t['users']['val']} / test {t['users']['test']}; cold <= {t['cold_max_events']:g} events "
+                  f"`{c['table']}.{c['target']}` ({c['type']}, users: {c['users']}); " + _users_text(t['users']) +
+                  f"; cold <= {t['cold_max_events']:g} events "
                   f"({t['n_cold']} users), heavy >= {t['heavy_min_events']:g} ({t['n_heavy']} users)."
                   + (f" Held-out last event; full ranking over {t['n_items']:,} items"
                      f"{', seen items masked' if t.get('mask_seen') else ', seen items not masked'}." if "n_items" in t else

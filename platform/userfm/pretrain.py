@@ -91,6 +91,9 @@ class PretrainConfig:
     #                          minilm CLUE learned with 8). Always on-safe for mlm.
     compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
     stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
+    holdout_last: int = 0  # pretrain on each user's history without its last n events (every split): the encoder never
+    #                        sees the events a leave-one-out evaluation holds out (next item / genre), also for users
+    #                        a cross-fitted evaluation (`evaluate --set folds=k`) scores; 0 = whole histories
     train_users: int = 0  # use only the first N training users by user-id hash (0 = all): the data-length axis of scaling sweeps
     fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
 
@@ -102,6 +105,8 @@ class PretrainConfig:
         for name in ("batch_size", "max_steps", "num_workers", "max_events", "log_every", "checkpoint_every", "threads_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.holdout_last < 0:
+            raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
         if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size must be in [0, batch_size], got {self.mini_batch_size}")
 
@@ -148,12 +153,13 @@ def _resources(vocabs_json: str, tokenizer_json: str | None, vectors_dir: str | 
 
 def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_json: str | None,
               vectors_dir: str | None, max_events: int, single_service: str, seed: int,
-              services: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+              services: tuple[str, ...] = (), holdout_last: int = 0) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: sequence rows -> fixed-shape feature rows.
 
     mlm / simclr: one row per user with events (masking and augmentation are drawn per step in the
     loop, so every epoch sees new ones). clue: one row per user pair (a.* / b.*: two services, or an
-    earlier/later split of a one-service history), built here, not in the loop.
+    earlier/later split of a one-service history), built here, not in the loop. ``holdout_last``: each
+    user's last n events are dropped first (the leave-one-out evaluation's labels).
     """
     from userfm.features import make_batch, pad_events
     from userfm.objectives import _with_vectors, clue_batch
@@ -163,6 +169,10 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
 
     vocabs, tok, vectors = _resources(vocabs_json, tokenizer_json, vectors_dir)
     batch = batch.filter(pc.equal(batch.column("split"), split))
+    if holdout_last:
+        from userfm.embed import drop_last_events
+
+        batch = drop_last_events(batch, holdout_last)
     if services:
         batch = restrict_services(batch, services)
     if objective == "clue":
@@ -509,6 +519,13 @@ def _read_rows(path: str, split: str, train_users: int = 0):
     return first_users(rows, train_users) if split == "train" else rows
 
 
+def _train_rows(cfg: PretrainConfig):
+    """The training users' sequences the vocabularies and tokenizer are fitted on (held-out events dropped)."""
+    from userfm.embed import drop_last_events
+
+    return drop_last_events(_read_rows(cfg.data, "train", cfg.train_users), cfg.holdout_last)
+
+
 def first_users(rows, n: int):
     """The ``n`` users of ``rows`` with the smallest user-id hash (all if ``n`` is 0): nested as ``n`` grows."""
     import pyarrow as pa
@@ -582,7 +599,7 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
     kwargs = dict(
         objective=cfg.objective, vocabs_json=vocabs.to_json(), tokenizer_json=tok.to_json() if tok else None,
         vectors_dir=vectors_dir, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
-        services=tuple(cfg.services),
+        services=tuple(cfg.services), holdout_last=cfg.holdout_last,
     )
     out = {}
     for split in ("train", "val"):
@@ -622,7 +639,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
             raise PretrainError(f"{out}: no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())["pretrain"]
         cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
-                                                    "max_events", "max_text_tokens", "text_vocab", "seed") if k in saved},
+                                                    "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last") if k in saved},
                       services=tuple(saved.get("services", ())))
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(out))
@@ -631,7 +648,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     ctx.enable_progress_bars = False  # per-epoch shard bars from every worker would drown the progress lines
 
     t0 = time.perf_counter()
-    train_rows = _read_rows(cfg.data, "train", cfg.train_users)
+    train_rows = _train_rows(cfg)
     if cfg.services:
         from userfm.dataset import load_manifest
         from userfm.sequences import restrict_services
