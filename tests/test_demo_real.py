@@ -340,3 +340,12 @@ def test_demo_other_formats(fmt, tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
     run_demo(_tiny(out, writer(tmp_path / "src"), fmt))
     _check_run(out, capsys.readouterr().out, 8, users, kinds, skipped)
+
+
+def test_eval_folds_config():
+    """eval_folds: 0 (the dataset's split) or k >= 3 (cross-fitting); pretraining holds out the last event
+    only when cross-fitted last_event tasks run (checked in run_demo, see the quality benchmark)."""
+    assert DemoConfig(eval_folds=5).eval_folds == 5
+    for k in (1, 2, -3):
+        with pytest.raises(ValueError, match="eval_folds must be 0"):
+            DemoConfig(eval_folds=k)

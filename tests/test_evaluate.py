@@ -724,3 +724,19 @@ def test_cross_fit_refuses_encoders_pretrained_on_the_held_out_events(synth_ds, 
         else:
             with pytest.raises(EvalError, match=r"pretrained on whole histories \(holdout_last=0\).*holdout_last=1"):
                 run_evaluate(cfg, progress=lambda s: None)
+
+
+def test_cross_fit_fold_with_one_training_class_is_a_clear_error(synth_ds):
+    """A fold whose training users share one class cannot fit a classifier: the error names the fold."""
+    from userfm.evaluate import fold_of
+
+    users = user_table(synth_ds["ds"])
+    ids = np.asarray(users.column("user_id").to_pylist(), dtype=object)
+    f = fold_of(ids, 4)
+    label = pa.table({"user_id": ids, "split": users.column("split"), "y": pa.array((f == 1).astype(np.int64))})
+    task = TaskConfig(name="t", table="tbl", target="y", type="binary")
+    with pytest.raises(EvalError, match="training users of cross-fitting fold 0 of 4 have one class only"):
+        task_data(synth_ds["ds"], task, users, {"tbl": label}, fold=(0, 4))  # train = folds 2, 3: all 0
+    td = task_data(synth_ds["ds"], task, users, {"tbl": label}, fold=(2, 4))  # train = folds 0, 1: both classes
+    assert len(td.ids["train"]) == int(np.isin(f, [0, 1]).sum()) and len(td.ids["val"]) == int((f == 3).sum())
+    assert sorted(td.ids["test"]) == sorted(ids[f == 2]) and td.classes == [0, 1]
