@@ -257,7 +257,7 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     from userfm.encoders import UserEncoder
     from userfm.features import to_torch, trim_events
     from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import _objective_config, lr_at, step_inputs, step_seed
+    from userfm.pretrain import _objective_config, lr_at, make_optimizer, step_inputs, step_seed
 
     import torch.distributed as dist
 
@@ -271,10 +271,10 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     model = UserEncoder(enc_cfg)
     head = build_head(ocfg, enc_cfg)
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)  # the same optimizer as pretrain.train_loop
     no_sync = None
     if world > 1:  # what ray.train.torch.prepare_model does on CPU
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         no_sync = model.no_sync
     model.train()
     key = "length" if "length" in rows else "a.length"
