@@ -257,7 +257,7 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     from userfm.encoders import UserEncoder
     from userfm.features import to_torch, trim_events
     from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import _objective_config, lr_at, step_inputs, step_seed
+    from userfm.pretrain import _objective_config, lr_at, make_optimizer, step_inputs, step_seed
 
     import torch.distributed as dist
 
@@ -271,10 +271,10 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     model = UserEncoder(enc_cfg)
     head = build_head(ocfg, enc_cfg)
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)  # the same optimizer as pretrain.train_loop
     no_sync = None
     if world > 1:  # what ray.train.torch.prepare_model does on CPU
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         no_sync = model.no_sync
     model.train()
     key = "length" if "length" in rows else "a.length"
@@ -292,7 +292,8 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
-            loss, _metrics = loss_and_backward(model, head, batch, ocfg, no_sync=no_sync)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):  # as train_loop
+                loss, _metrics = loss_and_backward(model, head, batch, ocfg, no_sync=no_sync)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -382,6 +383,9 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the reference rows (a') length-bucketed plain loop and (c') plain DDP without Ray")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed after)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: every setup under torch.autocast(bfloat16) (CPUs with AMX / AVX512-BF16); MFU stays "
+                         "relative to the fp32 peak (the target's denominator), the bf16 peak is printed next to it")
     ap.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     args = ap.parse_args()
     if args.item_encoder == "minilm":
@@ -418,6 +422,7 @@ def main() -> None:
             cpus_per_worker=args.cpus_per_worker, log_every=args.log_every, eval_every=0,
             eval_batches=1, checkpoint_every=10**9, keep_checkpoints=1, max_failures=0,
             peak_flops=peaks[0][0],  # set: the workers skip their own 1 s measurement
+            precision=args.precision,
         )
         prepared = featurized_train(cfg)
         enc_cfg, rows = prepared[2], prepared[3]
@@ -475,6 +480,20 @@ def main() -> None:
         print(f"real / computed events: {100 * eff['padded']:.0f} % padded to {args.max_events}; "
               f"{100 * eff['trimmed']:.0f} % with random batches trimmed to their longest view (heavy tail: "
               f"most batches hold a long user); {100 * eff['bucketed']:.0f} % with length-bucketed batches, trimmed")
+        if args.precision == "bf16":
+            from userfm.pretrain import measure_peak_flops as _mpf  # noqa: F401
+
+            a16, b16 = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
+            torch.set_num_threads(1)
+            for _ in range(3):
+                a16 @ b16
+            reps16, t16 = 0, time.perf_counter()
+            while time.perf_counter() - t16 < 1.0:
+                a16 @ b16
+                reps16 += 1
+            bf16_peak = 2 * 1024**3 * reps16 / (time.perf_counter() - t16)
+            print(f"precision bf16 (autocast): bf16 matmul peak, 1 thread: {bf16_peak / 1e9:.1f} GFLOP/s "
+                  f"({bf16_peak / peak:.1f}x the fp32 peak); MFU below is against the fp32 peak")
         print(f"fp32 matmul peak, 1 thread: {peak / 1e9:.1f} GFLOP/s alone; {peak_both / 1e9:.1f} GFLOP/s per "
               f"process with 2 processes at once ({2 * peak_both / peak:.2f}x of one); best of {len(peaks)} "
               f"measurements [{' '.join(f'{a / 1e9:.0f}/{b / 1e9:.0f}' for a, b in peaks)}]")
