@@ -28,6 +28,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--verbose", action="store_true", default=None,
+                   help="print Ray's own logs and the workers' output on the console (default: to a log file, "
+                   "<run>/logs/ray.log for the demo, else <Ray session>/logs/userfm.log)")
 
 
 # ---------------------------------------------------------------------------------- subcommands
@@ -405,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "verbose"):  # a subcommand that starts Ray (_add_ray_args): console settings first
+            from userfm.runtime import set_verbose
+
+            set_verbose(bool(args.verbose))
         return int(args.fn(args) or 0)
     except (UserfmError, FileNotFoundError) as exc:
         print(f"userfm {args.command}: error: {exc}", file=sys.stderr)

@@ -18,11 +18,14 @@ second pass. Both passes write their heads and charts into ``evaluate/``; their 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from userfm.config import to_dict
 from userfm.errors import UserfmError
@@ -167,29 +170,52 @@ def _headline(results: dict) -> dict:
 
 
 class _Stages:
-    """Prints ``[k/n] name ... done in Xs`` lines and keeps the timings."""
+    """Prints ``[k/n] name ... done in Xs`` lines and keeps the timings.
 
-    def __init__(self, total: int):
-        self.total, self.k, self.timings = total, 0, {}
+    Quiet (the default): what a stage prints itself goes to ``details`` (the run's ``logs/demo.log``),
+    so the console gets one line per stage: ``[k/n] name ...`` overwritten by ``... done in Xs`` on a
+    terminal, only the ``done`` line when the output is a pipe or a file. With ``details=None``
+    (``--verbose``): both lines, and each stage's own output between them.
+    """
+
+    def __init__(self, total: int, details: TextIO | None = None):
+        self.total, self.k, self.timings, self.details = total, 0, {}, details
 
     def run(self, name: str, fn):
         self.k += 1
-        print(f"[demo {self.k}/{self.total}] {name} ...", flush=True)
+        start = f"[demo {self.k}/{self.total}] {name} ..."
+        live = self.details is not None and sys.stdout.isatty()  # the start line is rewritten in place
+        if self.details is None or live:
+            print(start, end="" if live else "\n", flush=True)
         t0 = time.perf_counter()
-        out = fn()
+        try:
+            if self.details is None:
+                out = fn()
+            else:
+                print(start, file=self.details, flush=True)
+                with contextlib.redirect_stdout(self.details):
+                    out = fn()
+        except BaseException:
+            if live:
+                print(flush=True)  # the error starts on a line of its own
+            raise
         self.timings[name] = round(time.perf_counter() - t0, 2)
-        print(f"[demo {self.k}/{self.total}] {name} done in {self.timings[name]:.1f}s", flush=True)
+        done = f"[demo {self.k}/{self.total}] {name} done in {self.timings[name]:.1f}s"
+        if self.details is not None:
+            print(done, file=self.details, flush=True)
+        print(("\r\x1b[K" if live else "") + done, flush=True)
         return out
 
 
 def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Run every landed stage into ``cfg.out``; returns (and writes) ``demo_summary.json``."""
-    from userfm.dataset import format_summary, summarize
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import LAST_EVENT, load_tasks
-    from userfm.pretrain import PretrainConfig, run_pretrain
-    from userfm.runtime import init_ray
+    """Run every landed stage into ``cfg.out``; returns (and writes) ``demo_summary.json``.
+
+    The console gets one line per stage, the data summary, the served answers and the results; each
+    stage's own output goes to ``<out>/logs/demo.log`` and Ray's to ``<out>/logs/ray.log``
+    (``ray_session`` links Ray's session log folder). ``runtime.set_verbose(True)`` (``--verbose``):
+    everything on the console, as before, and no ``logs/``.
+    """
+    from userfm.runtime import is_verbose
 
     out = Path(cfg.out)
     if out.exists():
@@ -197,6 +223,36 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
             raise UserfmError(f"{out} exists and is not a demo run folder; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if is_verbose():
+        return _pipeline(cfg, out, None, address, num_cpus)
+    logs = out / "logs"
+    logs.mkdir()
+    print(f"[demo] logs: {logs / 'demo.log'} (each stage's output), {logs / 'ray.log'} (Ray's); --verbose prints them here",
+          flush=True)
+    with (logs / "demo.log").open("w", encoding="utf-8") as details:
+        return _pipeline(cfg, out, details, address, num_cpus)
+
+
+def _start_ray(address: str | None, num_cpus: int | None, logs: Path | None) -> None:
+    """``init_ray`` with Ray's output to ``logs/ray.log`` and a ``logs/ray_session`` link to Ray's own log
+    folder (the workers' files, Ray Data's and Serve's logs); ``logs=None``: Ray's output on the console."""
+    from userfm.runtime import init_ray, session_logs
+
+    init_ray(address, num_cpus=num_cpus, log_file=logs / "ray.log" if logs else None)
+    session = session_logs()
+    if logs is not None and session is not None:
+        (logs / "ray_session").symlink_to(session, target_is_directory=True)
+
+
+def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str | None, num_cpus: int | None) -> dict:
+    """The stages of ``run_demo`` into the (new, empty but for logs/) run folder ``out``; ``details``:
+    where each stage's own output goes (None: the console)."""
+    from userfm.dataset import format_summary, summarize
+    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.embed import EmbedConfig, run_embed
+    from userfm.evaluate import LAST_EVENT, load_tasks
+    from userfm.pretrain import PretrainConfig, run_pretrain
+
     raw, dataset = out / "raw", out / "dataset"
     objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
     tasks = _default_tasks(cfg)
@@ -206,7 +262,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
                 + int(cfg.serve and bool(objectives)))
 
     # (until ingest has shown which tasks the data supports, count those of the task file)
-    stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}))
+    stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}), details)
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -227,7 +283,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
         attributes = tuple(str(p) for p in [raw / "attributes.parquet"] if p.exists())
 
     icfg = IngestConfig(inputs=inputs, out=str(dataset), attributes=attributes, max_events=cfg.max_events)
-    stages.run("start Ray", lambda: init_ray(address, num_cpus=num_cpus))
+    stages.run("start Ray", lambda: _start_ray(address, num_cpus, out / "logs" if details else None))
     manifest = stages.run("ingest with Ray Data", lambda: run_ingest(icfg))
     summary = stages.run("summarize", lambda: summarize(dataset))
     print(format_summary(summary))
@@ -290,8 +346,10 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
 
     served = None
     if cfg.serve and objectives:
-        served = stages.run("serve embeddings and heads over HTTP (Ray Serve)",
-                            lambda: _serve_stage(cfg, out, dataset, pretrained, ev))
+        served, answers = stages.run("serve embeddings and heads over HTTP (Ray Serve)",
+                                     lambda: _serve_stage(cfg, out, dataset, pretrained, ev))
+        for method, path, status, body in answers:  # the demo's show: on the console, quiet or not
+            print(f"[demo]   {method:<4} {path:<40} -> {status} {_brief(body) if path != '/docs' else '(OpenAPI UI)'}")
 
     result = {
         "config": to_dict(cfg),
@@ -381,9 +439,10 @@ def _brief(body) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, results: dict | None) -> dict:
+def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, results: dict | None) -> tuple[dict, list]:
     """Start the Serve app for the CLUE encoder (its embeddings, one of its evaluation heads), call every
-    route once with a real test user, print the answers, shut Serve down."""
+    route once with a real test user, shut Serve down. Returns (the summary's ``serve`` entry, the
+    answers as (method, path, status, body) for the console)."""
     from userfm.dataset import read_sequences
     from userfm.serve import ServeConfig, events_from_sequence, smoke_calls, start, stop
 
@@ -404,10 +463,8 @@ def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, re
         calls = smoke_calls(base, row["user_id"], events, head_name=head)
     finally:
         stop()
-    for method, path, status, body in calls:
-        print(f"[demo]   {method:<4} {path:<40} -> {status} {_brief(body) if path != '/docs' else '(OpenAPI UI)'}")
-    bad = [(m, p, st) for m, p, st, _ in calls if st != 200]
+    bad = [(m, p, st, _brief(body)) for m, p, st, body in calls if st != 200]
     if bad:
         raise UserfmError(f"serve stage: routes answered with errors: {bad}")
     return {"url": base, "user_id": row["user_id"], "head": head,
-            "calls": [{"method": m, "path": p, "status": st} for m, p, st, _ in calls]}
+            "calls": [{"method": m, "path": p, "status": st} for m, p, st, _ in calls]}, calls
