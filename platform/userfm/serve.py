@@ -756,6 +756,7 @@ def make_api(ing: Ingress):
     from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.datastructures import Headers
 
     from userfm import __version__
 
@@ -771,24 +772,41 @@ def make_api(ing: Ingress):
         errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return JSONResponse({"detail": errors}, 422)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > cfg.max_body_bytes:
-            return JSONResponse({"detail": f"request body of {size} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}, 413)
-        path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
-        if ing.api_key and path not in OPEN_PATHS:
-            if not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), ing.api_key.encode()):
-                return JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)
-        # Where the time goes, per request: each hop (handle call or local table lookup) and the whole
-        # route in this replica ("ingress"), in ms. The route runs in a child task that shares this list.
-        hops: list[tuple[str, float]] = []
-        hop_timing(hops)
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        hops.append(("ingress", (time.perf_counter() - t0) * 1000))
-        response.headers["server-timing"] = ", ".join(f"{name};dur={ms:.3f}" for name, ms in hops)
-        return response
+    class Guard:
+        """Body size (413) and API key (401) checks, and a Server-Timing header: each hop of the request
+        (handle call or local table lookup) and the whole route in this replica ("ingress"), in ms.
+        Plain ASGI: Starlette's ``@app.middleware("http")`` runs the route in an extra task and streams
+        the response through a memory channel, which is time on every request."""
+
+        def __init__(self, asgi_app):
+            self.app = asgi_app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            headers = Headers(scope=scope)
+            size = headers.get("content-length", "")
+            if size.isdigit() and int(size) > cfg.max_body_bytes:
+                body = {"detail": f"request body of {size} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}
+                return await JSONResponse(body, 413)(scope, receive, send)
+            path = scope["path"][len(scope.get("root_path", "")):] or "/"
+            if ing.api_key and path not in OPEN_PATHS:
+                if not hmac.compare_digest(headers.get("x-api-key", "").encode(), ing.api_key.encode()):
+                    return await JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)(scope, receive, send)
+            hops: list[tuple[str, float]] = []
+            hop_timing(hops)  # the route runs in this task: its hops land in this list
+            t0 = time.perf_counter()
+
+            async def send_timed(message):
+                if message["type"] == "http.response.start":
+                    hops.append(("ingress", (time.perf_counter() - t0) * 1000))
+                    timing = ", ".join(f"{name};dur={ms:.3f}" for name, ms in hops).encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"server-timing", timing)]}
+                await send(message)
+
+            await self.app(scope, receive, send_timed)
+
+    app.add_middleware(Guard)
 
     def head_handle(name: str):
         h = ing.heads.get(name)
