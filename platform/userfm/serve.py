@@ -408,8 +408,13 @@ class Encoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def embed_batch(self, users: list[list[dict]]) -> list[tuple[np.ndarray, int]]:
-        # In a thread, so requests keep queueing into the next batch while this one runs.
-        x, used = await asyncio.to_thread(self.embed_now, users)
+        if len(users) == 1 and self._batcher.in_flight == 1:
+            # Alone on an idle replica: nothing can queue behind it, and the thread hand-off (and back)
+            # costs more than it frees (measured: serve_load.py --breakdown, encoder hop).
+            x, used = self.embed_now(users)
+        else:
+            # In a thread, so requests keep queueing into the next batch while this one runs.
+            x, used = await asyncio.to_thread(self.embed_now, users)
         self.stats["requests"] += len(users)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(users))
