@@ -11,6 +11,14 @@ Routes: ``POST /v1/embed``, ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{i
 ``GET /v1/heads``, ``POST /v1/heads/{name}/predict`` (by user id(s) or by events), ``POST /v1/admin/reload``,
 ``GET /healthz`` (models loaded, versions, warnings) and OpenAPI at ``/docs``.
 
+Hot path: every hop is a process hop (HTTP proxy -> ingress replica -> model replica), a few ms each on
+a loaded 2-core box, so the ingress keeps what needs no model: stored-embedding lookups (GET
+``/v1/users/{id}/embedding``, predict by user id) are answered from the ingress replica's own copy of the
+store's table (``ingress_table``; it follows reloads, and a request reads one table, never a mix); the
+batch wait applies only while a replica has other requests in flight; every response carries a
+``Server-Timing`` header (each hop and the ingress route, ms), which ``experiments/benchmarks/serve_load.py
+--breakdown`` turns into a per-hop table.
+
 Errors: 422 (schema; the body names the field), 404 (unknown user or head), 413 (body over
 ``max_body_bytes``), 401 (API key, when one is configured), 409 (reload refused), 503 (Serve's
 backpressure: ``max_ongoing_requests`` / ``max_queued_requests``, or a model call past ``request_timeout_s``).
