@@ -396,6 +396,35 @@ def test_server_timing_names_the_hops_and_stored_lookups_skip_the_store(app):
     assert h["ingress_table"] == h["embeddings"]["table_version"]
 
 
+def test_without_ingress_table_lookups_go_to_the_store_with_the_same_answers(app):
+    """``ingress_table: false`` (tables too big for a copy per ingress replica): the same answers, each
+    lookup a handle call to the EmbeddingStore. A second app on the same Serve proxy, under /store."""
+    from dataclasses import replace
+
+    from ray import serve as ray_serve
+
+    from userfm import serve
+
+    cfg = replace(app["cfg"], ingress_table=False, app_name="userfm-store", route_prefix="/store",
+                  heads={"age": app["cfg"].heads["age"]})
+    base = serve.start(cfg, progress=lambda s: None)
+    try:
+        assert base == app["base"] + "/store"
+        uid = app["ids"][9]
+        with httpx.Client(base_url=base, timeout=60, headers=KEY) as c:
+            r = c.get(f"/v1/users/{uid}/embedding")
+            assert r.status_code == 200 and _hops(r) == ["store", "ingress"]
+            np.testing.assert_allclose(r.json()["embedding"], _stored(app, uid), rtol=1e-6)
+            r = c.post("/v1/heads/age/predict", json={"user_ids": [uid, "ghost"]})
+            assert r.status_code == 404 and "['ghost']" in r.json()["detail"] and _hops(r) == ["store", "ingress"]
+            r = c.post("/v1/heads/age/predict", json={"user_id": uid})
+            want = app["client"].post("/v1/heads/age/predict", json={"user_id": uid}).json()["predictions"]
+            assert r.status_code == 200 and _hops(r) == ["store", "head", "ingress"] and r.json()["predictions"] == want
+            assert c.get("/healthz").json()["ingress_table"] is None
+    finally:
+        ray_serve.delete(cfg.app_name)
+
+
 def test_reload_switches_the_table_version_and_refuses_another_encoder(app):
     c = app["client"]
     root, uid = app["root"], app["ids"][11]
