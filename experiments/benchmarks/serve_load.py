@@ -220,8 +220,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-s", type=float, default=0.002)
-    ap.add_argument("--ingress-table", type=int, default=1, choices=(0, 1),
-                    help="ServeConfig.ingress_table: stored lookups from the ingress replica's copy (1) or the EmbeddingStore (0)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a ServeConfig field of the served app (repeatable), e.g. ingress_table=false")
     ap.add_argument("--breakdown", action="store_true", help="also split a 1-client request's time over its hops")
     ap.add_argument("--breakdown-requests", type=int, default=100, help="sequential requests per route in --breakdown")
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -241,6 +241,7 @@ def main() -> None:
     import httpx
 
     from userfm import serve
+    from userfm.config import load_config
     from userfm.dataset import read_sequences
     from userfm.serve import ServeConfig, _free_port, events_from_sequence
 
@@ -274,12 +275,12 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    cfg = ServeConfig(model=model, embeddings=embeddings, heads={args.head: head_dir}, port=0,
-                      batch_size=args.batch_size, batch_wait_s=args.batch_wait_s, ingress_table=bool(args.ingress_table))
+    cfg = load_config(ServeConfig, None, args.set, model=model, embeddings=embeddings, heads={args.head: head_dir}, port=0,
+                      batch_size=args.batch_size, batch_wait_s=args.batch_wait_s)
     base = serve.start(cfg, progress=lambda s: print("  " + s))
     try:
         print(f"  userfm serve (Ray Serve, batch {args.batch_size}, wait {args.batch_wait_s * 1000:.0f} ms while busy, "
-              f"ingress_table {cfg.ingress_table})")
+              f"ingress_table {cfg.ingress_table}, --set {args.set or '-'})")
         results["serve"] = measure(base, routes, levels, requests, args.repeats)
         batching = httpx.get(f"{base}/healthz").json()["encoder"]["batching"]
         if args.breakdown:
