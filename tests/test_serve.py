@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.serve import ServeConfig, ServeError, events_from_sequence, events_to_rows, plan, resolve_heads
+from userfm.serve import ServeConfig, ServeError, events_from_sequence, events_to_rows, lookup, plan, resolve_heads
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -168,6 +168,74 @@ def test_plan_reads_versions_and_refuses_mismatches(world):
         ServeConfig(version_check="maybe")
 
 
+def test_lookup_takes_rows_and_identity_from_the_one_table_it_is_given():
+    from userfm.serve import _StoredTable
+
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], np.float32)
+    meta = {"model_id": "m", "model_version": "v1", "table_version": "t1", "source": "s"}
+    t = _StoredTable(["a", "b", "c"], {"a": 0, "b": 1, "c": 2}, x, np.linalg.norm(x, axis=1), meta)
+    missing, got, ident = lookup(t, ["c", "a", "c"])
+    assert missing == [] and ident == {"model_id": "m", "model_version": "v1", "table_version": "t1"}
+    np.testing.assert_array_equal(got, [[3.0, 4.0], [1.0, 0.0], [3.0, 4.0]])
+    missing, got, _ = lookup(t, ["b", "zz", "yy"])
+    assert missing == ["zz", "yy"] and got is None
+
+
+def test_batch_wait_applies_only_while_other_requests_are_in_flight():
+    """An idle replica sends a lone request on at once (wait 0); requests that arrive while others are
+    in flight wait batch_wait_s for a batch to fill. The count falls back after errors too."""
+    import asyncio
+
+    from userfm.serve import _IdleNoWait
+
+    class FakeBatch:  # stands in for a @serve.batch method: records the wait each item is enqueued with
+        def __init__(self):
+            self.wait, self.size, self.seen, self.release = None, None, [], None
+
+        def set_max_batch_size(self, n):
+            self.size = n
+
+        def set_batch_wait_timeout_s(self, s):
+            self.wait = s
+
+        async def __call__(self, item):
+            self.seen.append((item, self.wait))
+            await self.release.wait()
+            if item == "bad":
+                raise RuntimeError("model failed")
+            return item * 2
+
+    async def scenario():
+        fake = FakeBatch()
+        fake.release = asyncio.Event()
+        b = _IdleNoWait(fake, batch_size=8, wait_s=0.005)
+        assert (fake.size, fake.wait) == (8, 0.005)
+        fake.release.set()
+        assert await b(1) == 2  # alone: no wait
+        fake.release.clear()
+        calls = [asyncio.create_task(b(i)) for i in (2, 3, 4)]
+        await asyncio.sleep(0)  # all three enqueued, none answered
+        assert b.in_flight == 3
+        fake.release.set()
+        assert await asyncio.gather(*calls) == [4, 6, 8]
+        assert b.in_flight == 0
+        with pytest.raises(RuntimeError, match="model failed"):
+            await b("bad")
+        assert b.in_flight == 0
+        assert await b(5) == 10
+        return fake.seen
+
+    seen = asyncio.run(scenario())
+    assert seen == [(1, 0.0), (2, 0.0), (3, 0.005), (4, 0.005), ("bad", 0.0), (5, 0.0)]
+
+
+def test_serve_config_rejects_bad_timing_knobs():
+    with pytest.raises(ValueError, match="batch_wait_s must be >= 0, got -0.1"):
+        ServeConfig(batch_wait_s=-0.1)
+    with pytest.raises(ValueError, match="table_sync_s must be > 0, got 0"):
+        ServeConfig(table_sync_s=0)
+
+
 def test_a_port_in_use_is_refused_not_shared():
     import socket
 
@@ -303,6 +371,60 @@ def test_error_paths_name_the_field(app):
     assert "exceeds max_body_bytes=100000" in detail(c.post("/v1/embed", json=big), 413)
 
 
+def _hops(r) -> list[str]:
+    return [part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")]
+
+
+def test_server_timing_names_the_hops_and_stored_lookups_skip_the_store(app):
+    """Stored-embedding lookups are answered from the ingress replica's copy of the table (hop "table"),
+    not by a handle call to the EmbeddingStore (hop "store"); every response says where its time went."""
+    c = app["client"]
+    uid, events = _user(app, 4)
+    r = c.get(f"/v1/users/{uid}/embedding")
+    assert r.status_code == 200 and _hops(r) == ["table", "ingress"]
+    r = c.post("/v1/heads/age/predict", json={"user_ids": [uid, app["ids"][5]]})
+    assert r.status_code == 200 and _hops(r) == ["table", "head", "ingress"]
+    r = c.post("/v1/embed", json={"events": events})
+    assert r.status_code == 200 and _hops(r) == ["encoder", "ingress"]
+    r = c.get(f"/v1/users/{uid}/similar", params={"k": 3})
+    assert r.status_code == 200 and _hops(r) == ["store", "ingress"]  # top-k is computed by the store
+    r = c.get("/v1/users/nobody/embedding")
+    assert r.status_code == 404 and _hops(r) == ["table", "ingress"]
+    for part in c.get(f"/v1/users/{uid}/embedding").headers["server-timing"].split(","):
+        assert float(part.split(";dur=")[1]) >= 0
+    h = c.get("/healthz").json()
+    assert h["ingress_table"] == h["embeddings"]["table_version"]
+
+
+def test_without_ingress_table_lookups_go_to_the_store_with_the_same_answers(app):
+    """``ingress_table: false`` (tables too big for a copy per ingress replica): the same answers, each
+    lookup a handle call to the EmbeddingStore. A second app on the same Serve proxy, under /store."""
+    from dataclasses import replace
+
+    from ray import serve as ray_serve
+
+    from userfm import serve
+
+    cfg = replace(app["cfg"], ingress_table=False, app_name="userfm-store", route_prefix="/store",
+                  heads={"age": app["cfg"].heads["age"]})
+    base = serve.start(cfg, progress=lambda s: None)
+    try:
+        assert base == app["base"] + "/store"
+        uid = app["ids"][9]
+        with httpx.Client(base_url=base, timeout=60, headers=KEY) as c:
+            r = c.get(f"/v1/users/{uid}/embedding")
+            assert r.status_code == 200 and _hops(r) == ["store", "ingress"]
+            np.testing.assert_allclose(r.json()["embedding"], _stored(app, uid), rtol=1e-6)
+            r = c.post("/v1/heads/age/predict", json={"user_ids": [uid, "ghost"]})
+            assert r.status_code == 404 and "['ghost']" in r.json()["detail"] and _hops(r) == ["store", "ingress"]
+            r = c.post("/v1/heads/age/predict", json={"user_id": uid})
+            want = app["client"].post("/v1/heads/age/predict", json={"user_id": uid}).json()["predictions"]
+            assert r.status_code == 200 and _hops(r) == ["store", "head", "ingress"] and r.json()["predictions"] == want
+            assert c.get("/healthz").json()["ingress_table"] is None
+    finally:
+        ray_serve.delete(cfg.app_name)
+
+
 def test_reload_switches_the_table_version_and_refuses_another_encoder(app):
     c = app["client"]
     root, uid = app["root"], app["ids"][11]
@@ -324,6 +446,77 @@ def test_reload_switches_the_table_version_and_refuses_another_encoder(app):
     r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")})
     assert r.json()["embeddings"]["table_version"] == before["table_version"]
     np.testing.assert_allclose(c.get(f"/v1/users/{uid}/embedding").json()["embedding"], _stored(app, uid), rtol=1e-6)
+    assert c.get("/healthz").json()["ingress_table"] == before["table_version"]  # the ingress copy followed
+
+
+def test_ingress_copy_follows_a_reload_made_on_the_store_itself(app):
+    """A reload that does not pass through this ingress replica (another replica, a Serve config, here a
+    direct handle call) reaches its copy at the next version check (table_sync_s)."""
+    import time
+
+    from ray import serve
+
+    c, root, uid = app["client"], app["root"], app["ids"][13]
+    from userfm.embed import read_embeddings
+
+    short_ids, short_x = read_embeddings(root / "emb-short")
+    store = serve.get_deployment_handle("EmbeddingStore", app_name=app["cfg"].app_name)
+    try:
+        meta = store.reload.remote(str(root / "emb-short")).result(timeout_s=60)
+        deadline = time.monotonic() + 60  # a hang guard, not a timed assertion
+        while c.get("/healthz").json()["ingress_table"] != meta["table_version"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        r = c.get(f"/v1/users/{uid}/embedding")
+        assert r.status_code == 200 and _hops(r) == ["table", "ingress"]
+        np.testing.assert_allclose(r.json()["embedding"], short_x[short_ids.index(uid)], rtol=1e-6)
+    finally:
+        c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")}).raise_for_status()
+    np.testing.assert_allclose(c.get(f"/v1/users/{uid}/embedding").json()["embedding"], _stored(app, uid), rtol=1e-6)
+
+
+def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
+    """Predict by 6 user ids while the table flips between two versions: each answer equals the head on
+    the 6 rows of one table (all old or all new), never some rows of each."""
+    import threading
+    import time
+
+    from userfm.embed import read_embeddings
+    from userfm.evaluate import load_head
+
+    c, root = app["client"], app["root"]
+    age = load_head(root / "eval" / "heads" / "age" / "t-mlp" / "seed0")
+    uids = app["ids"][20:26]
+    short_ids, short_x = read_embeddings(root / "emb-short")
+    want = {"full": age.predict_proba(np.stack([_stored(app, u) for u in uids])),
+            "short": age.predict_proba(np.stack([short_x[short_ids.index(u)] for u in uids]))}
+    assert not np.allclose(want["full"], want["short"], atol=1e-4)  # the two tables give different answers
+    stop, answers, failures = threading.Event(), [], []
+
+    def ask():
+        with httpx.Client(base_url=app["base"], headers=KEY, timeout=60) as cl:
+            while not stop.is_set():
+                r = cl.post("/v1/heads/age/predict", json={"user_ids": uids})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text[:200]))
+                    continue
+                answers.append(np.array([p["probabilities"] for p in r.json()["predictions"]]))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for table in ("emb-short", "emb-enc", "emb-short", "emb-enc"):
+            assert c.post("/v1/admin/reload", json={"embeddings": str(root / table)}).status_code == 200
+            n0, deadline = len(answers), time.monotonic() + 60  # a few answers from each table (hang guard)
+            while len(answers) < n0 + 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    seen = {name for a in answers for name, w in want.items() if np.allclose(a, w, rtol=1e-5, atol=1e-6)}
+    mixed = [a for a in answers if not any(np.allclose(a, w, rtol=1e-5, atol=1e-6) for w in want.values())]
+    assert failures == [] and len(answers) >= 24 and mixed == [] and seen == {"full", "short"}
 
 
 def test_generated_requests_get_only_2xx_or_4xx(app):

@@ -11,6 +11,14 @@ Routes: ``POST /v1/embed``, ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{i
 ``GET /v1/heads``, ``POST /v1/heads/{name}/predict`` (by user id(s) or by events), ``POST /v1/admin/reload``,
 ``GET /healthz`` (models loaded, versions, warnings) and OpenAPI at ``/docs``.
 
+Hot path: every hop is a process hop (HTTP proxy -> ingress replica -> model replica), a few ms each on
+a loaded 2-core box, so the ingress keeps what needs no model: stored-embedding lookups (GET
+``/v1/users/{id}/embedding``, predict by user id) are answered from the ingress replica's own copy of the
+store's table (``ingress_table``; it follows reloads, and a request reads one table, never a mix); the
+batch wait applies only while a replica has other requests in flight; every response carries a
+``Server-Timing`` header (each hop and the ingress route, ms), which ``experiments/benchmarks/serve_load.py
+--breakdown`` turns into a per-hop table.
+
 Errors: 422 (schema; the body names the field), 404 (unknown user or head), 413 (body over
 ``max_body_bytes``), 401 (API key, when one is configured), 409 (reload refused), 503 (Serve's
 backpressure: ``max_ongoing_requests`` / ``max_queued_requests``, or a model call past ``request_timeout_s``).
@@ -26,9 +34,11 @@ own tooling: ``serve run experiments/serve/serve-config.yaml`` (import path ``us
 """
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import json
+import logging
 import re
 import socket
 import time
@@ -46,6 +56,24 @@ from userfm.config import from_dict, load_config, to_dict
 from userfm.errors import UserfmError
 
 HEAD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# (hop, ms) of the request being handled: the ingress middleware sets a fresh list, each handle call and
+# local table lookup appends to it, and the response carries them as a Server-Timing header. Deployment
+# classes reach it only through the two functions below: Serve pickles those classes by value, with the
+# globals their methods name, and a ContextVar does not pickle (module functions go by reference).
+_HOPS: contextvars.ContextVar[list | None] = contextvars.ContextVar("userfm_serve_hops", default=None)
+log = logging.getLogger(__name__)
+
+
+def hop_timing(hops: list | None) -> None:
+    """Collect this request's hops into ``hops`` (None: stop collecting in this task)."""
+    _HOPS.set(hops)
+
+
+def record_hop(hop: str, t0: float) -> None:
+    """Add ``hop``, started at ``time.perf_counter()`` value ``t0``, to the request's timing (if collected)."""
+    hops = _HOPS.get()
+    if hops is not None:
+        hops.append((hop, (time.perf_counter() - t0) * 1000))
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
@@ -77,7 +105,7 @@ class ServeConfig:
     max_k: int = 100  # neighbours per /similar request
     max_body_bytes: int = 1_000_000  # request body size (Content-Length) -> 413 above
     batch_size: int = 16  # @serve.batch: requests per encoder / head forward
-    batch_wait_s: float = 0.002  # @serve.batch: seconds to wait for a batch to fill (latency at 1 client)
+    batch_wait_s: float = 0.002  # @serve.batch: seconds to wait for a batch to fill, only while the replica has other requests in flight (an idle replica runs a lone request at once)
     torch_threads: int = 1  # torch threads per encoder replica
     encoder_replicas: int = 1  # encoder replicas (min, with autoscaling)
     encoder_max_replicas: int = 1  # > encoder_replicas turns autoscaling on
@@ -88,6 +116,8 @@ class ServeConfig:
     store_cpus: float = 0.1  # Ray CPUs of the embedding store (one replica: /v1/admin/reload reaches it)
     ingress_replicas: int = 1  # FastAPI ingress replicas
     ingress_cpus: float = 0.25  # Ray CPUs per ingress replica
+    ingress_table: bool = True  # each ingress replica answers stored-embedding lookups (GET /v1/users/{id}/embedding, predict by user id) from its own copy of the table: one handle hop less per request; memory: one more table per ingress replica
+    table_sync_s: float = 1.0  # seconds between an ingress replica's checks of the EmbeddingStore's table version (its copy follows reloads made through another ingress replica or a Serve config)
     max_ongoing_requests: int = 64  # per ingress replica, in flight at once
     max_queued_requests: int = 256  # per ingress, waiting beyond that; more -> 503 (-1 = unbounded)
     target_ongoing_requests: float = 16.0  # autoscaling target per model replica
@@ -106,6 +136,10 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.encoder_max_replicas < self.encoder_replicas or self.head_max_replicas < self.head_replicas:
             raise ValueError("encoder_max_replicas / head_max_replicas must be >= encoder_replicas / head_replicas")
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
+        if not self.table_sync_s > 0:
+            raise ValueError(f"table_sync_s must be > 0, got {self.table_sync_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         bad = [n for n in self.heads if not HEAD_NAME.match(n)]
@@ -317,6 +351,31 @@ class _OnlineVectors:
 # --------------------------------------------------------------------------------------------------
 
 
+class _IdleNoWait:
+    """Sends one item through a ``@serve.batch`` method, waiting ``wait_s`` for a batch to fill only while
+    the replica has other items in flight.
+
+    Serve's batch queue waits ``batch_wait_timeout_s`` after the first item of every batch. On an idle
+    replica nothing can join that batch, so the wait is pure latency (every request at 1 client pays it,
+    at each batched hop). Under load the wait is kept: items that arrive while a batch runs fill the next.
+    Serve reads the wait when a batch's first item arrives, so each call sets it just before enqueuing;
+    all calls run on the replica's one event loop, so the count needs no lock.
+    """
+
+    def __init__(self, method, batch_size: int, wait_s: float):
+        self.method, self.wait_s, self.in_flight = method, wait_s, 0
+        method.set_max_batch_size(batch_size)
+        method.set_batch_wait_timeout_s(wait_s)
+
+    async def __call__(self, item):
+        self.in_flight += 1
+        try:
+            self.method.set_batch_wait_timeout_s(self.wait_s if self.in_flight > 1 else 0.0)
+            return await self.method(item)
+        finally:
+            self.in_flight -= 1
+
+
 @serve.deployment
 class Encoder:
     """Events -> user embedding. One model load per replica (``embed.EmbedActor``), requests batched."""
@@ -334,8 +393,7 @@ class Encoder:
             self.actor.vectors = _OnlineVectors(self.actor.vectors)
         self.max_events = self.actor.model.config.max_events
         self.dim = self.actor.model.config.embed_dim
-        self.embed.set_max_batch_size(batch_size)
-        self.embed.set_batch_wait_timeout_s(batch_wait_s)
+        self._batcher = _IdleNoWait(self.embed_batch, batch_size, batch_wait_s)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
 
     def info(self) -> dict:
@@ -352,10 +410,19 @@ class Encoder:
         used = np.minimum(rows.column("n_events").to_numpy(), self.max_events)
         return col.flatten().to_numpy().reshape(len(users), self.dim), used
 
+    async def embed(self, events: list[dict]) -> tuple[np.ndarray, int]:
+        """One user's events -> ((D,) embedding, events used); batched with concurrent calls."""
+        return await self._batcher(events)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def embed(self, users: list[list[dict]]) -> list[tuple[np.ndarray, int]]:
-        # In a thread, so requests keep queueing into the next batch while this one runs.
-        x, used = await asyncio.to_thread(self.embed_now, users)
+    async def embed_batch(self, users: list[list[dict]]) -> list[tuple[np.ndarray, int]]:
+        if len(users) == 1 and self._batcher.in_flight == 1:
+            # Alone on an idle replica: nothing can queue behind it, and the thread hand-off (and back)
+            # costs more than it frees (measured: serve_load.py --breakdown, encoder hop).
+            x, used = self.embed_now(users)
+        else:
+            # In a thread, so requests keep queueing into the next batch while this one runs.
+            x, used = await asyncio.to_thread(self.embed_now, users)
         self.stats["requests"] += len(users)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(users))
@@ -371,6 +438,16 @@ class _StoredTable:
     x: np.ndarray  # (N, D) float32
     norms: np.ndarray  # (N,) L2 norms of x's rows
     meta: dict  # source, model id/version, table_version digest, users, dim, loaded_at
+
+
+def lookup(table: _StoredTable, user_ids: list[str]) -> tuple[list[str], np.ndarray | None, dict]:
+    """-> (missing ids, (n, D) embeddings or None when any is missing, the table's identity: model id,
+    model version, table_version). Everything comes from the one ``table`` passed in, so a caller that
+    reads its table reference once never mixes two tables."""
+    rows = [table.index.get(u) for u in user_ids]
+    missing = [u for u, r in zip(user_ids, rows) if r is None]
+    ident = {k: table.meta[k] for k in ("model_id", "model_version", "table_version")}
+    return missing, None if missing else table.x[rows], ident
 
 
 @serve.deployment
@@ -425,10 +502,11 @@ class EmbeddingStore:
 
     def get(self, user_ids: list[str]) -> tuple[list[str], np.ndarray | None, dict]:
         """-> (missing ids, (n, D) embeddings or None when any is missing, the table's identity)."""
-        t = self.table
-        rows = [t.index.get(u) for u in user_ids]
-        missing = [u for u, r in zip(user_ids, rows) if r is None]
-        return missing, None if missing else t.x[rows], {k: t.meta[k] for k in ("model_id", "model_version", "table_version")}
+        return lookup(self.table, user_ids)
+
+    def snapshot(self) -> _StoredTable:
+        """The whole current table (one consistent version), for the ingress replicas' local copies."""
+        return self.table
 
     def similar(self, user_id: str, k: int) -> list[tuple[str, float]] | None:
         """Top-k users by cosine similarity to ``user_id`` (itself excluded), best first; None if unknown."""
@@ -467,14 +545,17 @@ class Head:
 
         self.head = load_head(path)
         self.summary = head_summary(name, path, self.head.meta)
-        self.predict.set_max_batch_size(batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_s)
+        self._batcher = _IdleNoWait(self.predict_batch, batch_size, batch_wait_s)
 
     def info(self) -> dict:
         return self.summary
 
+    async def predict(self, x: np.ndarray) -> list[dict]:
+        """(n, D) embeddings -> n outputs (``head_outputs``); batched with concurrent calls."""
+        return await self._batcher(x)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def predict(self, xs: list[np.ndarray]) -> list[list[dict]]:
+    async def predict_batch(self, xs: list[np.ndarray]) -> list[list[dict]]:
         """Each call: (n_i, D) -> n_i outputs; the batch runs as one (sum n_i, D) forward."""
         sizes = np.cumsum([len(x) for x in xs])[:-1]
         out = head_outputs(self.head, np.concatenate(xs))
@@ -624,27 +705,63 @@ def api_models(cfg: ServeConfig) -> dict[str, type]:
 class Ingress:
     """The app's single FastAPI ingress; the routes call the model deployments through handles."""
 
-    def __init__(self, config: dict, plan_: dict, encoder, store, heads: dict):
+    async def __init__(self, config: dict, plan_: dict, encoder, store, heads: dict):
+        # async: Serve awaits it on the replica's user-code event loop (the routes' loop), so the table
+        # copy is in place before the first request and its follower task runs on that loop.
         self.cfg = from_dict(ServeConfig, config)
         self.plan = plan_
         self.encoder, self.store, self.heads = encoder, store, heads
         self.api_key = Path(self.cfg.api_key_file).read_text().strip() if self.cfg.api_key_file else ""
+        # ingress_table: this replica's copy of the store's table, replaced as a whole (never changed in
+        # place), so a request that reads the reference once never mixes two tables.
+        self.table: _StoredTable | None = None
+        self._table_lock = asyncio.Lock()
+        self._follower: asyncio.Task | None = None
+        if self.cfg.ingress_table and store is not None:
+            await self.refresh_table()
+            self._follower = asyncio.create_task(self._follow_store())
 
     def __serve_build_asgi_app__(self):
         return make_api(self)
 
-    async def call(self, response):
-        """Await a handle call with the configured timeout. Past it, or when the model replica died
-        mid-request (Serve starts a new one), answer 503 (retry later), never a hang or a 500."""
+    async def call(self, response, hop: str):
+        """Await a handle call with the configured timeout; its time goes into the Server-Timing header
+        as ``hop``. Past the timeout, or when the model replica died mid-request (Serve starts a new one),
+        answer 503 (retry later), never a hang or a 500."""
         from fastapi import HTTPException
         from ray.exceptions import RayActorError
 
+        t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(response, self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"model call took longer than request_timeout_s={self.cfg.request_timeout_s}") from None
         except RayActorError:
             raise HTTPException(503, "a model replica stopped while handling the request; retry") from None
+        finally:
+            record_hop(hop, t0)
+
+    async def refresh_table(self, seen: dict | None = None) -> None:
+        """Replace this replica's copy with the store's current table, unless the copy already is ``seen``
+        (the store's meta). The copy is fetched at replica start, then kept in step by a background check
+        every ``table_sync_s`` and at once after a reload through this replica. Fetches are serialised,
+        so a slow older fetch never replaces a newer table."""
+        async with self._table_lock:
+            if seen is not None and self.table is not None and self.table.meta == seen:
+                return
+            self.table = await self.call(self.store.snapshot.remote(), "store")
+
+    async def _follow_store(self) -> None:
+        hop_timing(None)  # started inside a request: its calls are not that request's hops
+        while True:
+            await asyncio.sleep(self.cfg.table_sync_s)
+            try:
+                meta = await self.call(self.store.info.remote(), "store")
+                if self.table is None or meta != self.table.meta:
+                    await self.refresh_table(meta)
+            except Exception as exc:  # the store is restarting or slow: keep serving the copy, retry next time
+                log.warning("ingress: could not check the embedding table version (%s); serving table %s",
+                            exc, self.table.meta["table_version"] if self.table else None)
 
 
 def make_api(ing: Ingress):
@@ -652,6 +769,7 @@ def make_api(ing: Ingress):
     from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.datastructures import Headers
 
     from userfm import __version__
 
@@ -667,16 +785,41 @@ def make_api(ing: Ingress):
         errors = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return JSONResponse({"detail": errors}, 422)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > cfg.max_body_bytes:
-            return JSONResponse({"detail": f"request body of {size} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}, 413)
-        path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
-        if ing.api_key and path not in OPEN_PATHS:
-            if not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), ing.api_key.encode()):
-                return JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)
-        return await call_next(request)
+    class Guard:
+        """Body size (413) and API key (401) checks, and a Server-Timing header: each hop of the request
+        (handle call or local table lookup) and the whole route in this replica ("ingress"), in ms.
+        Plain ASGI: Starlette's ``@app.middleware("http")`` runs the route in an extra task and streams
+        the response through a memory channel, which is time on every request."""
+
+        def __init__(self, asgi_app):
+            self.app = asgi_app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            headers = Headers(scope=scope)
+            size = headers.get("content-length", "")
+            if size.isdigit() and int(size) > cfg.max_body_bytes:
+                body = {"detail": f"request body of {size} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}
+                return await JSONResponse(body, 413)(scope, receive, send)
+            path = scope["path"][len(scope.get("root_path", "")):] or "/"
+            if ing.api_key and path not in OPEN_PATHS:
+                if not hmac.compare_digest(headers.get("x-api-key", "").encode(), ing.api_key.encode()):
+                    return await JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)(scope, receive, send)
+            hops: list[tuple[str, float]] = []
+            hop_timing(hops)  # the route runs in this task: its hops land in this list
+            t0 = time.perf_counter()
+
+            async def send_timed(message):
+                if message["type"] == "http.response.start":
+                    hops.append(("ingress", (time.perf_counter() - t0) * 1000))
+                    timing = ", ".join(f"{name};dur={ms:.3f}" for name, ms in hops).encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"server-timing", timing)]}
+                await send(message)
+
+            await self.app(scope, receive, send_timed)
+
+    app.add_middleware(Guard)
 
     def head_handle(name: str):
         h = ing.heads.get(name)
@@ -689,21 +832,33 @@ def make_api(ing: Ingress):
             raise HTTPException(404, "no embedding table is served (config: embeddings)")
         return ing.store
 
+    async def stored(user_ids: list[str]) -> tuple[list[str], np.ndarray | None, dict]:
+        """``lookup`` on the stored table: this replica's copy (ingress_table), else the store's."""
+        store = need_store()
+        if not cfg.ingress_table:
+            return await ing.call(store.get.remote(user_ids), "store")
+        table = ing.table  # read once: the whole request uses this one table
+        t0 = time.perf_counter()
+        out = lookup(table, user_ids)
+        record_hop("table", t0)
+        return out
+
     async def embed_events(events: list) -> tuple[np.ndarray, int]:
-        return await ing.call(ing.encoder.embed.remote([e.model_dump(mode="python") for e in events]))
+        return await ing.call(ing.encoder.embed.remote([e.model_dump(mode="python") for e in events]), "encoder")
 
     @app.get("/healthz", summary="models loaded, their versions, warnings")
     async def healthz():
         try:
-            enc = await ing.call(ing.encoder.info.remote())
-            emb = await ing.call(ing.store.info.remote()) if ing.store is not None else None
-            heads = {n: await ing.call(h.info.remote()) for n, h in ing.heads.items()}
+            enc = await ing.call(ing.encoder.info.remote(), "encoder")
+            emb = await ing.call(ing.store.info.remote(), "store") if ing.store is not None else None
+            heads = {n: await ing.call(h.info.remote(), "head") for n, h in ing.heads.items()}
         except HTTPException:
             return JSONResponse({"status": "unavailable", "detail": "a model deployment did not answer in time"}, 503)
         warnings = list(ing.plan["head_warnings"])
         if emb is not None and cfg.version_check != "off":
             warnings += [w for w, _ in version_notes(f"embeddings {emb['source']}", emb["model_version"], enc["model_version"])]
         return {"status": "warn" if warnings else "ok", "warnings": warnings, "encoder": enc, "embeddings": emb,
+                "ingress_table": ing.table.meta["table_version"] if ing.table is not None else None,
                 "heads": heads, "version": __version__}
 
     @app.post("/v1/embed", response_model=M["EmbedResponse"], summary="events -> user embedding")
@@ -715,7 +870,7 @@ def make_api(ing: Ingress):
 
     @app.get("/v1/users/{user_id}/embedding", response_model=M["StoredEmbedding"], summary="stored embedding of a user")
     async def user_embedding(user_id: str = PathParam(min_length=1, max_length=256)):
-        missing, x, info = await ing.call(need_store().get.remote([user_id]))
+        missing, x, info = await stored([user_id])
         if missing:
             raise HTTPException(404, f"unknown user_id {user_id!r}: not in the embedding table")
         return {"user_id": user_id, "embedding": x[0].tolist(), "dim": x.shape[1], "model_id": info["model_id"],
@@ -723,7 +878,7 @@ def make_api(ing: Ingress):
 
     @app.get("/v1/users/{user_id}/similar", response_model=M["SimilarResponse"], summary="top-k users by cosine similarity")
     async def similar(user_id: str = PathParam(min_length=1, max_length=256), k: int = Query(10, ge=1, le=cfg.max_k)):
-        top = await ing.call(need_store().similar.remote(user_id, k))
+        top = await ing.call(need_store().similar.remote(user_id, k), "store")
         if top is None:
             raise HTTPException(404, f"unknown user_id {user_id!r}: not in the embedding table")
         return {"user_id": user_id, "k": len(top), "neighbours": [{"user_id": u, "score": s} for u, s in top]}
@@ -740,12 +895,12 @@ def make_api(ing: Ingress):
             version = ing.plan["encoder"]["model_version"]
         else:
             ids = req.user_ids or [req.user_id]
-            missing, x, info = await ing.call(need_store().get.remote(ids))
+            missing, x, info = await stored(ids)
             if missing:
                 raise HTTPException(404, f"unknown user_id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                                          f"not in the embedding table")
             source, version = "stored", info["model_version"]
-        out = await ing.call(h.predict.remote(x))
+        out = await ing.call(h.predict.remote(x), "head")
         meta = ing.plan["heads"][name]
         return {"head": name, "task": meta["task"], "kind": meta["kind"], "classes": meta["classes"], "source": source,
                 "model_version": version, "predictions": [{"user_id": u, **o} for u, o in zip(ids, out)]}
@@ -753,9 +908,12 @@ def make_api(ing: Ingress):
     @app.post("/v1/admin/reload", summary="switch the embedding table (or re-read it) without a restart")
     async def reload(req: ReloadRequest):
         try:
-            return {"embeddings": await ing.call(need_store().reload.remote(req.embeddings))}
+            meta = await ing.call(need_store().reload.remote(req.embeddings), "store")
         except ServeError as exc:  # Ray re-raises the replica's exception as a subclass of it
             raise HTTPException(409, str(exc).strip().splitlines()[-1]) from None
+        if cfg.ingress_table:  # this replica answers from the new table before the reload returns
+            await ing.refresh_table(meta)
+        return {"embeddings": meta}
 
     return app
 
