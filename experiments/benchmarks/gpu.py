@@ -37,24 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 
-def matmul_peak(device, dtype, n: int = 4096, seconds: float = 1.0) -> float:
-    """FLOP/s of an n^3 matmul on ``device`` in ``dtype`` (the MFU denominator)."""
-    import torch
-
-    if device.type == "cpu":
-        n = min(n, 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
 def sync(device) -> None:
     import torch
 
@@ -67,10 +49,10 @@ def plain_steps(cfg, enc_cfg, rows, device, steps: int, warmup: int) -> tuple[fl
     import torch
 
     import train_throughput as tt
-    from userfm.encoders import UserEncoder, flops_per_sample
+    from userfm.encoders import UserEncoder
     from userfm.features import trim_events
     from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import _objective_config, _to_device, lr_at, make_optimizer, step_inputs, step_seed
+    from userfm.pretrain import _objective_config, _to_device, batch_flops, lr_at, make_optimizer, step_inputs, step_seed
 
     torch.manual_seed(cfg.seed)
     ocfg = _objective_config(cfg)
@@ -78,7 +60,6 @@ def plain_steps(cfg, enc_cfg, rows, device, steps: int, warmup: int) -> tuple[fl
     params = list(model.parameters()) + list(head.parameters())
     opt = make_optimizer(params, cfg)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
     batches = [b for e in range(1000) for b in tt._batches(cfg, rows, e, bucketed=True)][: warmup + steps]
     losses, samples, flops, t0 = [], 0, 0.0, 0.0
     model.train()
@@ -99,7 +80,7 @@ def plain_steps(cfg, enc_cfg, rows, device, steps: int, warmup: int) -> tuple[fl
         opt.step()
         losses.append(float(loss))  # (a host sync per step, as train_loop's logging has)
         samples += len(idx)
-        flops += sum(flops_per_sample(enc_cfg, n_events=max(1, int(n)), n_tokens=cfg.max_text_tokens) for k in keys for n in nb[k])
+        flops += batch_flops(nb, enc_cfg, cfg.max_text_tokens, False)
     sync(device)
     dt = time.perf_counter() - t0
     return samples / dt, flops / dt, losses
@@ -152,7 +133,7 @@ def main() -> int:
 
     import train_throughput as tt
     from userfm.embed import EmbedConfig, run_embed
-    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.pretrain import PretrainConfig, measure_peak_flops, run_pretrain
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -168,7 +149,9 @@ def main() -> int:
                              checkpoint_every=10**9, keep_checkpoints=1, max_failures=0, threads_per_worker=1)
         _, _, enc_cfg, rows = tt.featurized_train(cfg)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+        n = 4096 if device.type == "cuda" else 1024
+        peaks = {name: measure_peak_flops(torch.get_num_threads(), n=n, dtype=dt, device=str(device))
+                 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         print(f"[gpu] {name}: matmul peak fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s; "
               f"{args.size} encoder, {args.objective}, batch {args.batch_size}", flush=True)
 

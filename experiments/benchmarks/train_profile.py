@@ -98,10 +98,11 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import train_throughput as tt
-    from userfm.encoders import UserEncoder, flops_per_sample
+    from userfm.encoders import UserEncoder
     from userfm.features import to_torch, trim_events
     from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import PretrainConfig, _objective_config, lr_at, make_optimizer, measure_peak_flops, step_inputs, step_seed
+    from userfm.pretrain import (PretrainConfig, _objective_config, batch_flops, lr_at, make_optimizer, measure_peak_flops,
+                                 step_inputs, step_seed)
 
     work = Path(tempfile.mkdtemp(prefix="userfm-prof-"))
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -150,8 +151,7 @@ def main() -> None:
             step_s.append(time.perf_counter() - t0)
             width = int(max(nb_step[k].shape[1] if nb_step[k].ndim > 1 else 0 for k in nb_step if k.endswith("ts")))
             tokens.append(len(idx) * len(keys) * width)
-            flops += sum(flops_per_sample(enc_cfg, n_events=max(1, int(n)), n_tokens=cfg.max_text_tokens)
-                         for k in keys for n in nb[k])
+            flops += batch_flops(nb, enc_cfg, cfg.max_text_tokens, False)
 
     for i, idx in enumerate(batches[: args.warmup]):
         step(i, idx)

@@ -481,17 +481,9 @@ def main() -> None:
               f"{100 * eff['trimmed']:.0f} % with random batches trimmed to their longest view (heavy tail: "
               f"most batches hold a long user); {100 * eff['bucketed']:.0f} % with length-bucketed batches, trimmed")
         if args.precision == "bf16":
-            from userfm.pretrain import measure_peak_flops as _mpf  # noqa: F401
+            from userfm.pretrain import measure_peak_flops
 
-            a16, b16 = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
-            torch.set_num_threads(1)
-            for _ in range(3):
-                a16 @ b16
-            reps16, t16 = 0, time.perf_counter()
-            while time.perf_counter() - t16 < 1.0:
-                a16 @ b16
-                reps16 += 1
-            bf16_peak = 2 * 1024**3 * reps16 / (time.perf_counter() - t16)
+            bf16_peak = measure_peak_flops(1, dtype=torch.bfloat16)
             print(f"precision bf16 (autocast): bf16 matmul peak, 1 thread: {bf16_peak / 1e9:.1f} GFLOP/s "
                   f"({bf16_peak / peak:.1f}x the fp32 peak); MFU below is against the fp32 peak")
         print(f"fp32 matmul peak, 1 thread: {peak / 1e9:.1f} GFLOP/s alone; {peak_both / 1e9:.1f} GFLOP/s per "

@@ -536,11 +536,19 @@ def embeddings_holdout(path: str | Path, name: str = "") -> int | None:
         if len(vals) > 1:
             raise EvalError(f"embeddings {name!r} ({path}): rows made with different holdout_last values {sorted(vals)}")
         return int(vals[0]) if vals and vals[0] is not None else None
+    info = _embed_manifest(p)
+    return int(info.get("holdout_last", 0)) if info is not None else None
+
+
+def _embed_manifest(path: str | Path) -> dict | None:
+    """The ``userfm embed`` manifest of a table given as its run folder, its ``embeddings/`` folder or a
+    file in it; None when there is none."""
+    p = Path(path)
     for m in (p / "manifest.json", p.parent / "manifest.json", p.parent.parent / "manifest.json"):
         if m.is_file():
             info = json.loads(m.read_text())
             if info.get("kind") == "userfm.embeddings":
-                return int(info.get("holdout_last", 0))
+                return info
     return None
 
 
@@ -548,17 +556,11 @@ def pretrain_holdout(path: str | Path) -> int | None:
     """``holdout_last`` the encoder behind an embedding table was pretrained with: the embed manifest's
     ``config.model`` -> the pretraining run's ``config.json`` (``<run>/model`` is its export). None when
     the table has no manifest or its model is not a `userfm pretrain` export."""
-    p = Path(path)
-    for m in (p / "manifest.json", p.parent / "manifest.json", p.parent.parent / "manifest.json"):
-        if m.is_file():
-            info = json.loads(m.read_text())
-            if info.get("kind") != "userfm.embeddings":
-                continue
-            run_cfg = Path(info.get("config", {}).get("model", "")).parent / "config.json"
-            if info.get("config", {}).get("model") and run_cfg.is_file():
-                return int(json.loads(run_cfg.read_text()).get("pretrain", {}).get("holdout_last", 0))
-            return None
-    return None
+    model = ((_embed_manifest(path) or {}).get("config") or {}).get("model")
+    run_cfg = Path(model).parent / "config.json" if model else None
+    if run_cfg is None or not run_cfg.is_file():
+        return None
+    return int(json.loads(run_cfg.read_text()).get("pretrain", {}).get("holdout_last", 0))
 
 
 def random_embeddings(user_ids: np.ndarray, dim: int, seed: int) -> np.ndarray:

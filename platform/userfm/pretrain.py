@@ -228,19 +228,26 @@ def eval_loss(model, head, batch, cfg: PretrainConfig):
         return pretext_loss(model, head, batch, _objective_config(cfg))[0]
 
 
-def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024) -> float:
-    """fp32 matmul FLOP/s at ``threads`` torch threads (the MFU denominator on CPU)."""
+def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024, dtype=None, device: str = "cpu") -> float:
+    """n^3 matmul FLOP/s at ``threads`` torch threads (the MFU denominator; fp32 on the CPU unless
+    ``dtype`` / ``device`` say otherwise, e.g. bf16 on a CPU with AMX, or a CUDA device)."""
     import torch
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = (torch.randn(n, n, dtype=dtype or torch.float32, device=device) for _ in range(2))
     for _ in range(2):
         a @ b
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+    sync()
     torch.set_num_threads(old)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
