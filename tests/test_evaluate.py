@@ -231,6 +231,31 @@ def test_mlp_head_learns_early_stops_and_round_trips(tmp_path):
     assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pt"))
 
 
+def test_small_training_sets_get_at_least_mlp_min_steps_batches_per_epoch():
+    """200 users at batch 256 would be one step per epoch (patience then counts single steps): the batch
+    shrinks to ceil(n / mlp_min_steps); every row is seen once per epoch."""
+    import torch
+
+    from userfm.evaluate import _early_stopped_fit, mlp_batch
+
+    cfg = EvalConfig()
+    assert (mlp_batch(200, cfg), mlp_batch(2048, cfg), mlp_batch(2049, cfg), mlp_batch(8000, cfg), mlp_batch(3, cfg)) == (25, 256, 256, 256, 1)
+    assert mlp_batch(200, dataclasses.replace(cfg, mlp_min_steps=1)) == 200
+    model = torch.nn.Linear(2, 1)
+    sizes = []
+
+    def batch_loss(idx):
+        sizes.append(len(idx))
+        return model(torch.ones(len(idx), 2)).sum()
+
+    _early_stopped_fit(model, 200, batch_loss, lambda: torch.tensor(1.0), dataclasses.replace(cfg, mlp_patience=2),
+                       torch.Generator().manual_seed(0))
+    # epoch 0 sets the best (1.0), epochs 1 and 2 do not improve: 3 epochs of 8 batches of 25
+    assert sizes == [25] * 24
+    with pytest.raises(ValueError, match="mlp_min_steps must be >= 1"):
+        EvalConfig(mlp_min_steps=0)
+
+
 def test_regression_heads_predict_values(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (300, 4)).astype(np.float32)
@@ -740,3 +765,88 @@ def test_cross_fit_fold_with_one_training_class_is_a_clear_error(synth_ds):
     td = task_data(synth_ds["ds"], task, users, {"tbl": label}, fold=(2, 4))  # train = folds 0, 1: both classes
     assert len(td.ids["train"]) == int(np.isin(f, [0, 1]).sum()) and len(td.ids["val"]) == int((f == 3).sum())
     assert sorted(td.ids["test"]) == sorted(ids[f == 2]) and td.classes == [0, 1]
+
+
+# --------------------------------------------------------------------------------- label budget
+
+
+def _check_budget_split(full_ids, full_y, ids, n):
+    """ids: exactly n users of full_ids; per class within 1 of n x its share; within each class, the first
+    by label_rank."""
+    from userfm.evaluate import label_rank
+
+    assert len(ids) == n and len(set(ids)) == n and set(ids) <= set(full_ids)
+    y_of = dict(zip(full_ids, full_y))
+    for c in np.unique(full_y):
+        members = full_ids[full_y == c]
+        kept = [u for u in ids if y_of[u] == c]
+        assert abs(len(kept) - n * len(members) / len(full_ids)) < 1, (c, len(kept))
+        assert sorted(kept) == sorted(members[np.argsort(label_rank(members), kind="stable")[: len(kept)]])
+
+
+def test_label_budget_keeps_the_first_users_by_salted_hash_and_leaves_test_alone(synth_ds):
+    """labels=n: train = n training users, the first by label_rank within each class in the classes'
+    proportions; val = the same share of val users (rounded); test and classes unchanged; budgets nested;
+    every dropped user counted."""
+    from userfm.evaluate import label_rank
+
+    users = user_table(synth_ds["ds"])
+    task = TaskConfig(name="seg", table="attributes", target="segment", type="multiclass")
+    full = task_data(synth_ds["ds"], task, users)
+    n_tr, n_va = len(full.ids["train"]), len(full.ids["val"])
+    assert n_tr > 100 and "label_budget" not in full.left_out
+    small, big = (task_data(synth_ds["ds"], task, users, labels=n) for n in (40, 100))
+    for td, n in ((small, 40), (big, 100)):
+        n_val = round(n * n_va / n_tr)
+        _check_budget_split(full.ids["train"], full.y["train"], td.ids["train"], n)
+        _check_budget_split(full.ids["val"], full.y["val"], td.ids["val"], n_val)
+        assert list(td.ids["test"]) == list(full.ids["test"]) and list(td.y["test"]) == list(full.y["test"])
+        assert td.classes == full.classes
+        assert td.left_out["label_budget"] == (n_tr - n) + (n_va - n_val)
+        y_of = dict(zip(full.ids["train"], full.y["train"]))  # labels follow their users
+        assert [y_of[u] for u in td.ids["train"]] == list(td.y["train"])
+    assert set(small.ids["train"]) < set(big.ids["train"])  # nested
+    # a regression task has no classes: the first n by label_rank
+    reg = TaskConfig(name="n", table="future_labels", target="n_future_events", type="regression")
+    rfull, rsmall = task_data(synth_ds["ds"], reg, users), task_data(synth_ds["ds"], reg, users, labels=50)
+    assert sorted(rsmall.ids["train"]) == sorted(rfull.ids["train"][np.argsort(label_rank(rfull.ids["train"]))[:50]])
+    # a budget at least the training set changes nothing
+    same = task_data(synth_ds["ds"], task, users, labels=n_tr)
+    assert list(same.ids["train"]) == list(full.ids["train"]) and list(same.ids["val"]) == list(full.ids["val"])
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        EvalConfig(labels=-1)
+
+
+def test_budget_pick_quotas_by_hand():
+    from userfm.evaluate import budget_pick
+
+    idx = np.arange(10) + 100
+    rank = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    strata = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1])  # 70 % / 30 %
+    # n = 4: shares 2.8 / 1.2 -> floors 2 / 1, the larger remainder (0.8) gets the last one: 3 / 1
+    # class 0 by rank: 101 (0.1), 105 (0.2), 103 (0.3); class 1: 109 (0.0)
+    assert list(budget_pick(idx, rank, 4, strata)) == [101, 103, 105, 109]
+    assert list(budget_pick(idx, rank, 4)) == [109, 101, 105, 103]  # plain: the first 4 by rank
+
+
+def test_label_budget_with_one_class_is_a_clear_error(synth_ds):
+    users = user_table(synth_ds["ds"])
+    ids = np.asarray(users.column("user_id").to_pylist(), dtype=object)
+    label = pa.table({"user_id": ids, "split": users.column("split"), "y": pa.array(np.arange(len(ids)) % 2)})
+    task = TaskConfig(name="t", table="tbl", target="y", type="binary")
+    with pytest.raises(EvalError, match=r"label budget \(labels=1\) have one class only"):
+        task_data(synth_ds["ds"], task, users, {"tbl": label}, labels=1)
+    assert len(task_data(synth_ds["ds"], task, users, {"tbl": label}, labels=2).ids["train"]) == 2
+
+
+def test_label_budget_runs_every_model_on_the_budget(synth_ds):
+    """run_evaluate(labels=n): heads and TF-IDF fit on n users, test users as without a budget; the
+    markdown says so."""
+    kw = dict(only_tasks=("is_parent",), heads=("logreg",), seeds=1, baselines=("tfidf",))
+    full = run_evaluate(_cfg(synth_ds, "lab0", **kw), progress=lambda s: None)
+    res = run_evaluate(_cfg(synth_ds, "lab60", labels=60, **kw), progress=lambda s: None)
+    u0, u = full["tasks"][0]["users"], res["tasks"][0]["users"]
+    assert u["train"] == 60 and u["val"] == round(60 * u0["val"] / u0["train"]) and u["test"] == u0["test"]
+    rows = {r["model"]: r for r in res["rows"]}
+    assert rows["tfidf/logreg"]["test"]["n"] == u0["test"] and rows["leaky/logreg"]["test"]["n"] == u0["test"]
+    assert "Label budget: heads and baselines train on 60 labelled" in (synth_ds["root"] / "lab60" / "results.md").read_text()

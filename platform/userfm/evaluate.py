@@ -170,7 +170,10 @@ class EvalConfig:
     mlp_dropout: float = 0.2  # U-MLP dropout probability on the hidden layer
     mlp_lr: float = 1e-3  # AdamW learning rate
     mlp_weight_decay: float = 1e-4  # AdamW weight decay
-    mlp_batch_size: int = 256  # users per step
+    mlp_batch_size: int = 256  # users per step (at most; see mlp_min_steps)
+    mlp_min_steps: int = 8  # mini-batches per epoch at least: on fewer than mlp_batch_size x this training users the
+    #                         batch shrinks to ceil(n / mlp_min_steps) (>= 1). Without it 200 labelled users are one
+    #                         step per epoch and patience counts single steps: the head stops near its initialisation
     mlp_max_epochs: int = 200  # epochs at most
     mlp_patience: int = 10  # epochs without a better val loss before stopping (best weights restored)
     logreg_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried; best val loss wins
@@ -199,6 +202,11 @@ class EvalConfig:
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
     #                 user-id hash), so every user is scored once by heads that never saw it: k x the fits, ~1/0.1
     #                 x the test users (small datasets: MovieLens' 671 users give 61 test users, 671 cross-fitted)
+    labels: int = 0  # label budget: heads and baselines (T-Trans, TF-IDF included) train on `labels` training
+    #                  users, the first by a salted user-id hash within each class, class proportions kept
+    #                  (classification; nested across budgets up to rounding), and the same share of
+    #                  val users; test users unchanged. The pretrained encoder still saw every training user,
+    #                  unlabelled: the semi-supervised setting a foundation model is for. 0 = all labels
     torch_threads: int = 1  # torch intra-op threads while heads and T-Trans train (restored after); 0 = leave
     #                         as is. Their matmuls are small: more threads mostly add synchronisation
     #                         (U-MLP 13x, T-Trans 5-12x slower with 2 threads on a busy 2-core box)
@@ -214,6 +222,10 @@ class EvalConfig:
             raise ValueError(f"baselines: unknown {bad}; known: {BASELINES} (the random floor is an embeddings entry: name: random)")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.mlp_batch_size < 1 or self.mlp_min_steps < 1:
+            raise ValueError(f"mlp_batch_size and mlp_min_steps must be >= 1, got {self.mlp_batch_size}, {self.mlp_min_steps}")
+        if self.labels < 0:
+            raise ValueError(f"labels must be >= 0 (0 = every labelled training user), got {self.labels}")
         if self.folds < 0 or self.folds in (1, 2):
             raise ValueError(f"folds must be 0 (the dataset's split) or >= 3 (train / val / test folds), got {self.folds}")
         if not 0 < self.quantile < 0.5:
@@ -310,14 +322,40 @@ def fold_of(user_ids: np.ndarray, k: int) -> np.ndarray:
     return np.minimum((np.asarray([split_fraction(u) for u in user_ids], np.float64) * k).astype(np.int64), k - 1)
 
 
+def label_rank(user_ids: np.ndarray) -> np.ndarray:
+    """(n,) user ids -> (n,) position in [0, 1) of a salted user-id hash, independent of the split and fold
+    hash: the first ``labels`` users by it are the label budget's (nested: a smaller budget is a subset)."""
+    from userfm.sequences import split_fraction
+
+    return np.asarray([split_fraction("labels:" + u) for u in user_ids], np.float64)
+
+
+def budget_pick(idx: np.ndarray, rank: np.ndarray, n: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` of ``idx`` a label budget keeps: the first by ``rank``; with ``strata`` (class per row), the
+    first of each class by rank, the classes' quotas in their proportions (largest remainder, so they sum
+    to ``n``): a 200-user budget drawn plainly can hold 54 % parents where the split holds 43 %."""
+    if strata is None:
+        return idx[np.argsort(rank, kind="stable")[:n]]
+    values, counts = np.unique(strata, return_counts=True)
+    share = n * counts / counts.sum()
+    quota = np.floor(share).astype(np.int64)
+    quota[np.argsort(-(share - quota), kind="stable")[: n - int(quota.sum())]] += 1
+    picked = [idx[strata == v][np.argsort(rank[strata == v], kind="stable")[:q]] for v, q in zip(values, quota)]
+    return np.sort(np.concatenate(picked))
+
+
 def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[str, pa.Table] | None = None,
-              fold: tuple[int, int] | None = None) -> TaskData:
+              fold: tuple[int, int] | None = None, labels: int = 0) -> TaskData:
     """Join the task's label column with the users table, filter users, encode labels by split.
 
     Splits come from the dataset (user-disjoint by construction); a label table whose split disagrees
     with the sequences' is an error rather than a silent leak. ``fold`` (f, k): cross-fitting instead:
     fold f of :func:`fold_of` is the test split, fold f + 1 (mod k) val, the others train; the classes
-    are those of every labelled user, so all k folds share one class order.
+    are those of every labelled user, so all k folds share one class order. ``labels`` > 0: a label
+    budget: heads and baselines see only ``labels`` training users, the first by :func:`label_rank` within
+    each class in the classes' proportions (:func:`budget_pick`), and the same share of the val users (at
+    least one); test users are untouched, and the classes stay those of
+    all training users, so every budget scores the same test users against the same class order.
     """
     table = (tables or {}).get(task.table)
     if table is None:
@@ -386,15 +424,32 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         left_out["class_unseen_in_train"] = int((~keep_rows).sum())
     uid = np.asarray(joined.column("user_id").to_pylist(), dtype=object)
     n_ev = joined.column("n_events").to_numpy() - int(task.table == LAST_EVENT)
+    masks = {s: (split == s) & keep_rows for s in ("train", "val", "test")}
+    if labels:
+        n_tr = int(masks["train"].sum())
+        quota = {"train": labels, "val": max(1, round(labels * int(masks["val"].sum()) / max(n_tr, 1)))}
+        rank = label_rank(uid)
+        strata = y_all if classes is not None and task.type != "retrieval" else None
+        dropped = 0
+        for s, n in quota.items():
+            idx = np.flatnonzero(masks[s])
+            if n < len(idx):
+                masks[s][:] = False
+                masks[s][budget_pick(idx, rank[idx], n, None if strata is None else strata[idx])] = True
+                dropped += len(idx) - n
+        left_out["label_budget"] = dropped
     out_ids, out_y, out_n, out_h = {}, {}, {}, {}
     for s in ("train", "val", "test"):
-        m = (split == s) & keep_rows
+        m = masks[s]
         out_ids[s], out_y[s], out_n[s] = uid[m], y_all[m], n_ev[m]
         if hist is not None:
             out_h[s] = [h for h, k in zip(hist, m) if k]
         if not m.any():
             where = f" in cross-fitting fold {fold[0]} of {fold[1]}" if fold else ""
             raise EvalError(f"task {task.name!r}: no labelled {s} users{where} (after the users filter {task.users!r})")
+    if labels and classes is not None and task.type != "retrieval" and len(np.unique(out_y["train"])) < 2:
+        raise EvalError(f"task {task.name!r}: the {len(out_y['train'])} training users of the label budget (labels="
+                        f"{labels}) have one class only; raise labels")
     if fold is not None and classes is not None and task.type != "retrieval" and len(np.unique(out_y["train"])) < 2:
         raise EvalError(f"task {task.name!r}: the training users of cross-fitting fold {fold[0]} of {fold[1]} have one "
                         f"class only; use fewer folds or the dataset's split (folds=0)")
@@ -807,9 +862,15 @@ def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, c
     return MLPHead(meta, weights)
 
 
+def mlp_batch(n: int, cfg: EvalConfig) -> int:
+    """Mini-batch size of the early-stopped heads on ``n`` training rows: ``mlp_batch_size``, shrunk so an
+    epoch has at least ``mlp_min_steps`` steps (n = 200 at 256 / 8 -> 25)."""
+    return max(1, min(cfg.mlp_batch_size, math.ceil(n / cfg.mlp_min_steps)))
+
+
 def _early_stopped_fit(model, n: int, batch_loss, val_loss, cfg: EvalConfig, gen) -> tuple[dict, int, float, int]:
-    """AdamW over shuffled mini-batches of ``n`` rows (``batch_loss(idx) -> loss``), one ``val_loss()``
-    per epoch, stop after ``mlp_patience`` epochs without improvement.
+    """AdamW over shuffled mini-batches of ``n`` rows (``batch_loss(idx) -> loss``, :func:`mlp_batch` rows
+    each), one ``val_loss()`` per epoch, stop after ``mlp_patience`` epochs without improvement.
 
     Returns (best epoch's state dict, best epoch, best val loss, epochs run); the final state when no
     val loss was finite.
@@ -817,11 +878,12 @@ def _early_stopped_fit(model, n: int, batch_loss, val_loss, cfg: EvalConfig, gen
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
+    batch = mlp_batch(n, cfg)
     best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
     for epoch in range(cfg.mlp_max_epochs):
         epochs = epoch + 1
         model.train()
-        for idx in torch.randperm(n, generator=gen).split(cfg.mlp_batch_size):
+        for idx in torch.randperm(n, generator=gen).split(batch):
             loss = batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -1494,13 +1556,14 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         t_task = time.perf_counter()
         if cfg.folds:
             # cross-fitting: every labelled user is a test user once, scored by heads that never saw it
-            fold_tds = [task_data(cfg.data, task, users, tables, fold=(f, cfg.folds)) for f in range(cfg.folds)]
+            fold_tds = [task_data(cfg.data, task, users, tables, fold=(f, cfg.folds), labels=cfg.labels)
+                        for f in range(cfg.folds)]
             td = stack_folds(fold_tds)
             fitted_models = merge_folds([score_models(ftd, f) for f, ftd in enumerate(fold_tds)])
             users_info = {"train": [int(len(f.ids["train"])) for f in fold_tds],
                           "val": [int(len(f.ids["val"])) for f in fold_tds], "test": int(len(td.ids["test"])), "folds": cfg.folds}
         else:
-            td = task_data(cfg.data, task, users, tables)
+            td = task_data(cfg.data, task, users, tables, labels=cfg.labels)
             fitted_models = None
             users_info = {s: int(len(td.ids[s])) for s in td.ids}
         n_te = td.n_events["test"]
@@ -1658,6 +1721,9 @@ def format_markdown(results: dict) -> str:
              f"top {round(100 * results['config']['quantile'])} % of test users by history length. "
              f"vs X: paired bootstrap difference (this row - X, same resampled users), on all test users and on the "
              f"cold ones; > 0 is better for higher-is-better metrics, < 0 for rmse / log_loss.", ""]
+    if results["config"].get("labels"):
+        lines += [f"Label budget: heads and baselines train on {results['config']['labels']:,} labelled training users "
+                  f"(and the same share of val users); the encoders' pretraining saw every training user unlabelled.", ""]
     info = {t["name"]: t for t in results["tasks"]}
     for name, t in info.items():
         rows = [r for r in results["rows"] if r["task"] == name]
