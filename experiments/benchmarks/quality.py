@@ -10,6 +10,11 @@ real MovieLens logs (next-genre, next-item HR@10 / NDCG@10, attributes where the
     python experiments/benchmarks/quality.py                          # synthetic, ~15-25 min on 2 cores
     python experiments/benchmarks/quality.py --no-t-trans --steps 200  # quicker look
     python experiments/benchmarks/quality.py --movielens ../shared/data/movielens-latest-small
+    python experiments/benchmarks/quality.py --clue-only --no-t-trans --labels 250 1000  # label-budget curve
+
+``--labels N ...`` adds the semi-supervised setting a foundation model is for: the encoder is pretrained on
+every training user (unlabelled) as before, but the heads and every baseline (TF-IDF, T-Trans,
+mean-MiniLM) train on only N labelled users (EvalConfig.labels; the same test users), per budget.
 
 The numbers are the demo's own results.json rows (nothing is recomputed here), so they match
 ``runs/.../evaluate/results.md`` of the same run.
@@ -98,6 +103,50 @@ def run(args: argparse.Namespace, out: Path, **data) -> tuple[dict, dict]:
     return summary, {(r["task"], r["model"]): r for r in rows}
 
 
+def _ttrans_choice(row: dict) -> str:
+    t = row.get("t_trans") or {}
+    return f"{t['lr']:g}, {t['best_epoch']}" if "lr" in t else "-"
+
+
+def label_curve(args: argparse.Namespace, out: Path, summary: dict, tasks: list[str]) -> tuple[str, dict]:
+    """One evaluate pass per label budget over the demo's dataset and CLUE table: CLUE (U-MLP), random,
+    TF-IDF, mean-MiniLM and T-Trans on ``tasks``. Returns (markdown table, {budget: rows})."""
+    from userfm.demo import DemoConfig, _default_tasks
+    from userfm.evaluate import EvalConfig, _fmt, _fmt_diff, run_evaluate
+
+    clue = summary["pretrain"]["clue"]["embeddings"]
+    lines = ["### Label budget: heads and baselines on N labelled users (encoder pretrained on all training users, unlabelled)", "",
+             "| task | labels | CLUE U-MLP | CLUE logreg | TF-IDF | T-Trans | mean-MiniLM | random | CLUE - TF-IDF | cold | CLUE - T-Trans | cold "
+             "| T-Trans s | T-Trans lr, best epoch |", "|---" * 14 + "|"]
+    by_budget = {}
+    for n in args.labels:
+        t0 = time.perf_counter()
+        cfg = EvalConfig(data=str(out / "dataset"), out=str(out / f"evaluate-labels{n}"), tasks=str(_default_tasks(DemoConfig())),
+                         only_tasks=tuple(tasks), seeds=args.seeds, labels=n, heads=("mlp", "logreg"),
+                         embeddings={"clue": clue, "random": "random"},
+                         baselines=("tfidf", "minilm-mean", "t-trans"),
+                         t_trans_lrs=tuple(args.t_trans_lrs), save_heads=False, charts=False,
+                         # few users = few steps per epoch: T-Trans gets U-MLP's epoch cap and patience, so its
+                         # own early stopping, not the cap, ends it (best epochs are in the results)
+                         t_trans_max_epochs=200, t_trans_patience=10)
+        rows = {(r["task"], r["model"]): r for r in run_evaluate(cfg)["rows"]}
+        by_budget[n] = rows
+        print(f"[quality] label budget {n}: {time.perf_counter() - t0:.0f} s", flush=True)
+        for t in tasks:
+            c = rows.get((t, "clue/mlp"))
+            if c is None:
+                continue
+            g = lambda m: (rows.get((t, m)) or {}).get("test")  # noqa: E731
+            p = c.get("paired", {})
+            tt = rows.get((t, "t-trans")) or {}
+            lines.append(f"| {t} ({c['metric']}) | {n:,} | {_fmt(c['test'])} | {_fmt(g('clue/logreg'))} | {_fmt(g('tfidf/logreg'))} | {_fmt(g('t-trans'))} | "
+                         f"{_fmt(g('minilm-mean/mlp'))} | {_fmt(g('random/mlp'))} | "
+                         f"{_fmt_diff(p.get('tfidf/logreg', {}).get('test'))} | {_fmt_diff(p.get('tfidf/logreg', {}).get('cold'))} | "
+                         f"{_fmt_diff(p.get('t-trans', {}).get('test'))} | {_fmt_diff(p.get('t-trans', {}).get('cold'))} | "
+                         f"{tt.get('train_s', '-')} | {_ttrans_choice(tt)} |")
+    return "\n".join(lines) + "\n", by_budget
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -106,7 +155,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     ap.add_argument("--steps", type=int, default=0, help="pretraining steps per objective (0 = the demo's default)")
     ap.add_argument("--seeds", type=int, default=3, help="head trainings per (task, model)")
-    ap.add_argument("--no-t-trans", dest="t_trans", action="store_false", help="skip the from-scratch T-Trans baseline")
+    ap.add_argument("--no-t-trans", dest="t_trans", action="store_false", help="skip the from-scratch T-Trans baseline on all labels "
+                                                                                   "(the --labels passes still run it: it is cheap there)")
     ap.add_argument("--t-trans-tasks", nargs="+", default=["age_bracket", "is_parent", "segment"],
                     help="tasks T-Trans runs on (one seed, lr chosen on validation)")
     ap.add_argument("--t-trans-lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3], help="T-Trans learning-rate grid")
@@ -115,6 +165,9 @@ def main() -> int:
     ap.add_argument("--movielens-folds", type=int, default=5,
                     help="MovieLens: k-fold cross-fitted evaluation, every user scored once (0 = the dataset's "
                          "~10 %% test split, 61 users on latest-small); pretraining then holds out each last event")
+    ap.add_argument("--labels", nargs="+", type=int, default=[], metavar="N",
+                    help="synthetic: also evaluate the --t-trans-tasks with heads and baselines on N labelled users "
+                         "each (EvalConfig.labels), the encoder pretrained on all training users as before")
     ap.add_argument("--skip-synthetic", action="store_true", help="run only the --movielens part")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
     args = ap.parse_args()
@@ -131,6 +184,11 @@ def main() -> int:
         report += [f"## {title}", "", f"Wall time {summary['wall_s']:.0f} s; stages (s): "
                    + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "", tables(by)]
         print("\n".join(report[-4:]), flush=True)
+        if args.labels and not data:
+            t0 = time.perf_counter()
+            curve, _ = label_curve(args, folder, summary, [t for t in args.t_trans_tasks if any(k[0] == t for k in by)])
+            report += [curve, f"Label-budget passes: {time.perf_counter() - t0:.0f} s", ""]
+            print("\n".join(report[-3:]), flush=True)
     (out / "quality.md").write_text("\n".join(report))
     print(f"[quality] wrote {out / 'quality.md'}")
     return 0
