@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="profiled steps")
     ap.add_argument("--repeats", type=int, default=3, help="peak / ceiling measurements (median reported)")
     ap.add_argument("--rows", type=int, default=20, help="operators in the profiler table")
+    ap.add_argument("--dropout", type=float, default=None, help="encoder dropout (default: PretrainConfig's)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: steps under CPU autocast")
     args = ap.parse_args()
 
     import ray
@@ -116,7 +118,9 @@ def main() -> None:
     ray.shutdown()
     cfg = PretrainConfig(data=data, objective=args.objective, item_encoder=args.item_encoder, size=args.size,
                          max_events=args.max_events, batch_size=args.batch_size, bucket_batches=args.bucket_batches,
-                         max_steps=args.warmup + args.steps, warmup_steps=args.warmup, threads_per_worker=1)
+                         max_steps=args.warmup + args.steps, warmup_steps=args.warmup, threads_per_worker=1,
+                         precision=args.precision,
+                         **({} if args.dropout is None else {"dropout": args.dropout}))
     _, _, enc_cfg, rows = tt.featurized_train(cfg)
 
     torch.set_num_threads(1)
@@ -142,7 +146,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(i, cfg)
         opt.zero_grad(set_to_none=True)
-        loss, _ = loss_and_backward(model, head, batch, ocfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):  # as train_loop
+            loss, _ = loss_and_backward(model, head, batch, ocfg)
         with record_function("## optimizer: clip + step"):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

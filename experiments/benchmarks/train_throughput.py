@@ -13,6 +13,7 @@ Same model, data and per-worker batch in the three setups, every worker on 1 tor
               loop did before): shows what bucketing + trimming gain;
   (c') reference: (a) as DDP over 2 spawned processes (gloo, 1 thread each), no Ray: separates
               what 2-core DDP costs from what Ray costs.
+  (a") with ``--ref-dropout P``: (a) at dropout P, in the same repeats (what dropout's masks cost).
 
 Samples/s are read after warm-up: the first log interval (``--log-every`` steps) is dropped, and the
 rest is total samples / total time of the remaining intervals (for (b)/(c) from the run's
@@ -55,6 +56,7 @@ import numpy as np  # noqa: E402
 TARGETS = {"b/a": 0.95, "c/b": 1.6, "mfu": 0.40}
 PADDED = "a'"  # the plain loop without bucketing or trimming (views padded to max_events)
 PLAIN_DDP = "c'"  # the plain loop as DDP over 2 processes, no Ray
+DROPOUT_REF = 'a"'  # the plain loop at --ref-dropout (side by side with (a) at the run's dropout)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -386,6 +388,10 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16: every setup under torch.autocast(bfloat16) (CPUs with AMX / AVX512-BF16); MFU stays "
                          "relative to the fp32 peak (the target's denominator), the bf16 peak is printed next to it")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="encoder dropout (default: PretrainConfig's); 0 skips the masks, ~28 %% of a small step")
+    ap.add_argument("--ref-dropout", type=float, default=None, metavar="P",
+                    help="add (a\"): the plain loop at dropout P, timed in the same repeats as (a)")
     ap.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     args = ap.parse_args()
     if args.item_encoder == "minilm":
@@ -422,7 +428,7 @@ def main() -> None:
             cpus_per_worker=args.cpus_per_worker, log_every=args.log_every, eval_every=0,
             eval_batches=1, checkpoint_every=10**9, keep_checkpoints=1, max_failures=0,
             peak_flops=peaks[0][0],  # set: the workers skip their own 1 s measurement
-            precision=args.precision,
+            precision=args.precision, **({} if args.dropout is None else {"dropout": args.dropout}),
         )
         prepared = featurized_train(cfg)
         enc_cfg, rows = prepared[2], prepared[3]
@@ -434,6 +440,8 @@ def main() -> None:
             raise SystemExit(f"{n_rows} training rows < {args.batch_size * 2} (batch x 2 workers): raise --users")
 
         setups = ["a", "b", "c"] if args.no_reference else ["a", PADDED, "b", "c", PLAIN_DDP]
+        if args.ref_dropout is not None:
+            setups.insert(1, DROPOUT_REF)
         results: dict[str, list[float]] = {k: [] for k in setups}
         cpu: dict[str, list[CpuMeter]] = {k: [] for k in setups}
         extra: dict[str, list[dict]] = {"b": [], "c": []}
@@ -446,6 +454,9 @@ def main() -> None:
                 with CpuMeter() as meter:
                     if k in ("a", PADDED):
                         results[k].append(plain_loop(cfg, enc_cfg, rows, args.steps, args.log_every, bucketed=k != PADDED))
+                    elif k == DROPOUT_REF:
+                        results[k].append(plain_loop(replace(cfg, dropout=args.ref_dropout), replace(enc_cfg, dropout=args.ref_dropout),
+                                                     rows, args.steps, args.log_every))
                     elif k == PLAIN_DDP:
                         results[k].append(plain_ddp(cfg, enc_cfg, rows, args.steps, args.log_every))
                     else:
@@ -460,7 +471,7 @@ def main() -> None:
         peak, peak_both = max(p[0] for p in peaks), max(p[1] for p in peaks)
 
         med = {k: statistics.median(v) for k, v in results.items()}
-        workers = {"a": 1, PADDED: 1, "b": 1, "c": 2, PLAIN_DDP: 2}
+        workers = {"a": 1, PADDED: 1, "b": 1, "c": 2, PLAIN_DDP: 2, DROPOUT_REF: 1}
         ratio_ba, ratio_cb = med["b"] / med["a"], med["c"] / med["b"]
         mean_ev = eff["padded"] * args.max_events
 
@@ -468,7 +479,7 @@ def main() -> None:
         print()
         print(f"userfm train throughput: size={args.size} objective={args.objective} item_encoder={args.item_encoder} "
               f"batch={args.batch_size}/worker steps={args.steps} (first {args.log_every} = warm-up) "
-              f"repeats={args.repeats} (median)")
+              f"repeats={args.repeats} (median) dropout={cfg.dropout} precision={cfg.precision}")
         print(f"torch {torch.__version__}, ray {ray.__version__}, {len(os.sched_getaffinity(0))} CPUs; dataset: {args.users} users, "
               f"{n_rows} training rows, {views} view(s)/sample, mean {mean_ev:.1f} real events/view "
               f"(built in {data_s:.0f} s)")
@@ -494,9 +505,10 @@ def main() -> None:
               f"{'MFU':>6} {'MFU pad':>7} {'ray bg':>6} {'others':>6}  runs")
         names = {"a": "(a)  plain PyTorch, 1 thread", "b": "(b)  Ray Train, 1 worker x 1 thread",
                  "c": "(c)  Ray Train, 2 workers x 1 thread", PADDED: "(a') ref: (a), padded to max_events",
-                 PLAIN_DDP: "(c') ref: plain DDP, 2 procs, no Ray"}
+                 PLAIN_DDP: "(c') ref: plain DDP, 2 procs, no Ray",
+                 DROPOUT_REF: f'(a") ref: (a) at dropout {args.ref_dropout}'}
         mfu = {}
-        for k in sorted(setups, key=["a", "b", "c", PADDED, PLAIN_DDP].index):
+        for k in sorted(setups, key=["a", "b", "c", PADDED, DROPOUT_REF, PLAIN_DDP].index):
             per_w = med[k] / workers[k]
             mfu[k] = per_w * useful_f / peak
             pad = f"{100 * per_w * padded_f / peak:>6.1f}%" if k == PADDED else f"{'-':>7}"
@@ -517,6 +529,9 @@ def main() -> None:
         note = (f"   [without bucketing/trimming (a'): {100 * mfu[PADDED]:.1f} %; bucketing speed-up a/a' "
                 f"{med['a'] / med[PADDED]:.2f}x]" if PADDED in mfu else "")
         print(f"MFU (b) = {100 * mfu['b']:.1f} %  (target >= {100 * TARGETS['mfu']:.0f} %)  {ok(mfu['b'], TARGETS['mfu'])}{note}")
+        if DROPOUT_REF in med:
+            print(f"dropout {cfg.dropout} vs {args.ref_dropout}: a/a\" = {med['a'] / med[DROPOUT_REF]:.2f}x "
+                  f"(per repeat: {' '.join(f'{x / y:.2f}' for x, y in zip(results['a'], results[DROPOUT_REF]))})")
         print()
         print("per repeat (the medians above mix clean and disturbed repeats on a shared machine):")
         for r in range(args.repeats):
