@@ -10,7 +10,7 @@ real MovieLens logs (next-genre, next-item HR@10 / NDCG@10, attributes where the
     python experiments/benchmarks/quality.py                          # synthetic, ~15-25 min on 2 cores
     python experiments/benchmarks/quality.py --no-t-trans --steps 200  # quicker look
     python experiments/benchmarks/quality.py --movielens ../shared/data/movielens-latest-small
-    python experiments/benchmarks/quality.py --clue-only --no-t-trans --labels 250 1000  # label-budget curve
+    python experiments/benchmarks/quality.py --clue-only --no-t-trans --labels 200 1000 --seeds 2  # label budgets
 
 ``--labels N ...`` adds the semi-supervised setting a foundation model is for: the encoder is pretrained on
 every training user (unlabelled) as before, but the heads and every baseline (TF-IDF, T-Trans,
@@ -109,8 +109,8 @@ def _ttrans_choice(row: dict) -> str:
 
 
 def label_curve(args: argparse.Namespace, out: Path, summary: dict, tasks: list[str]) -> tuple[str, dict]:
-    """One evaluate pass per label budget over the demo's dataset and CLUE table: CLUE (U-MLP), random,
-    TF-IDF, mean-MiniLM and T-Trans on ``tasks``. Returns (markdown table, {budget: rows})."""
+    """One evaluate pass per label budget over the demo's dataset and CLUE table: CLUE and random (U-MLP and
+    logistic heads), TF-IDF, mean-MiniLM and T-Trans on ``tasks``. Returns (markdown table, {budget: rows})."""
     from userfm.demo import DemoConfig, _default_tasks
     from userfm.evaluate import EvalConfig, _fmt, _fmt_diff, run_evaluate
 

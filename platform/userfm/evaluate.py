@@ -324,7 +324,8 @@ def fold_of(user_ids: np.ndarray, k: int) -> np.ndarray:
 
 def label_rank(user_ids: np.ndarray) -> np.ndarray:
     """(n,) user ids -> (n,) position in [0, 1) of a salted user-id hash, independent of the split and fold
-    hash: the first ``labels`` users by it are the label budget's (nested: a smaller budget is a subset)."""
+    hash: a label budget keeps the first users by it (within each class, :func:`budget_pick`), so a smaller
+    budget is a subset of a larger one up to the class quotas' rounding."""
     from userfm.sequences import split_fraction
 
     return np.asarray([split_fraction("labels:" + u) for u in user_ids], np.float64)
@@ -354,8 +355,8 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
     are those of every labelled user, so all k folds share one class order. ``labels`` > 0: a label
     budget: heads and baselines see only ``labels`` training users, the first by :func:`label_rank` within
     each class in the classes' proportions (:func:`budget_pick`), and the same share of the val users (at
-    least one); test users are untouched, and the classes stay those of
-    all training users, so every budget scores the same test users against the same class order.
+    least one); test users are untouched, and the classes stay those of all training users, so every
+    budget scores the same test users against the same class order.
     """
     table = (tables or {}).get(task.table)
     if table is None:
