@@ -13,6 +13,7 @@ ratio's gap is Ray's: actor start-up (process, torch import, model load) and per
 
     python experiments/benchmarks/embed.py                        # 20k users, size small, 3 repeats
     python experiments/benchmarks/embed.py --users 5000 --size tiny --repeats 1
+    python experiments/benchmarks/embed.py --users 100000 --no-cpu-split  # start-up amortized
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--item-encoder", default="category", help="category | text")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-cpu-split", dest="cpu_split", action="store_false",
+                    help="skip the in-process CPU-seconds comparison (two more passes over the data)")
     args = ap.parse_args()
 
     import torch
@@ -118,9 +121,10 @@ def main() -> None:
                                           actors=actors, cpus_per_actor=1.0, batch_size=args.batch_size), progress=lambda s: None)
                 res[key].append(m["users_in"] / (time.perf_counter() - t0))
             print(f"  run {r + 1}: " + "  ".join(f"{k}: {v[-1]:,.0f} users/s" for k, v in res.items()))
-        plain_cpu, actor_cpu = cpu_per_batch(work / "model", work / "ds", args.batch_size)
-        print(f"  CPU s per pass (in-process): plain make_batch+forward {plain_cpu:.2f}, EmbedActor.__call__ {actor_cpu:.2f} "
-              f"({plain_cpu / actor_cpu:.2f}x)")
+        if args.cpu_split:
+            plain_cpu, actor_cpu = cpu_per_batch(work / "model", work / "ds", args.batch_size)
+            print(f"  CPU s per pass (in-process): plain make_batch+forward {plain_cpu:.2f}, EmbedActor.__call__ {actor_cpu:.2f} "
+                  f"({plain_cpu / actor_cpu:.2f}x)")
         med = {k: statistics.median(v) for k, v in res.items()}
         base = med["plain loop, 1 thread"]
         print("\nmedian users/s (target: 1 actor >= 0.9x the plain loop)")
