@@ -448,10 +448,11 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         if not m.any():
             where = f" in cross-fitting fold {fold[0]} of {fold[1]}" if fold else ""
             raise EvalError(f"task {task.name!r}: no labelled {s} users{where} (after the users filter {task.users!r})")
-    if labels and classes is not None and task.type != "retrieval" and len(np.unique(out_y["train"])) < 2:
-        raise EvalError(f"task {task.name!r}: the {len(out_y['train'])} training users of the label budget (labels="
-                        f"{labels}) have one class only; raise labels")
-    if fold is not None and classes is not None and task.type != "retrieval" and len(np.unique(out_y["train"])) < 2:
+    if (labels or fold is not None) and classes is not None and task.type != "retrieval" and len(np.unique(out_y["train"])) < 2:
+        # the dataset's own split was checked above (classes from its training users); a budget or a fold may not be
+        if labels:
+            raise EvalError(f"task {task.name!r}: the {len(out_y['train'])} training users of the label budget (labels="
+                            f"{labels}) have one class only; raise labels")
         raise EvalError(f"task {task.name!r}: the training users of cross-fitting fold {fold[0]} of {fold[1]} have one "
                         f"class only; use fewer folds or the dataset's split (folds=0)")
     return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v}, out_h or None)
