@@ -6,6 +6,8 @@ written latent table), and the oracle is recomputed with scipy's densities, inde
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,7 +23,10 @@ from userfm.synth import (
     ROUTINE_WEEKEND,
     TOPICS,
     WEEKDAY_PROFILE,
+    TASTE_CLASSES,
+    TASTE_MATCH,
     SynthConfig,
+    _TOPIC_SPECS,
     _forward_fill,
     generate_tables,
 )
@@ -101,6 +106,66 @@ def test_repeats_follow_routine(events):
     assert by_parent[True] > by_parent[False] + 0.1
 
 
+def _words_and_bigrams(texts) -> Counter:
+    out: Counter = Counter()
+    for t in texts:
+        w = t.split()
+        out.update(w)
+        out.update(zip(w, w[1:]))
+    return out
+
+
+def test_taste_sets_share_every_word_and_bigram(data):
+    # The item-identity channel: within a (service, topic), the TASTE_CLASSES taste sets have equal size and
+    # the very same multiset of words and of adjacent bigrams, so a bag of words or bigrams cannot tell them
+    # apart; products' taste is (brand + size) mod 4, headlines' (subject + suffix) mod 4.
+    cat = data["catalog"].to_pandas()
+    assert set(cat[cat.service == "search"].taste) == {-1}
+    for (svc, topic), g in cat[cat.service != "search"].groupby(["service", "topic"]):
+        sets = [g.text[g.taste == c] for c in range(TASTE_CLASSES)]
+        assert len({len(x) for x in sets}) == 1 and len(sets[0]) >= 32, (svc, topic)
+        counts = [_words_and_bigrams(x) for x in sets]
+        assert all(c == counts[0] for c in counts[1:]), (svc, topic)
+    spec = {t["name"]: t for t in _TOPIC_SPECS}["sports"]
+    prod = cat[(cat.service == "shopping") & (cat.topic == "sports") & (cat.taste >= 0)]
+    for text, taste in zip(prod.text, prod.taste):
+        brand = next(i for i, b in enumerate(spec["brands"]) if text.startswith(b + " "))
+        size = next(i for i, z in enumerate(spec["sizes"]) if text.endswith(" " + z))
+        assert taste == (brand + size) % TASTE_CLASSES, text
+
+
+def test_taste_draws_follow_item_signal(data):
+    # P(a shopping/news event's item is in the user's taste set) = s + (1 - s) * z, z = the Zipf mass of
+    # that set among the event's (service, topic) items (rank = position in the topic's catalog block).
+    cat = data["catalog"].to_pandas()
+    cat["rank"] = cat.groupby(["service", "topic"]).cumcount()
+    cat["w"] = (cat["rank"] + 1.0) ** -CFG.item_zipf
+    cat["w"] /= cat.groupby(["service", "topic"]).w.transform("sum")
+    mass = cat[cat.taste >= 0].groupby(["service", "topic", "taste"]).w.sum()
+    ev = data["events"].to_pandas()
+    ev = ev[ev.service != "search"].merge(cat[["service", "text", "topic", "taste"]], on=["service", "text"])
+    lat = data["latent"].to_pandas().set_index("user_id")
+    ev["user_taste"] = lat.taste.reindex(ev.user_id).to_numpy()
+    z = mass.reindex(pd.MultiIndex.from_arrays([ev.service, ev.topic, ev.user_taste])).fillna(0.0).to_numpy()
+    s = CFG.item_signal
+    assert (ev.taste == ev.user_taste).mean() == pytest.approx((s + (1 - s) * z).mean(), abs=0.01)
+    # and taste follows age: P(taste = age) = TASTE_MATCH + (1 - TASTE_MATCH) / 4
+    match = (lat.taste.to_numpy() == lat.age_bracket.map(AGE_BRACKETS.index).to_numpy()).mean()
+    assert match == pytest.approx(TASTE_MATCH + (1 - TASTE_MATCH) / TASTE_CLASSES, abs=0.03)
+
+
+def test_item_signal_zero_changes_only_the_items():
+    on = generate_tables(SynthConfig(n_users=800, seed=6))
+    off = generate_tables(SynthConfig(n_users=800, seed=6, item_signal=0.0))
+    for col in ("user_id", "ts", "service"):
+        assert on["events"].column(col).equals(off["events"].column(col)), col
+    assert "taste" not in off["latent"].column_names
+    assert on["latent"].drop_columns(["taste"]).equals(off["latent"])
+    assert set(off["catalog"].column("taste").to_pylist()) == {-1}
+    with pytest.raises(ValueError, match="item_signal"):
+        SynthConfig(item_signal=-0.1)
+
+
 def _topics(ev: pd.DataFrame) -> pd.Series:
     """Topic index of shopping (department) and news (section) events; search has no category."""
     dept = {d: i for i, d in enumerate(DEPARTMENTS)}
@@ -156,6 +221,7 @@ def test_oracle_recomputed_with_scipy_densities(data):
         ld = np.array([stats.dirichlet.logpdf(x, alpha) for x in persona])
         m, c = ma["persistence_beta_mean"][a], ma["persistence_beta_concentration"]
         lb = stats.beta.logpdf(lat.topic_persistence.clip(1e-12, 1 - 1e-12), m * c, (1 - m) * c)
+        lb = lb + np.log(np.asarray(ma["taste_given_age"])[a, lat.taste.to_numpy()])  # taste ~ P(taste | age)
         logit = mp["bias"] + persona @ np.asarray(mp["topic_weights"]) + mp["age_effect"][a]
         for p in (0, 1):
             mr, cr = mp["routine_beta_mean"][p], mp["routine_beta_concentration"]
@@ -180,7 +246,7 @@ def test_a_channel_switched_off_leaves_the_oracle_at_the_prior():
     assert seg["oracle_accuracy_noise_free"] == pytest.approx(max(seg["prior"]), abs=0.02)
     # with every channel off, is_parent is left with its age effect alone (age unknown): near the majority
     gt = generate_tables(SynthConfig(n_users=1500, seed=5, word_signal=0.0, order_signal=0.0,
-                                     routine_signal=0.0))["ground_truth"]["attributes"]
+                                     routine_signal=0.0, item_signal=0.0))["ground_truth"]["attributes"]
     assert gt["is_parent"]["oracle_accuracy"] == pytest.approx(gt["is_parent"]["majority_accuracy"], abs=0.02)
     assert gt["age_bracket"]["oracle_accuracy"] == pytest.approx(gt["age_bracket"]["majority_accuracy"], abs=0.02)
 

@@ -428,6 +428,17 @@ ROUTINE_MEAN = np.array([0.15, 0.6])
 ROUTINE_CONC = 8.0
 ROUTINE_WEEKEND = 0.6  # share of a routine=1 user's events moved onto weekend days
 ROUTINE_REPEAT = 0.6  # probability a routine=1 user's event repeats their previous item on that service
+# Taste (item identity): every user has a taste class in 0..3, equal to their age bracket with prob
+# TASTE_MATCH and uniform otherwise (so P(taste = age) = TASTE_MATCH + (1 - TASTE_MATCH) / 4). With prob
+# item_signal a shopping or news event takes a uniformly drawn item of its topic from the user's taste set.
+# An item's taste class is a function of two words that are never adjacent in its title, (brand + size)
+# mod 4 for products (first 4 brands x first 4 sizes; other products belong to no taste set) and
+# (subject + suffix) mod 4 for headlines, chosen so that every unigram and every bigram occurs equally
+# often in each class's set: the set is visible to a model of whole items (or of item co-occurrence),
+# not to a bag of words or bigrams.
+TASTE_CLASSES = 4
+TASTE_MATCH = 0.6
+TASTE_SERVICES = ("shopping", "news")
 
 _US_PER_DAY = 86_400_000_000
 _US_PER_HOUR = 3_600_000_000
@@ -465,6 +476,7 @@ class SynthConfig:
     time_signal: float = 0.7  # latent: probability an event's hour follows the user's lifestyle (= segment) profile rather than the service's
     order_signal: float = 1.0  # latent: in [0, 1], spread of the age brackets' topic-persistence means around their average (0 = no order signal)
     routine_signal: float = 1.0  # latent: in [0, 1], spread of parents' vs non-parents' routine means (weekend share, repeat purchases)
+    item_signal: float = 0.5  # latent: probability a shopping/news event's item comes from the user's taste set (taste ~ age; 0 = off)
 
     def __post_init__(self) -> None:
         if self.n_users < 1:
@@ -496,7 +508,7 @@ class SynthConfig:
             raise ValueError(f"item_zipf must be >= 0, got {self.item_zipf}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        for name in ("word_signal", "time_signal", "order_signal", "routine_signal"):
+        for name in ("word_signal", "time_signal", "order_signal", "routine_signal", "item_signal"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -525,25 +537,55 @@ class _Catalog:
     offset: np.ndarray  # (n_services,) first row of each service's block
     size: np.ndarray  # (n_services,) items per topic within each service's block (topic-major)
     zipf_cdf: tuple[np.ndarray, ...]  # per service: (size,) popularity CDF over a topic's items
+    taste: np.ndarray  # (n_items,) taste class of each item, -1 = in no taste set (every search query)
+
+    def taste_rows(self, s: int, topic: int, taste: int) -> np.ndarray:
+        """Catalog rows of service ``s``'s items of ``topic`` whose taste class is ``taste``."""
+        lo = self.offset[s] + topic * self.size[s]
+        return lo + np.nonzero(self.taste[lo:lo + self.size[s]] == taste)[0]
 
 
-def _products(spec: dict, rng: np.random.Generator, n: int) -> list[tuple[str, list[str], float]]:
+def _products(spec: dict, rng: np.random.Generator, n: int,
+              taste_grid: bool = False) -> list[tuple[str, list[str], float, int]]:
+    """``n`` products of a topic: (title, category path, price, taste class or -1).
+
+    Without ``taste_grid``: random (brand, adjective, leaf, size) combinations, no taste sets. With it:
+    about half the products are whole grids, for a few (adjective, leaf) templates, of the first
+    TASTE_CLASSES brands x first TASTE_CLASSES sizes, taste = (brand + size) mod TASTE_CLASSES, so each taste
+    set holds every brand, size, adjective and leaf (and every bigram) equally often; the rest are random
+    combinations outside that brand x size block (taste -1). The order is shuffled: popularity ranks are random.
+    """
     leaves = [(l2, l3, l4) for l2, sub in spec["taxonomy"].items() for l3, l4s in sub.items() for l4 in l4s]
     # Per-leaf base price around the topic's typical price, then per-product jitter.
     leaf_price = spec["price"] * rng.lognormal(0.0, 0.6, len(leaves))
     nb, na, nl, ns = len(spec["brands"]), len(spec["adjectives"]), len(leaves), len(spec["sizes"])
-    total = nb * na * nl * ns
-    combos = rng.choice(total, size=n, replace=n > total)
-    b, rest = np.divmod(combos, na * nl * ns)
-    a, rest = np.divmod(rest, nl * ns)
-    leaf, s = np.divmod(rest, ns)
+    k = TASTE_CLASSES
+    if taste_grid and nb >= k and ns >= k:
+        n_t = min(n // (2 * k * k), na * nl)  # templates
+        tpl = np.repeat(rng.choice(na * nl, size=n_t, replace=False), k * k)
+        cell = np.tile(np.arange(k * k), n_t)
+        gb, gs = np.divmod(cell, k)
+        free = np.array([(bb, ss) for bb in range(nb) for ss in range(ns) if not (bb < k and ss < k)])
+        f = rng.choice(na * nl * len(free), size=n - n_t * k * k, replace=n - n_t * k * k > na * nl * len(free))
+        ftpl, fcell = np.divmod(f, len(free))
+        order = rng.permutation(n)
+        b = np.r_[gb, free[fcell, 0]][order]
+        s = np.r_[gs, free[fcell, 1]][order]
+        a, leaf = np.divmod(np.r_[tpl, ftpl][order], nl)
+        taste = np.r_[(gb + gs) % k, np.full(len(f), -1)][order]
+    else:
+        combos = rng.choice(nb * na * nl * ns, size=n, replace=n > nb * na * nl * ns)
+        b, rest = np.divmod(combos, na * nl * ns)
+        a, rest = np.divmod(rest, nl * ns)
+        leaf, s = np.divmod(rest, ns)
+        taste = np.full(n, -1)
     jitter = rng.lognormal(0.0, 0.25, n)
     out = []
     for i in range(n):
         l2, l3, l4 = leaves[leaf[i]]
         title = f"{spec['brands'][b[i]]} {spec['adjectives'][a[i]]} {l4.lower()} {spec['sizes'][s[i]]}"
         price = max(float(np.round(leaf_price[leaf[i]] * jitter[i])) - 0.01, 0.99)
-        out.append((title, [spec["department"], l2, l3, l4], round(price, 2)))
+        out.append((title, [spec["department"], l2, l3, l4], round(price, 2), int(taste[i])))
     return out
 
 
@@ -558,6 +600,28 @@ def _query_pool(spec: dict) -> list[str]:
 
 def _headline_pool(spec: dict) -> list[str]:
     return [f"{s} {p}{x}" for s in spec["subjects"] for p in spec["predicates"] for x in _HEADLINE_SUFFIXES]
+
+
+def _headlines(spec: dict, rng: np.random.Generator, m: int, taste_grid: bool) -> tuple[list[str], np.ndarray]:
+    """``m`` headlines of a topic and their taste classes (-1 = none).
+
+    Without ``taste_grid``: a random subset of the pool, no taste sets. With it: every subject x suffix
+    headline of as many whole predicates as fit in ``m`` (taste = (subject + suffix) mod TASTE_CLASSES, so
+    each taste set holds every subject, predicate and suffix equally often), then random others (taste -1),
+    in shuffled order.
+    """
+    pool = _headline_pool(spec)
+    n_pred, n_suf = len(spec["predicates"]), len(_HEADLINE_SUFFIXES)
+    if not taste_grid or len(spec["subjects"]) % TASTE_CLASSES or n_suf % TASTE_CLASSES:
+        return [pool[i] for i in rng.permutation(len(pool))[:m]], np.full(m, -1)
+    subject, rest = np.divmod(np.arange(len(pool)), n_pred * n_suf)
+    predicate, suffix = np.divmod(rest, n_suf)
+    whole = rng.permutation(n_pred)[:min(m // (len(spec["subjects"]) * n_suf), n_pred)]
+    in_grid = np.isin(predicate, whole)
+    pick = np.r_[np.nonzero(in_grid)[0], rng.permutation(np.nonzero(~in_grid)[0])[:m - int(in_grid.sum())]]
+    pick = pick[rng.permutation(len(pick))]
+    taste = np.where(in_grid, (subject + suffix) % TASTE_CLASSES, -1)
+    return [pool[i] for i in pick], taste[pick]
 
 
 def _catalog_size(cfg: SynthConfig, service: str) -> int:
@@ -575,8 +639,9 @@ def _catalog_size(cfg: SynthConfig, service: str) -> int:
 
 def _build_catalog(cfg: SynthConfig) -> _Catalog:
     rng = _rng(cfg, 0)
-    service, topic, text, item_id, category, value = [], [], [], [], [], []
+    service, topic, text, item_id, category, value, taste = [], [], [], [], [], [], []
     offset, size, cdfs = [], [], []
+    grid = cfg.mode == "latent" and cfg.item_signal > 0  # taste sets only where they are drawn from
     for svc in cfg.services:
         m = _catalog_size(cfg, svc)
         offset.append(len(text))
@@ -589,7 +654,8 @@ def _build_catalog(cfg: SynthConfig) -> _Catalog:
         for k, spec in enumerate(_TOPIC_SPECS):
             start_row = len(text)
             if svc == "shopping":
-                for j, (title, cat, price) in enumerate(_products(spec, rng, m)):
+                for j, (title, cat, price, t) in enumerate(_products(spec, rng, m, grid)):
+                    taste.append(t)
                     text.append(title)
                     category.append(cat)
                     value.append(price)
@@ -597,12 +663,14 @@ def _build_catalog(cfg: SynthConfig) -> _Catalog:
             elif svc == "search":
                 pool = _query_pool(spec)
                 text.extend(pool[i] for i in rng.permutation(len(pool))[:m])
+                taste.extend([-1] * m)
                 category.extend([None] * m)
                 value.extend([None] * m)
                 item_id.extend([None] * m)
             else:
-                pool = _headline_pool(spec)
-                text.extend(pool[i] for i in rng.permutation(len(pool))[:m])
+                heads, tastes = _headlines(spec, rng, m, grid)
+                text.extend(heads)
+                taste.extend(tastes.tolist())
                 category.extend([["News", spec["section"]]] * m)
                 value.extend([None] * m)
                 item_id.extend(f"n{k:02d}{j:05d}" for j in range(m))
@@ -616,9 +684,11 @@ def _build_catalog(cfg: SynthConfig) -> _Catalog:
             "item_id": pa.array(item_id, pa.string()),
             "category": pa.array(category, CATEGORY_TYPE),
             "value": pa.array(value, pa.float64()),
+            "taste": pa.array(taste, pa.int8()),
         }
     )
-    return _Catalog(table, np.array(offset, np.int64), np.array(size, np.int64), tuple(cdfs))
+    return _Catalog(table, np.array(offset, np.int64), np.array(size, np.int64), tuple(cdfs),
+                    np.array(taste, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,15 +768,23 @@ def routine_mean(cfg: "SynthConfig") -> np.ndarray:
     return avg + cfg.routine_signal * (ROUTINE_MEAN - avg)
 
 
+def taste_given_age() -> np.ndarray:
+    """P(taste | age bracket), (n_ages, TASTE_CLASSES): TASTE_MATCH on the diagonal plus uniform."""
+    return TASTE_MATCH * np.eye(len(AGE_BRACKETS), TASTE_CLASSES) + (1 - TASTE_MATCH) / TASTE_CLASSES
+
+
 def latent_posteriors(cfg: "SynthConfig", persona: np.ndarray, persist: np.ndarray,
-                      routine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      routine: np.ndarray, taste: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Latent mode: (P(age | latents) (n, n_ages), P(parent | latents) (n,)) for a model that knows every
-    latent the logs are drawn from (persona, topic persistence, routine), by exact enumeration of the joint
-    P(age, parent | latents) ∝ P(age) Dir(persona | age) Beta(persist | age) P(parent | persona, age)
-    Beta(routine | parent). A channel whose signal is 0 leaves no trace in the logs and is left out."""
+    latent the logs are drawn from (persona, topic persistence, routine, taste), by exact enumeration of the
+    joint P(age, parent | latents) ∝ P(age) Dir(persona | age) Beta(persist | age) P(taste | age)
+    P(parent | persona, age) Beta(routine | parent). A channel whose signal is 0 leaves no trace in the
+    logs and is left out."""
     log_age = np.log(AGE_PRIOR) + _log_dirichlet(persona, _age_alpha(cfg.topic_concentration, cfg.word_signal))
     if cfg.order_signal > 0:
         log_age = log_age + _log_beta(persist, persist_mean(cfg), PERSIST_CONC)
+    if cfg.item_signal > 0 and taste is not None:
+        log_age = log_age + np.log(taste_given_age()).T[taste]
     pa_ = _parent_given_age(persona, cfg.word_signal)  # (n, n_ages)
     log_routine = _log_beta(routine, routine_mean(cfg), ROUTINE_CONC) if cfg.routine_signal > 0 else np.zeros((len(routine), 2))
     # joint (n, n_ages, 2): parent = 0 / 1
@@ -728,6 +806,7 @@ class _Users:
     lifestyle: np.ndarray | None = None  # latent mode: (n,) index into LIFESTYLES (= the true segment)
     persist: np.ndarray | None = None  # latent mode: (n,) topic persistence in [0, 1]
     routine: np.ndarray | None = None  # latent mode: (n,) routine in [0, 1]
+    taste: np.ndarray | None = None  # latent mode with item_signal > 0: (n,) taste class in 0..TASTE_CLASSES-1
 
 
 ATTRIBUTE_CLASSES: dict[str, tuple] = {"age_bracket": AGE_BRACKETS, "is_parent": (False, True), "segment": TOPICS}
@@ -780,7 +859,11 @@ def _make_users(cfg: SynthConfig) -> _Users:
     rate = np.minimum(cfg.events_per_user * x / x.mean(), cfg.max_events_per_user)
     n_hist = np.maximum(rng.poisson(rate), 1)
     n_fut = rng.poisson(rate * cfg.future_days / cfg.days)
-    return _Users(user_id, persona, true, observed, service_w, rate, n_hist, n_fut, lifestyle, persist, routine)
+    taste = None
+    if latent and cfg.item_signal > 0:  # drawn last, so item_signal = 0 leaves every other draw as it was
+        taste = _sample_rows(rng, np.arange(n), taste_given_age()[age])
+    return _Users(user_id, persona, true, observed, service_w, rate, n_hist, n_fut, lifestyle, persist, routine,
+                  taste)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +947,23 @@ def _draw_items(cfg: SynthConfig, cat: _Catalog, svc: np.ndarray, topic: np.ndar
     return item
 
 
+def _draw_taste_items(cfg: SynthConfig, cat: _Catalog, taste: np.ndarray, svc: np.ndarray, topic: np.ndarray,
+                      item: np.ndarray, rng: np.random.Generator) -> None:
+    """With prob ``item_signal``, replace a shopping/news event's item (in place) by a uniformly drawn item
+    of its topic from the user's taste set (``taste``: (n_events,) the user's taste class)."""
+    hit = rng.random(svc.shape[0]) < cfg.item_signal
+    u = rng.random(svc.shape[0])
+    for s, name in enumerate(cfg.services):
+        if name not in TASTE_SERVICES:
+            continue
+        for k in range(len(TOPICS)):
+            for c in range(TASTE_CLASSES):
+                m = np.nonzero(hit & (svc == s) & (topic == k) & (taste == c))[0]
+                rows = cat.taste_rows(s, k, c)
+                if m.size and rows.size:
+                    item[m] = rows[np.minimum((u[m] * rows.size).astype(np.int64), rows.size - 1)]
+
+
 def _event_table(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, hi: int, row: np.ndarray,
                  svc: np.ndarray, item: np.ndarray, ts: np.ndarray) -> pa.Table:
     items = cat.table.take(pa.array(item))
@@ -917,6 +1017,8 @@ def _latent_events(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, hi: 
     stay = (rng.random(n) < users.persist[lo:hi][row]) & ~first
     topic = fresh[_forward_fill(~stay)] if n else fresh
     item = _draw_items(cfg, cat, svc, topic, rng)
+    if users.taste is not None:
+        _draw_taste_items(cfg, cat, users.taste[lo:hi][row], svc, topic, item, rng)
     repeat = rng.random(n) < ROUTINE_REPEAT * users.routine[lo:hi][row]
     by_svc = np.lexsort((np.arange(n), svc, row))  # (user, service), time order kept within
     r, s = row[by_svc], svc[by_svc]
@@ -1001,6 +1103,8 @@ def _attribute_tables(cfg: SynthConfig, users: _Users) -> tuple[pa.Table, pa.Tab
     if cfg.mode == "latent":
         latent = latent.append_column("topic_persistence", pa.array(users.persist)).append_column(
             "routine", pa.array(users.routine))
+        if users.taste is not None:
+            latent = latent.append_column("taste", pa.array(users.taste.astype(np.int64)))
     return attributes, latent
 
 
@@ -1008,7 +1112,7 @@ def _oracle(cfg: SynthConfig, users: _Users) -> dict[str, dict[str, Any]]:
     """Per attribute: class priors, and accuracy of the Bayes-optimal predictor that knows the persona."""
     eps = cfg.label_noise
     if cfg.mode == "latent":
-        p_age, p1 = latent_posteriors(cfg, users.persona, users.persist, users.routine)
+        p_age, p1 = latent_posteriors(cfg, users.persona, users.persist, users.routine, users.taste)
         n_life = len(LIFESTYLES)
         # hours reveal the lifestyle given enough events when time_signal > 0; else nothing does
         p_seg = np.eye(n_life)[users.lifestyle] if cfg.time_signal > 0 else np.full((cfg.n_users, n_life), 1 / n_life)
@@ -1018,8 +1122,11 @@ def _oracle(cfg: SynthConfig, users: _Users) -> dict[str, dict[str, Any]]:
             "age_bracket": {"prior": AGE_PRIOR.tolist(),
                             "dirichlet_alpha": _age_alpha(cfg.topic_concentration, cfg.word_signal).tolist(),
                             "persistence_beta_mean": pm.tolist(), "persistence_beta_concentration": PERSIST_CONC,
+                            "taste_given_age": taste_given_age().tolist(), "item_signal": cfg.item_signal,
                             "rule": "theta ~ Dirichlet(dirichlet_alpha[age]); persistence ~ Beta(mean[age], conc); "
-                                    "each event keeps the previous event's topic with prob persistence"},
+                                    "each event keeps the previous event's topic with prob persistence; "
+                                    "taste ~ taste_given_age[age]; a shopping/news event takes a uniform item of "
+                                    "its topic from the taste set (catalog column taste) with prob item_signal"},
             "is_parent": {"bias": PARENT_BIAS, "topic_weights": (cfg.word_signal * PARENT_W).tolist(),
                           "age_effect": PARENT_AGE.tolist(), "routine_beta_mean": rm.tolist(),
                           "routine_beta_concentration": ROUTINE_CONC, "routine_weekend": ROUTINE_WEEKEND,
@@ -1086,7 +1193,8 @@ def _ground_truth(cfg: SynthConfig, cat: _Catalog, users: _Users, svc_counts: di
         "label_noise": cfg.label_noise,
         "mode": cfg.mode,
         # where each attribute's signal lives (latent mode), so a reader knows which model should see it
-        "channels": ({"age_bracket": ["topic mix (word_signal)", "topic persistence = event order (order_signal)"],
+        "channels": ({"age_bracket": ["topic mix (word_signal)", "topic persistence = event order (order_signal)",
+                                      "taste set = item identity, not words (item_signal)"],
                       "is_parent": ["topic mix (word_signal)", "weekend share + repeated items (routine_signal)"],
                       "segment": ["hour of day on every service (time_signal)"]}
                      if cfg.mode == "latent" else
