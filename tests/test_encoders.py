@@ -64,6 +64,27 @@ def test_param_count_matches_formula(name, item_encoder):
     assert num_params(model, non_embedding=True) == expected_num_params(cfg, non_embedding=True)
 
 
+def test_item_id_embedding_tells_apart_items_with_the_same_text_vector(corpus):
+    # item_id_buckets adds a learned vector per hashed item identity: with it, two users whose events
+    # differ only in text_hash (same text vectors, categories, times) get different embeddings; without
+    # it they are identical. Its table counts as an embedding in the parameter formula.
+    tab, vocabs, tok = corpus
+    b = to_torch(_batch(tab.slice(0, 2), vocabs, tok))
+    other = dict(b, text_hash=b["text_hash"] + 1)
+    for buckets in (0, 64):
+        model = _model(vocabs, tok, "minilm", item_id_buckets=buckets)
+        same = torch.allclose(model(b), model(other))
+        assert same == (buckets == 0), buckets
+        assert num_params(model) == expected_num_params(model.config)
+        assert num_params(model, non_embedding=True) == expected_num_params(model.config, non_embedding=True)
+    assert expected_num_params(model.config) - expected_num_params(_model(vocabs, tok, "minilm").config) == 64 * 32
+    # a hash 64 apart lands in the same bucket: the same vector
+    wrapped = dict(b, text_hash=b["text_hash"] + 64)
+    assert torch.allclose(model(b), model(wrapped))
+    with pytest.raises(ValueError, match="item_id_buckets"):
+        EncoderConfig(item_id_buckets=-1)
+
+
 def test_named_sizes_grow_and_clue_is_725m():
     totals = [expected_num_params(config_for(n, item_encoder="text")) for n in ("tiny", "small", "base", "large")]
     assert totals == sorted(totals)

@@ -49,6 +49,7 @@ class DemoConfig:
     clue_crop: float = 0.5  # clue: each step, each service view keeps a random time window of U[clue_crop, 1] of its span
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
+    item_id_buckets: int = 0  # > 0: encoders add a learned embedding per hashed item identity (PretrainConfig.item_id_buckets)
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
@@ -306,7 +307,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
             pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
-            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
+            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop, item_id_buckets=cfg.item_id_buckets,
             max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout,
             eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
             log_every=max(1, cfg.pretrain_steps // 10),

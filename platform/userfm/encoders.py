@@ -6,6 +6,8 @@ Architecture (ShopperBERT https://arxiv.org/abs/2106.00573, CLUE https://arxiv.o
         "category": sum of per-level category embeddings (+ projected frozen text vector)  ShopperBERT
         "text":     BPE tokens -> item transformer -> mean pool                              CLUE
         "minilm":   frozen MiniLM vector -> linear + LayerNorm (UniSRec-style adaptor)       SimCLR variant
+        + item-id emb (optional, ``item_id_buckets``): a learned vector per hashed item identity, so
+          items whose texts share their words (and text vectors nearly) can still be told apart
     x_i = e_i (or [MASK] if masked) + service emb + sum of time-field embs + position emb
     [CLS] x_1 .. x_L  --user transformer (pre-LN)-->  h_0 .. h_L
     user embedding = h_0 (pooling "cls") or mean(h_1..h_L) (pooling "mean"), then optional Linear to out_dim
@@ -50,6 +52,7 @@ class EncoderConfig:
     text_vocab: int = 8192  # BPE vocabulary ("text" item encoder only)
     max_text_tokens: int = 32  # tokens per event incl. <bos> ("text" only)
     item_layers: int = 1  # item transformer layers ("text" only)
+    item_id_buckets: int = 0  # > 0: add a learned embedding of each event's item identity (text_hash mod buckets) to e_i
 
     def __post_init__(self):
         if self.item_encoder not in ITEM_ENCODERS:
@@ -58,6 +61,8 @@ class EncoderConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.item_id_buckets < 0:
+            raise ValueError(f"item_id_buckets must be >= 0, got {self.item_id_buckets}")
         if self.item_encoder == "minilm" and self.text_vector_dim <= 0:
             raise ValueError("item_encoder 'minilm' needs text_vector_dim > 0 (384 for all-MiniLM-L6-v2)")
 
@@ -164,6 +169,7 @@ class UserEncoder(nn.Module):
         self.config = cfg
         d = cfg.d_model
         self.item = _ITEM_ENCODER_CLASSES[cfg.item_encoder](cfg)
+        self.item_ids = nn.Embedding(cfg.item_id_buckets, d) if cfg.item_id_buckets else None
         self.services = nn.Embedding(cfg.n_services, d, padding_idx=0)
         self.times = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in cfg.time_sizes)
         self.positions = nn.Embedding(cfg.max_events + 1, d)  # position 0 is [CLS]
@@ -187,6 +193,8 @@ class UserEncoder(nn.Module):
             raise ValueError(f"{l} events per user > max_events {self.config.max_events}")
         valid_ev = torch.arange(l, device=service.device)[None, :] < batch["length"][:, None]  # (B, L)
         x = self.item(batch)  # (B, L, d)
+        if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out below
+            x = x + self.item_ids(torch.remainder(batch["text_hash"], self.config.item_id_buckets))
         time = batch["time"]
         for j, emb in enumerate(self.times):
             x = x + emb(time[..., j])
@@ -317,6 +325,7 @@ def expected_num_params(cfg: EncoderConfig, non_embedding: bool = False) -> int:
     d, f = cfg.d_model, cfg.d_ff
     dense = cfg.n_layers * _layer_params(d, f) + 2 * d  # user transformer + final LayerNorm
     emb = cfg.n_services * d + sum(cfg.time_sizes) * d + (cfg.max_events + 1) * d + 2 * d  # + cls, mask
+    emb += cfg.item_id_buckets * d
     if cfg.item_encoder == "category":
         emb += sum(cfg.category_sizes) * d
         dense += (cfg.text_vector_dim * d + d) if cfg.text_vector_dim else 0

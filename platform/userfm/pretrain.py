@@ -90,6 +90,7 @@ class PretrainConfig:
     #                          Off by default: contrastive batches of equally short histories are near-identical
     #                          negatives; a tiny CLUE/text sweep trial stayed at loss log(batch) with it on (the demo's
     #                          minilm CLUE learned with 8). Always on-safe for mlm.
+    item_id_buckets: int = 0  # > 0: the encoder adds a learned embedding per hashed item identity (EncoderConfig.item_id_buckets)
     compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
     stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
     holdout_last: int = 0  # pretrain on each user's history without its last n events (every split): the encoder never
@@ -702,7 +703,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         build_minilm_cache(cfg.data, vectors_dir, progress)
         extra["text_vector_dim"] = 384
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
-                         pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events, **extra)
+                         pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
+                         item_id_buckets=cfg.item_id_buckets, **extra)
     (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     progress(f"[pretrain] vocabularies and tokenizer fitted on {train_rows.num_rows:,} users ({time.perf_counter() - t0:.1f}s)")
 
