@@ -14,6 +14,8 @@ Same model, data and per-worker batch in the three setups, every worker on 1 tor
   (c') reference: (a) as DDP over 2 spawned processes (gloo, 1 thread each), no Ray: separates
               what 2-core DDP costs from what Ray costs.
   (a") with ``--ref-dropout P``: (a) at dropout P, in the same repeats (what dropout's masks cost).
+  (a*) with ``--ref-compile``: (a) with the encoder under ``torch.compile(dynamic=True)``
+              (``PretrainConfig.compile``), in the same repeats (what the compiler buys on this CPU).
 
 Samples/s are read after warm-up: the first log interval (``--log-every`` steps) is dropped, and the
 rest is total samples / total time of the remaining intervals (for (b)/(c) from the run's
@@ -57,6 +59,7 @@ TARGETS = {"b/a": 0.95, "c/b": 1.6, "mfu": 0.40}
 PADDED = "a'"  # the plain loop without bucketing or trimming (views padded to max_events)
 PLAIN_DDP = "c'"  # the plain loop as DDP over 2 processes, no Ray
 DROPOUT_REF = 'a"'  # the plain loop at --ref-dropout (side by side with (a) at the run's dropout)
+COMPILED = "a*"  # the plain loop with the encoder under torch.compile (--ref-compile)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -248,10 +251,12 @@ def measure_peaks(seconds: float = 2.0) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------- setups
 
 
-def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = True) -> float:
+def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = True, compiled: bool = False) -> float:
     """(a) train_loop's step, in this process, 1 thread, no Ray. Returns samples/s after the first interval.
 
     ``bucketed=False``: (a') every batch padded to ``max_events``, no bucketing or trimming.
+    ``compiled``: (a*) the encoder under ``torch.compile(dynamic=True)``, as ``PretrainConfig.compile``
+    (compilation falls in the first, warm-up interval; later recompiles count).
     With torch.distributed initialized (:func:`plain_ddp`): DDP over the ranks, each on its own rows.
     """
     import torch
@@ -278,6 +283,8 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     if world > 1:  # what ray.train.torch.prepare_model does on CPU
         model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         no_sync = model.no_sync
+    if compiled:
+        model = torch.compile(model, dynamic=True)
     model.train()
     key = "length" if "length" in rows else "a.length"
     step, epoch, windows = 0, 0, []
@@ -392,6 +399,8 @@ def main() -> None:
                     help="encoder dropout (default: PretrainConfig's); 0 skips the masks, ~28 %% of a small step")
     ap.add_argument("--ref-dropout", type=float, default=None, metavar="P",
                     help="add (a\"): the plain loop at dropout P, timed in the same repeats as (a)")
+    ap.add_argument("--ref-compile", action="store_true",
+                    help="add (a*): the plain loop with the encoder under torch.compile(dynamic=True), same repeats")
     ap.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     args = ap.parse_args()
     if args.item_encoder == "minilm":
@@ -442,6 +451,8 @@ def main() -> None:
         setups = ["a", "b", "c"] if args.no_reference else ["a", PADDED, "b", "c", PLAIN_DDP]
         if args.ref_dropout is not None:
             setups.insert(1, DROPOUT_REF)
+        if args.ref_compile:
+            setups.insert(1, COMPILED)
         results: dict[str, list[float]] = {k: [] for k in setups}
         cpu: dict[str, list[CpuMeter]] = {k: [] for k in setups}
         extra: dict[str, list[dict]] = {"b": [], "c": []}
@@ -454,6 +465,8 @@ def main() -> None:
                 with CpuMeter() as meter:
                     if k in ("a", PADDED):
                         results[k].append(plain_loop(cfg, enc_cfg, rows, args.steps, args.log_every, bucketed=k != PADDED))
+                    elif k == COMPILED:
+                        results[k].append(plain_loop(cfg, enc_cfg, rows, args.steps, args.log_every, compiled=True))
                     elif k == DROPOUT_REF:
                         results[k].append(plain_loop(replace(cfg, dropout=args.ref_dropout), replace(enc_cfg, dropout=args.ref_dropout),
                                                      rows, args.steps, args.log_every))
@@ -471,7 +484,7 @@ def main() -> None:
         peak, peak_both = max(p[0] for p in peaks), max(p[1] for p in peaks)
 
         med = {k: statistics.median(v) for k, v in results.items()}
-        workers = {"a": 1, PADDED: 1, "b": 1, "c": 2, PLAIN_DDP: 2, DROPOUT_REF: 1}
+        workers = {"a": 1, PADDED: 1, "b": 1, "c": 2, PLAIN_DDP: 2, DROPOUT_REF: 1, COMPILED: 1}
         ratio_ba, ratio_cb = med["b"] / med["a"], med["c"] / med["b"]
         mean_ev = eff["padded"] * args.max_events
 
@@ -506,9 +519,10 @@ def main() -> None:
         names = {"a": "(a)  plain PyTorch, 1 thread", "b": "(b)  Ray Train, 1 worker x 1 thread",
                  "c": "(c)  Ray Train, 2 workers x 1 thread", PADDED: "(a') ref: (a), padded to max_events",
                  PLAIN_DDP: "(c') ref: plain DDP, 2 procs, no Ray",
-                 DROPOUT_REF: f'(a") ref: (a) at dropout {args.ref_dropout}'}
+                 DROPOUT_REF: f'(a") ref: (a) at dropout {args.ref_dropout}',
+                 COMPILED: "(a*) ref: (a) under torch.compile"}
         mfu = {}
-        for k in sorted(setups, key=["a", "b", "c", PADDED, DROPOUT_REF, PLAIN_DDP].index):
+        for k in sorted(setups, key=["a", "b", "c", PADDED, DROPOUT_REF, COMPILED, PLAIN_DDP].index):
             per_w = med[k] / workers[k]
             mfu[k] = per_w * useful_f / peak
             pad = f"{100 * per_w * padded_f / peak:>6.1f}%" if k == PADDED else f"{'-':>7}"
@@ -529,6 +543,9 @@ def main() -> None:
         note = (f"   [without bucketing/trimming (a'): {100 * mfu[PADDED]:.1f} %; bucketing speed-up a/a' "
                 f"{med['a'] / med[PADDED]:.2f}x]" if PADDED in mfu else "")
         print(f"MFU (b) = {100 * mfu['b']:.1f} %  (target >= {100 * TARGETS['mfu']:.0f} %)  {ok(mfu['b'], TARGETS['mfu'])}{note}")
+        if COMPILED in med:
+            print(f"torch.compile(dynamic=True) vs eager: a*/a = {med[COMPILED] / med['a']:.2f}x "
+                  f"(per repeat: {' '.join(f'{y / x:.2f}' for x, y in zip(results['a'], results[COMPILED]))})")
         if DROPOUT_REF in med:
             print(f"dropout {cfg.dropout} vs {args.ref_dropout}: a/a\" = {med['a'] / med[DROPOUT_REF]:.2f}x "
                   f"(per repeat: {' '.join(f'{x / y:.2f}' for x, y in zip(results['a'], results[DROPOUT_REF]))})")
