@@ -217,15 +217,17 @@ def test_split_of_the_tiny_users():
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", ["100k", "latest", pytest.param("1m", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["100k", pytest.param("latest", marks=pytest.mark.slow),
+                                    pytest.param("1m", marks=pytest.mark.slow)])
 def test_demo_movielens_layouts(layout, tmp_path, ray_local, capsys):
     """`userfm demo --format movielens` on each layout: every stage finishes; 100k / 1M evaluate the
     user-attribute tasks on the full-history table and next_genre / next_item on a second table embedded
     without each user's last event; latest has no users file, so its attribute tasks are listed as
     skipped. The 100k run also writes the report and serves the gender head.
 
-    1M is marked slow to keep the default suite short: test_movielens_1m_converts_like_100k shows its
-    conversion gives the 100k run's events and labels, and test_plan_other_sources plans it."""
+    1M and latest are marked slow to keep the default suite short: test_movielens_1m_converts_like_100k
+    shows 1M's conversion gives the 100k run's events and labels, and test_plan_other_sources plans it;
+    test_convert converts latest, and the 100k run covers every stage the latest run does."""
     src = write_movielens(tmp_path / f"ml-{layout}", layout)
     out = tmp_path / "demo"
     full = layout == "100k"
