@@ -24,16 +24,11 @@ import time
 import numpy as np
 
 
-def _bootstrap(correct: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), (n, len(correct)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def run(users: int, item_signal: float, seed: int, target: str = "age_bracket") -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
+    from userfm.metrics import accuracy, bootstrap_interval
     from userfm.synth import SynthConfig, generate_tables
 
     d = generate_tables(SynthConfig(n_users=users, seed=seed, item_signal=item_signal))
@@ -54,8 +49,7 @@ def run(users: int, item_signal: float, seed: int, target: str = "age_bracket") 
         x_va, x_te = vec.transform(text.iloc[va]), vec.transform(text.iloc[te])
         fits = [LogisticRegression(C=c, max_iter=2000).fit(x_tr, y[tr]) for c in (0.1, 1.0, 10.0)]
         best = max(fits, key=lambda m: (m.predict(x_va) == y[va]).mean())
-        correct = (best.predict(x_te) == y[te]).astype(float)
-        out[name] = (float(correct.mean()), *_bootstrap(correct))
+        out[name] = bootstrap_interval(accuracy, [y[te], best.predict(x_te)])  # (accuracy, lower, upper)
     return out
 
 
