@@ -953,15 +953,15 @@ def _draw_taste_items(cfg: SynthConfig, cat: _Catalog, taste: np.ndarray, svc: n
     of its topic from the user's taste set (``taste``: (n_events,) the user's taste class)."""
     hit = rng.random(svc.shape[0]) < cfg.item_signal
     u = rng.random(svc.shape[0])
-    for s, name in enumerate(cfg.services):
-        if name not in TASTE_SERVICES:
-            continue
-        for k in range(len(TOPICS)):
-            for c in range(TASTE_CLASSES):
-                m = np.nonzero(hit & (svc == s) & (topic == k) & (taste == c))[0]
-                rows = cat.taste_rows(s, k, c)
-                if m.size and rows.size:
-                    item[m] = rows[np.minimum((u[m] * rows.size).astype(np.int64), rows.size - 1)]
+    hit &= np.isin(svc, [s for s, name in enumerate(cfg.services) if name in TASTE_SERVICES])
+    ev = np.nonzero(hit)[0]
+    key = (svc[ev] * len(TOPICS) + topic[ev]) * TASTE_CLASSES + taste[ev]  # (service, topic, taste) of each draw
+    for g in np.unique(key):
+        m = ev[key == g]
+        st, c = divmod(int(g), TASTE_CLASSES)
+        rows = cat.taste_rows(*divmod(st, len(TOPICS)), c)
+        if rows.size:
+            item[m] = rows[np.minimum((u[m] * rows.size).astype(np.int64), rows.size - 1)]
 
 
 def _event_table(cfg: SynthConfig, cat: _Catalog, users: _Users, lo: int, hi: int, row: np.ndarray,
