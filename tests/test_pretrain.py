@@ -46,7 +46,9 @@ def quick(root: Path, name: str, **kw) -> PretrainConfig:
                                                      pytest.param("simclr", "text", marks=pytest.mark.slow),
                                                      ("clue", "text")])
 def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
-    cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4)
+    # the clue run also fits the item co-occurrence table (checked in the export test below)
+    cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4,
+                cooc_dim=8 if objective == "clue" else 0)
     summary = run_pretrain(cfg, progress=lambda s: None)
     r = rows(Path(cfg.out))
     losses = [x["loss"] for x in r if "loss" in x]
@@ -106,6 +108,16 @@ def test_export_loads_without_ray_and_gives_identical_embeddings(dataset):
     with torch.no_grad():
         assert torch.equal(model(batch), ref(batch))
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (out / "model").iterdir())
+    # the co-occurrence table travelled with the weights: exactly the one fitted on the training users
+    from userfm.cooc import CoocConfig, fit_item_vectors
+
+    hashes, vectors = fit_item_vectors(read_sequences(dataset / "ds", split="train"), CoocConfig(dim=8, max_events=32))
+    assert model.config.cooc_items == len(hashes) > 100 and model.config.cooc_dim == 8
+    assert torch.equal(model.cooc_hashes, torch.from_numpy(hashes))
+    assert torch.allclose(model.cooc_vectors, torch.from_numpy(vectors))
+    with torch.no_grad():  # and the embeddings read it
+        model.cooc_vectors.zero_()
+        assert not torch.allclose(model(batch), ref(batch))
 
 
 @pytest.mark.slow  # ~2 min (four runs); checkpoint restore stays in the default suite through the injected-failure test

@@ -50,6 +50,7 @@ class DemoConfig:
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
     item_id_buckets: int = 0  # > 0: encoders add a learned embedding per hashed item identity (PretrainConfig.item_id_buckets)
+    cooc_dim: int = 32  # item co-occurrence vectors fitted on the training users and fed to the encoders (PretrainConfig.cooc_dim); 0 = off
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
@@ -308,6 +309,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
             pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
             size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop, item_id_buckets=cfg.item_id_buckets,
+            cooc_dim=cfg.cooc_dim,
             max_steps=cfg.pretrain_steps, num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout,
             eval_every=max(1, cfg.pretrain_steps // 4), checkpoint_every=max(1, cfg.pretrain_steps // 2),
             log_every=max(1, cfg.pretrain_steps // 10),

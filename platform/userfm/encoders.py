@@ -8,6 +8,8 @@ Architecture (ShopperBERT https://arxiv.org/abs/2106.00573, CLUE https://arxiv.o
         "minilm":   frozen MiniLM vector -> linear + LayerNorm (UniSRec-style adaptor)       SimCLR variant
         + item-id emb (optional, ``item_id_buckets``): a learned vector per hashed item identity, so
           items whose texts share their words (and text vectors nearly) can still be told apart
+        + co-occurrence vector (optional, ``cooc_items``): Linear(frozen PPMI-SVD vector of the item, from
+          which training users took it; :mod:`userfm.cooc`), a buffer saved with the weights
     x_i = e_i (or [MASK] if masked) + service emb + sum of time-field embs + position emb
     [CLS] x_1 .. x_L  --user transformer (pre-LN)-->  h_0 .. h_L
     user embedding = h_0 (pooling "cls") or mean(h_1..h_L) (pooling "mean"), then optional Linear to out_dim
@@ -53,6 +55,8 @@ class EncoderConfig:
     max_text_tokens: int = 32  # tokens per event incl. <bos> ("text" only)
     item_layers: int = 1  # item transformer layers ("text" only)
     item_id_buckets: int = 0  # > 0: add a learned embedding of each event's item identity (text_hash mod buckets) to e_i
+    cooc_items: int = 0  # > 0: rows of the frozen item co-occurrence table (userfm.cooc), keyed by text_hash
+    cooc_dim: int = 0  # its vector size; e_i += Linear(cooc_dim, d, no bias)(vector), zeros for items not in it
 
     def __post_init__(self):
         if self.item_encoder not in ITEM_ENCODERS:
@@ -63,6 +67,8 @@ class EncoderConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.item_id_buckets < 0:
             raise ValueError(f"item_id_buckets must be >= 0, got {self.item_id_buckets}")
+        if self.cooc_items < 0 or self.cooc_dim < 0 or bool(self.cooc_items) != bool(self.cooc_dim):
+            raise ValueError(f"cooc_items and cooc_dim must both be > 0 or both 0, got {self.cooc_items}, {self.cooc_dim}")
         if self.item_encoder == "minilm" and self.text_vector_dim <= 0:
             raise ValueError("item_encoder 'minilm' needs text_vector_dim > 0 (384 for all-MiniLM-L6-v2)")
 
@@ -170,6 +176,10 @@ class UserEncoder(nn.Module):
         d = cfg.d_model
         self.item = _ITEM_ENCODER_CLASSES[cfg.item_encoder](cfg)
         self.item_ids = nn.Embedding(cfg.item_id_buckets, d) if cfg.item_id_buckets else None
+        self.cooc = nn.Linear(cfg.cooc_dim, d, bias=False) if cfg.cooc_items else None
+        if cfg.cooc_items:  # filled by set_cooc before training; saved and loaded with the weights
+            self.register_buffer("cooc_hashes", torch.zeros(cfg.cooc_items, dtype=torch.int64))
+            self.register_buffer("cooc_vectors", torch.zeros(cfg.cooc_items, cfg.cooc_dim))
         self.services = nn.Embedding(cfg.n_services, d, padding_idx=0)
         self.times = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in cfg.time_sizes)
         self.positions = nn.Embedding(cfg.max_events + 1, d)  # position 0 is [CLS]
@@ -195,6 +205,8 @@ class UserEncoder(nn.Module):
         x = self.item(batch)  # (B, L, d)
         if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out below
             x = x + self.item_ids(torch.remainder(batch["text_hash"], self.config.item_id_buckets))
+        if self.cooc is not None:
+            x = x + self.cooc(self.cooc_lookup(batch["text_hash"]))
         time = batch["time"]
         for j, emb in enumerate(self.times):
             x = x + emb(time[..., j])
@@ -207,6 +219,23 @@ class UserEncoder(nn.Module):
         valid = torch.cat([valid_ev.new_ones(b, 1), valid_ev], dim=1)  # (B, 1+L)
         h = self.transformer(self.drop(x), src_key_padding_mask=~valid)  # (B, 1+L, d)
         return h, valid
+
+    def set_cooc(self, hashes, vectors) -> None:
+        """Fill the co-occurrence table: hashes (cooc_items,) sorted int64, vectors (cooc_items, cooc_dim)."""
+        hashes, vectors = torch.as_tensor(hashes, dtype=torch.int64), torch.as_tensor(vectors, dtype=torch.float32)
+        if self.cooc is None or tuple(vectors.shape) != tuple(self.cooc_vectors.shape) or hashes.shape != self.cooc_hashes.shape:
+            raise ValueError(f"co-occurrence table of shape {tuple(vectors.shape)} does not fit cooc_items="
+                             f"{self.config.cooc_items}, cooc_dim={self.config.cooc_dim}")
+        if len(hashes) > 1 and not bool((hashes[1:] > hashes[:-1]).all()):
+            raise ValueError("co-occurrence hashes must be sorted and unique")
+        self.cooc_hashes.copy_(hashes)
+        self.cooc_vectors.copy_(vectors)
+
+    def cooc_lookup(self, text_hash: Tensor) -> Tensor:
+        """(B, L) int64 text hashes -> (B, L, cooc_dim) table rows; zeros for hashes not in the table."""
+        pos = torch.searchsorted(self.cooc_hashes, text_hash.contiguous()).clamp(max=self.config.cooc_items - 1)
+        hit = (self.cooc_hashes[pos] == text_hash).unsqueeze(-1)
+        return torch.where(hit, self.cooc_vectors[pos], torch.zeros((), dtype=self.cooc_vectors.dtype, device=text_hash.device))
 
     def pool(self, h: Tensor, valid: Tensor) -> Tensor:
         """(B, 1+L, d), (B, 1+L) -> (B, embed_dim). Mean pooling over a user with no events uses [CLS]."""
@@ -326,6 +355,7 @@ def expected_num_params(cfg: EncoderConfig, non_embedding: bool = False) -> int:
     dense = cfg.n_layers * _layer_params(d, f) + 2 * d  # user transformer + final LayerNorm
     emb = cfg.n_services * d + sum(cfg.time_sizes) * d + (cfg.max_events + 1) * d + 2 * d  # + cls, mask
     emb += cfg.item_id_buckets * d
+    dense += cfg.cooc_dim * d if cfg.cooc_items else 0  # the projection; the table itself is a frozen buffer
     if cfg.item_encoder == "category":
         emb += sum(cfg.category_sizes) * d
         dense += (cfg.text_vector_dim * d + d) if cfg.text_vector_dim else 0
@@ -360,6 +390,7 @@ def flops_per_sample(cfg: EncoderConfig, n_events: int | None = None, n_tokens: 
         user transformer: T = n_events + 1 tokens ([CLS]):  2 * N_user * T + 2 * n_layers * T^2 * d
         text items:       n_events x (2 * N_item * K + 2 * item_layers * K^2 * d), K = n_tokens
         category/minilm:  2 * text_vector_dim * d * n_events (frozen-vector projection; lookups are free)
+        co-occurrence:    2 * cooc_dim * d * n_events (its projection)
         output proj:      2 * d * out_dim
 
     GradCache adds one more forward: multiply by 4/3 for a cached step. Defaults: full context.
@@ -373,6 +404,8 @@ def flops_per_sample(cfg: EncoderConfig, n_events: int | None = None, n_tokens: 
         fwd += n_ev * (2 * cfg.item_layers * _layer_params(d, f) * k + 2 * cfg.item_layers * k * k * d)
     elif cfg.text_vector_dim:
         fwd += 2 * cfg.text_vector_dim * d * n_ev
+    if cfg.cooc_items:
+        fwd += 2 * cfg.cooc_dim * d * n_ev
     if cfg.out_dim:
         fwd += 2 * d * cfg.out_dim
     return float(3 * fwd if training else fwd)
