@@ -1,0 +1,88 @@
+"""Ablate one pretraining choice next to a finished quality run: same dataset, same splits, side by side.
+
+Takes the run folder that ``quality.py`` (or ``userfm demo``) wrote, reads its CLUE pretraining config,
+changes the given fields, pretrains that variant on the same dataset (Ray Train), embeds every user, and
+evaluates the variant and the run's own CLUE table on the same tasks, test users and head seeds, so the
+paired intervals in ``results.md`` compare the two directly. Baselines are left out (they do not change);
+the run's ``evaluate/results.md`` has them.
+
+    python experiments/benchmarks/quality.py --clue-only --out runs/bench-quality      # once
+    python experiments/benchmarks/ablation.py runs/bench-quality/synthetic no-cooc cooc_dim=0
+    python experiments/benchmarks/ablation.py runs/bench-quality/synthetic simclr objective=simclr
+    python experiments/benchmarks/ablation.py runs/bench-quality/synthetic mlm objective=mlm item_encoder=category pooling=cls
+
+Prints the pretraining summary and the evaluation table; everything lands in ``<run>/ablation-<tag>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+
+def _parse(cfg, pairs: list[str]) -> dict:
+    known = {f.name: f for f in fields(cfg)}
+    out = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise SystemExit(f"ablation: {kv!r} is not KEY=VALUE")
+        k, v = kv.split("=", 1)
+        if k not in known:
+            raise SystemExit(f"ablation: {k!r} is not a PretrainConfig field (known: {', '.join(sorted(known))})")
+        cur = getattr(cfg, k)
+        if isinstance(cur, bool):
+            if v.lower() not in ("true", "false"):
+                raise SystemExit(f"ablation: {k} takes true or false, got {v!r}")
+            out[k] = v.lower() == "true"
+        elif isinstance(cur, tuple):
+            out[k] = tuple(x for x in v.split(",") if x)
+        else:
+            out[k] = type(cur)(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a quality run's dataset folder parent, e.g. runs/bench-quality/synthetic")
+    ap.add_argument("tag", help="name of the variant (its embedding table and output folder)")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="PretrainConfig fields to change")
+    ap.add_argument("--tasks", nargs="+", default=["age_bracket", "is_parent", "segment"], help="tasks to evaluate")
+    ap.add_argument("--task-file", default="", help="task YAML (default: experiments/tasks/synthetic.yaml)")
+    ap.add_argument("--seeds", type=int, default=2, help="head seeds per (task, model)")
+    args = ap.parse_args(argv)
+
+    from userfm.demo import DemoConfig, _default_tasks
+    from userfm.embed import EmbedConfig, run_embed
+    from userfm.evaluate import EvalConfig, run_evaluate
+    from userfm.pretrain import PretrainConfig, run_pretrain
+
+    run = Path(args.run)
+    saved = run / "pretrain" / "clue" / "config.json"
+    if not saved.exists():
+        raise SystemExit(f"ablation: {saved} not found (run quality.py or userfm demo first)")
+    base = json.loads(saved.read_text())["pretrain"]
+    cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in base.items()})
+    out = run / f"ablation-{args.tag}"
+    if out.exists():
+        raise SystemExit(f"ablation: {out} exists; choose another tag or remove it")
+    cfg = replace(cfg, out=str(out / "pretrain"), **_parse(cfg, args.overrides))
+    t0 = time.perf_counter()
+    s = run_pretrain(cfg)
+    print(f"[ablation] pretrained {args.tag} in {time.perf_counter() - t0:.0f}s: "
+          f"val_loss {s['final'].get('val_loss', float('nan')):.3f}, loss {s['final'].get('loss', float('nan')):.3f}", flush=True)
+    e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / "embeddings"))  # full histories, like the run's table
+    run_embed(e)
+    v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=args.task_file or str(_default_tasks(DemoConfig())),
+                   only_tasks=tuple(args.tasks), seeds=args.seeds, baselines=(),
+                   embeddings={"clue": str(run / "embeddings" / "clue"), args.tag: e.out})
+    run_evaluate(v)
+    print((out / "evaluate" / "results.md").read_text())
+    print(f"[ablation] {args.tag}: {time.perf_counter() - t0:.0f}s in all -> {out}")
+
+
+if __name__ == "__main__":
+    main()
