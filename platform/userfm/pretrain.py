@@ -406,9 +406,11 @@ def train_loop(config: dict) -> None:
         step, saved_flops = load_checkpoint(Path(resume_from), model, head, opt), checkpoint_flops(Path(resume_from))
     head.to(device)
     # gradient_as_bucket_view: DDP's all-reduce buckets are the .grad tensors themselves (no copy in and
-    # out of the buckets each step, and one gradient-sized buffer less)
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None,
-                                          parallel_strategy_kwargs={"gradient_as_bucket_view": True} if world > 1 else None)
+    # out of the buckets each step, and one gradient-sized buffer less). broadcast_buffers off: the only
+    # buffers are the co-occurrence table, set identically on every rank and never changed (else ~1 MB a step)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy="ddp" if world > 1 else None,
+        parallel_strategy_kwargs={"gradient_as_bucket_view": True, "broadcast_buffers": False} if world > 1 else None)
     if cfg.compile:
         model = torch.compile(model, dynamic=True)
     no_sync = getattr(model, "no_sync", None)
