@@ -32,15 +32,13 @@ def _cooc_means(ev, users, tr, va, te):
     from sklearn.preprocessing import normalize
 
     from userfm.cooc import CoocConfig, fit_item_vectors, user_item_matrix
+    from userfm.minilm import VectorCache
 
     hist = ev.groupby("user_id")["text"].apply(list).loc[users]
     rows = pa.table({"text": pa.array(hist.tolist(), pa.list_(pa.string()))})
     hashes, v = fit_item_vectors(rows.take(tr), CoocConfig(dim=32, max_events=10**6))
     col_hashes, x = user_item_matrix(rows, max_events=10**6)
-    pos = np.clip(np.searchsorted(hashes, col_hashes), 0, max(len(hashes) - 1, 0))
-    table = np.zeros((len(col_hashes), v.shape[1]), np.float32)
-    hit = hashes[pos] == col_hashes if len(hashes) else np.zeros(len(col_hashes), bool)
-    table[hit] = v[pos[hit]]
+    table = VectorCache(hashes, v).lookup(col_hashes)  # (I, 32); items without a vector: zeros
     means = normalize(x @ table)  # (U, 32): a user's mean item vector, unit length
     return means[tr], means[va], means[te]
 
