@@ -49,3 +49,20 @@ def test_a_failing_quiet_stage_raises_and_its_output_stays_in_the_log(capsys):
         _Stages(3, details).run("ingest with Ray Data", fails)
     assert capsys.readouterr().out == ""
     assert details.getvalue() == "[demo 1/3] ingest with Ray Data ...\n[ingest] reading\n"
+
+
+def test_calendar_fields_auto_drop_dates_for_contrastive_objectives_on_real_data(tmp_path):
+    """Auto (time_fields None): synthetic data keeps all five fields; real data drops them for CLUE/SimCLR (a
+    time-split pair of a user who rates in sessions shares its dates) and keeps them for MLM's date pretext;
+    an explicit value applies to every objective."""
+    from userfm.config import load_config
+    from userfm.demo import DemoConfig, time_fields_for
+
+    five = ("year", "month", "day", "weekday", "hour")
+    synth = DemoConfig()
+    real = DemoConfig(data=str(tmp_path), format="movielens")
+    assert [time_fields_for(synth, o) for o in ("clue", "simclr", "mlm")] == [five] * 3
+    assert [time_fields_for(real, o) for o in ("clue", "simclr", "mlm")] == [(), (), five]
+    chosen = load_config(DemoConfig, None, ["time_fields=hour,weekday"], data=str(tmp_path), format="movielens")
+    assert [time_fields_for(chosen, o) for o in ("clue", "mlm")] == [("hour", "weekday")] * 2
+    assert time_fields_for(load_config(DemoConfig, None, ["time_fields="]), "mlm") == ()

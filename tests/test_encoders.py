@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from seqrows import all_scope, event_rows, table
@@ -196,3 +200,28 @@ def test_concat_batches_pads_event_axis(corpus):
     cat = concat_batches([a, b])
     for k in both:
         np.testing.assert_array_equal(cat[k], both[k], err_msg=k)
+
+
+def test_encoder_without_calendar_fields_ignores_event_dates(corpus):
+    """time_fields=() (PretrainConfig.time_fields for data rated in sessions): the batch carries no time ids,
+    the encoder has no time embeddings, and moving every event to another date leaves the embedding unchanged,
+    while the default fields change it (the date is what a time-split CLUE pair could be matched by)."""
+    from userfm.features import FeatureConfig
+
+    tab, _, tok = corpus
+    vocabs = fit_vocabs(tab, FeatureConfig(time_fields=()))
+    b = make_batch(tab, vocabs, tok)
+    assert b["time"].shape == (*b["service"].shape, 0) and vocabs.time_sizes == ()
+    ts = tab.column("ts").combine_chunks()  # every event 40 days and 5 hours later
+    later = pc.add(ts.flatten(), pa.scalar(dt.timedelta(days=40, hours=5), pa.duration("us")))
+    moved = tab.set_column(tab.schema.get_field_index("ts"), "ts", pa.ListArray.from_arrays(ts.offsets, later))
+    model = _model(vocabs, tok, "text")
+    assert not len(model.times)
+    with torch.no_grad():
+        a, c = model(to_torch(make_batch(tab, vocabs, tok))), model(to_torch(make_batch(moved, vocabs, tok)))
+    assert torch.equal(a, c)
+    dated = fit_vocabs(tab)
+    model = _model(dated, tok, "text")
+    with torch.no_grad():
+        a, c = model(to_torch(make_batch(tab, dated, tok))), model(to_torch(make_batch(moved, dated, tok)))
+    assert not torch.allclose(a, c)

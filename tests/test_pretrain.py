@@ -81,10 +81,17 @@ def test_val_split_smaller_than_a_batch_still_gives_a_validation_loss(dataset):
 
     n_val = read_sequences(dataset / "ds", split="val", columns=["user_id"]).num_rows
     assert n_val < 2 * 64
-    cfg = quick(dataset, "run-small-val", objective="mlm", item_encoder="category", batch_size=64, max_steps=2)
+    cfg = quick(dataset, "run-small-val", objective="mlm", item_encoder="category", batch_size=64, max_steps=2,
+                time_fields=("weekday", "hour"))
     run_pretrain(cfg, progress=lambda s: None)
     last = rows(Path(cfg.out))[-1]
     assert last["step"] == 2 and math.isfinite(last["val_loss"]) and last["val_loss"] > 0
+    # the run's calendar fields reach its vocabularies, its encoder and its MLM time heads
+    import userfm
+
+    model, vocabs, _ = userfm.load_encoder(Path(cfg.out) / "model")
+    assert vocabs.config.time_fields == ("weekday", "hour") and vocabs.time_sizes == (2 + 7, 2 + 24)
+    assert len(model.times) == 2 and "mlm/acc/weekday" in last and "mlm/acc/year" not in last
 
 
 def test_export_loads_without_ray_and_gives_identical_embeddings(dataset):
@@ -154,6 +161,10 @@ def test_bad_configs_are_rejected(dataset):
         PretrainConfig(objective="bert")
     with pytest.raises(ValueError, match="mini_batch_size must be in"):
         PretrainConfig(batch_size=8, mini_batch_size=16)
+    with pytest.raises(ValueError, match=r"time_fields must be distinct names .* got \['hour', 'hour'\]"):
+        PretrainConfig(time_fields=("hour", "hour"))
+    with pytest.raises(ValueError, match=r"got \['week'\]"):
+        PretrainConfig(time_fields=("week",))
     with pytest.raises(PretrainError, match="cannot fill one step"):
         run_pretrain(quick(dataset, "huge-batch", batch_size=4096), progress=lambda s: None)
 

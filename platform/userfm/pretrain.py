@@ -95,6 +95,9 @@ class PretrainConfig:
     #                     them to each event's input, so items whose titles share their words can be told apart by
     #                     who takes them (demo data: CLUE age_bracket 0.350 -> 0.478, README "Item co-occurrence"); 0 = off
     cooc_min_users: int = 2  # items taken by fewer training users get no co-occurrence vector
+    time_fields: tuple[str, ...] = ("year", "month", "day", "weekday", "hour")  # calendar fields each event embeds
+    #                     (FeatureConfig.time_fields; "recency" also valid). Absolute date fields let a time-split CLUE pair
+    #                     be matched by the date the two halves share: drop them for single-service data rated in sessions
     compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
     stop_at_step: int = 0  # end this invocation after this step, checkpointed (continue with --resume); 0 = run to max_steps
     holdout_last: int = 0  # pretrain on each user's history without its last n events (every split): the encoder never
@@ -115,6 +118,11 @@ class PretrainConfig:
             raise ValueError(f"cooc_dim must be >= 0 and cooc_min_users >= 1, got {self.cooc_dim}, {self.cooc_min_users}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
+        from userfm.features import TIME_FIELDS
+
+        bad = [f for f in self.time_fields if f not in TIME_FIELDS]
+        if bad or len(set(self.time_fields)) != len(self.time_fields):
+            raise ValueError(f"time_fields must be distinct names from {TIME_FIELDS}, got {list(self.time_fields)}")
         if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size must be in [0, batch_size], got {self.mini_batch_size}")
 
@@ -479,7 +487,7 @@ def train_loop(config: dict) -> None:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
             with autocast:
-                loss, metrics = loss_and_backward(model, head, batch, ocfg, no_sync=no_sync)
+                loss, metrics = loss_and_backward(model, head, batch, ocfg, no_sync=no_sync, time_fields=cfg.time_fields)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -578,7 +586,8 @@ def _fit_resources(cfg: PretrainConfig, train_rows) -> tuple[Any, Any]:
     from userfm.features import FeatureConfig, fit_vocabs
     from userfm.tokenizer import TextTokenizer
 
-    vocabs = fit_vocabs(train_rows, FeatureConfig(max_events=cfg.max_events, max_text_tokens=cfg.max_text_tokens))
+    vocabs = fit_vocabs(train_rows, FeatureConfig(max_events=cfg.max_events, max_text_tokens=cfg.max_text_tokens,
+                                                  time_fields=tuple(cfg.time_fields)))
     tok = None
     if cfg.item_encoder == "text":
         texts = [t for lst in train_rows.column("text").to_pylist() for t in (lst or [])]
@@ -676,6 +685,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
                                                     "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last") if k in saved},
                       services=tuple(saved.get("services", ())),
+                      time_fields=tuple(saved.get("time_fields", PretrainConfig.time_fields)),
                       # a run from before the co-occurrence vectors has none: resume it without them
                       cooc_dim=saved.get("cooc_dim", 0), cooc_min_users=saved.get("cooc_min_users", 2))
     out.mkdir(parents=True, exist_ok=True)
