@@ -53,11 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["age_bracket", "is_parent", "segment"], help="tasks to evaluate")
     ap.add_argument("--task-file", default="", help="task YAML (default: experiments/tasks/synthetic.yaml)")
     ap.add_argument("--seeds", type=int, default=2, help="head seeds per (task, model)")
+    ap.add_argument("--folds", type=int, default=-1,
+                    help="k-fold cross-fitting of the heads (default: the run's own eval_folds from demo_summary.json, else 0)")
     args = ap.parse_args(argv)
 
     from userfm.demo import DemoConfig, _default_tasks
     from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import EvalConfig, run_evaluate
+    from userfm.evaluate import LAST_EVENT, EvalConfig, load_tasks, run_evaluate
     from userfm.pretrain import PretrainConfig, run_pretrain
 
     run = Path(args.run)
@@ -70,15 +72,31 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         raise SystemExit(f"ablation: {out} exists; choose another tag or remove it")
     cfg = replace(cfg, out=str(out / "pretrain"), **_parse(cfg, args.overrides))
+    task_file = args.task_file or str(_default_tasks(DemoConfig()))
+    held = {t.name: t.table == LAST_EVENT for t in load_tasks(task_file, tuple(args.tasks))}
+    if len(set(held.values())) > 1:  # the run evaluates these from two embedding tables (demo: two passes)
+        raise SystemExit("ablation: tasks on the held-out last event (" + ", ".join(t for t, h in held.items() if h) +
+                         ") and on full histories (" + ", ".join(t for t, h in held.items() if not h) +
+                         ") need separate ablation calls")
+    holdout = int(any(held.values()))
+    if holdout and not cfg.holdout_last:
+        raise SystemExit(f"ablation: {', '.join(held)} hold out the last event, but the run's CLUE was pretrained on "
+                         "whole histories (holdout_last=0); run quality.py with folds, as for MovieLens")
+    folds = args.folds
+    if folds < 0:
+        summary = run / "demo_summary.json"
+        folds = json.loads(summary.read_text())["config"].get("eval_folds", 0) if summary.exists() else 0
+    table = "embeddings_heldout" if holdout else "embeddings"
     t0 = time.perf_counter()
     s = run_pretrain(cfg)
     print(f"[ablation] pretrained {args.tag} in {time.perf_counter() - t0:.0f}s: "
           f"val_loss {s['final'].get('val_loss', float('nan')):.3f}, loss {s['final'].get('loss', float('nan')):.3f}", flush=True)
-    e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / "embeddings"))  # full histories, like the run's table
+    # the same histories as the run's table it is compared with: whole, or without the held-out last event
+    e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / table), holdout_last=holdout)
     run_embed(e)
-    v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=args.task_file or str(_default_tasks(DemoConfig())),
+    v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=task_file, folds=folds,
                    only_tasks=tuple(args.tasks), seeds=args.seeds, baselines=(),
-                   embeddings={"clue": str(run / "embeddings" / "clue"), args.tag: e.out})
+                   embeddings={"clue": str(run / table / "clue"), args.tag: e.out})
     run_evaluate(v)
     print((out / "evaluate" / "results.md").read_text())
     print(f"[ablation] {args.tag}: {time.perf_counter() - t0:.0f}s in all -> {out}")
