@@ -15,6 +15,7 @@ import pytest
 from userfm import metrics as M
 from userfm.config import ConfigError
 from userfm.dataset import read_attributes, read_sequences
+from userfm.cooc import catalog_vectors
 from userfm.evaluate import (
     EvalConfig,
     EvalError,
@@ -404,14 +405,17 @@ def _clusters(n=700, groups=10, per=5, d=16, seed=0):
     return x, y, hist
 
 
+@pytest.mark.parametrize("factorized", [False, True])
 @pytest.mark.parametrize("hidden", [0, 32])
-def test_retrieval_head_learns_and_round_trips(tmp_path, hidden):
+def test_retrieval_head_learns_and_round_trips(tmp_path, hidden, factorized):
     x, y, hist = _clusters()
     items = [f"i{k:03d}" for k in range(50)]
     task = TaskConfig(name="r", table="last_event", target="item_id", type="retrieval")
     cfg = EvalConfig(mlp_max_epochs=60, mlp_patience=5, mlp_batch_size=64, mlp_lr=1e-2)
+    vectors = catalog_vectors(hist[:400], 50, 16) if factorized else None
     head = fit_retrieval(x[:400], y[:400], x[400:500], y[400:500], task=task, classes=items, cfg=cfg, seed=0,
-                         history=hist[:400], hidden=hidden)
+                         history=hist[:400], hidden=hidden, item_vectors=vectors)
+    assert head.meta["item_factors"] == (16 if factorized else 0)
     ranks = M.target_rank(head.logits(x[500:]), y[500:])
     # the 5 items of the user's group are what a head that learned ranks first: chance HR@10 is 0.2
     assert M.hit_rate_at_k(ranks, 10) > 0.85 and M.ndcg_at_k(ranks, 10) > 0.4
@@ -422,6 +426,39 @@ def test_retrieval_head_learns_and_round_trips(tmp_path, hidden):
     assert loaded.predict_proba(x[500:502]).shape == (2, 50)
     top = loaded.predict(x[500:])  # the top item is one of the user's group
     assert np.mean([int(t[1:]) // 5 == yy // 5 for t, yy in zip(top, y[500:])]) > 0.85
+
+
+def test_factorized_head_ranks_items_no_training_user_held_out():
+    """Each group's items 3 and 4 are never a training target, only in histories. The dense head can rank them
+    only by their small history share; the head factorized through the catalog's co-occurrence vectors learns
+    the group's direction once and ranks all five of the group's items first."""
+    x, y, hist = _clusters()
+    items = [f"i{k:03d}" for k in range(50)]
+    task = TaskConfig(name="r", table="last_event", target="item_id", type="retrieval")
+    cfg = EvalConfig(mlp_max_epochs=60, mlp_patience=5, mlp_batch_size=64, mlp_lr=1e-2, retrieval_history_weight=0.05)
+    rare = y % 5 >= 3
+    tr = np.flatnonzero(~rare[:400])
+    fit = {}
+    for name, vectors in (("dense", None), ("factorized", catalog_vectors(hist[:400], 50, 9))):  # 10 groups
+        fit[name] = fit_retrieval(x[tr], y[tr], x[400:500][~rare[400:500]], y[400:500][~rare[400:500]], task=task,
+                                  classes=items, cfg=cfg, seed=0, history=[hist[i] for i in tr], item_vectors=vectors)
+    test = 500 + np.flatnonzero(rare[500:])  # users whose held-out item is one of their group's unseen two
+    hr = {k: M.hit_rate_at_k(M.target_rank(h.logits(x[test]), y[test]), 5) for k, h in fit.items()}
+    assert hr["factorized"] > 0.6 and hr["dense"] < 0.2, hr  # measured 0.74 and 0.06
+
+
+def test_catalog_vectors_by_hand():
+    """Two taste groups over a 7-item catalog: users take pairs or all of items 0-2, or of 3-5; item 6 is
+    nobody's. PPMI's top-2 directions are the two groups: in-group cosine 1, across 0, item 6 stays zero."""
+    h = [np.array(a) for a in ([0, 1], [1, 2], [0, 2], [0, 1, 2], [3, 4], [4, 5], [3, 5], [3, 4, 5])]
+    v = catalog_vectors(h, 7, 2)
+    assert v.shape == (7, 2)
+    np.testing.assert_allclose(np.linalg.norm(v[:6], axis=1), np.sqrt(2), rtol=1e-5)  # rows scaled to sqrt(dim)
+    np.testing.assert_array_equal(v[6], 0.0)
+    group = np.repeat([0, 1], 3)
+    np.testing.assert_allclose((v[:6] @ v[:6].T) / 2, (group[:, None] == group[None, :]).astype(float), atol=1e-4)
+    assert catalog_vectors(h, 7, 16).shape == (7, 6)  # dim <= catalog - 1
+    assert catalog_vectors([np.array([0])], 2, 8).shape == (2, 0)  # nothing co-occurs
 
 
 def test_retrieval_ranks_can_mask_seen_items():

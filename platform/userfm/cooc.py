@@ -95,8 +95,6 @@ def fit_item_vectors(rows: pa.Table, cfg: CoocConfig = CoocConfig()) -> tuple[np
     Only items with >= ``min_users`` users and a non-empty PPMI row are returned; ``dim'`` is
     ``min(dim, I' - 1)``. Fewer than 2 such items -> empty arrays of shape (0,), (0, 0).
     """
-    from sklearn.decomposition import TruncatedSVD
-
     hashes, x = user_item_matrix(rows, cfg.max_events)
     users_per_item = np.asarray(x.sum(axis=0)).ravel()
     keep = users_per_item >= cfg.min_users
@@ -104,11 +102,35 @@ def fit_item_vectors(rows: pa.Table, cfg: CoocConfig = CoocConfig()) -> tuple[np
     p = ppmi(x)
     nonempty = np.diff(p.indptr) > 0
     hashes, p = hashes[nonempty], p[nonempty][:, nonempty]
-    dim = min(cfg.dim, len(hashes) - 1)
+    v = svd_vectors(p, cfg.dim, cfg.seed)
+    return (hashes, v) if v.size else (np.zeros(0, np.int64), v)
+
+
+def svd_vectors(p: sparse.csr_matrix, dim: int, seed: int = 0) -> np.ndarray:
+    """(I, I) PPMI -> (I, dim') item vectors, dim' = min(dim, I - 1), each row scaled to norm sqrt(dim')
+    (an all-zero PPMI row stays zero). Fewer than 2 items -> shape (0, 0)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    dim = min(dim, p.shape[0] - 1)
     if dim < 1:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    svd = TruncatedSVD(dim, algorithm="randomized", random_state=cfg.seed).fit(p)
-    v = (svd.components_.T * np.sqrt(svd.singular_values_)).astype(np.float32)  # (I', dim); P symmetric: V ~ U
+        return np.zeros((0, 0), np.float32)
+    svd = TruncatedSVD(dim, algorithm="randomized", random_state=seed).fit(p)
+    v = (svd.components_.T * np.sqrt(svd.singular_values_)).astype(np.float32)  # (I, dim); P symmetric: V ~ U
     norm = np.linalg.norm(v, axis=1, keepdims=True)
-    v = np.where(norm > 0, v / np.maximum(norm, 1e-12) * np.sqrt(dim), 0.0).astype(np.float32)
-    return hashes, v
+    return np.where(norm > 0, v / np.maximum(norm, 1e-12) * np.sqrt(dim), 0.0).astype(np.float32)
+
+
+def catalog_vectors(histories: list[np.ndarray], n_items: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Users' item histories (catalog indices) -> (n_items, dim') co-occurrence vectors of the catalog.
+
+    The same PPMI + truncated SVD as :func:`fit_item_vectors`, over a catalog the caller has already indexed
+    (evaluate's retrieval heads: the training users' histories). Items that co-occur with nothing stay
+    zero; no co-occurrence at all, or fewer than 2 catalog items -> shape (n_items, 0).
+    """
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate([np.asarray(h, np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
+    x = sparse.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_items))
+    x.data[:] = 1.0
+    p = ppmi(x)
+    v = svd_vectors(p, dim, seed) if p.nnz else np.zeros((0, 0), np.float32)
+    return v if v.size else np.zeros((n_items, 0), np.float32)

@@ -49,6 +49,10 @@ the full-ranking SASRec/HSTU tables. Heads map the frozen user vector to logits 
 "logreg" = one linear layer, "mlp" = the U-MLP with one output per item, both trained with softmax
 cross-entropy towards each training user's held-out item (weight 1 - ``retrieval_history_weight``)
 and its earlier items (the rest, spread evenly), early-stopped on the val users' held-out-item loss.
+With ``retrieval_item_factors`` > 0 their output layer is factorized through fixed item vectors
+fitted without labels on the training users' histories (PPMI + SVD, ``userfm.cooc``), its bias
+starting at the popularity ranking: what a head learns of one item then carries to the items that
+co-occur with it, instead of one free output row per item of the catalog.
 T-Trans ranks with a linear item layer on top of its from-scratch encoder (held-out item only).
 
 Outputs in ``out``: ``config.json``, ``results.json`` (every model x task row), ``results.md``, PNG
@@ -197,6 +201,10 @@ class EvalConfig:
     t_trans_max_epochs: int = 30  # epochs at most
     t_trans_patience: int = 3  # epochs without a better val loss before stopping (best weights restored)
     retrieval_history_weight: float = 0.5  # retrieval heads: target share on a train user's earlier items (rest: held-out item)
+    retrieval_item_factors: int = 0  # retrieval heads: > 0 factorizes the output layer through fixed item co-occurrence
+    #                         vectors of this size (PPMI + SVD of the training users' histories, userfm.cooc), its bias
+    #                         starting at the popularity ranking; 0 = one free output per item. Off: on MovieLens
+    #                         latest-small (32) it moved HR@10 within the intervals (README "MovieLens")
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
@@ -234,6 +242,8 @@ class EvalConfig:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if not 0 <= self.retrieval_history_weight < 1:
             raise ValueError(f"retrieval_history_weight must be in [0, 1), got {self.retrieval_history_weight}")
+        if self.retrieval_item_factors < 0:
+            raise ValueError(f"retrieval_item_factors must be >= 0, got {self.retrieval_item_factors}")
         if not self.t_trans_lrs or any(not lr > 0 for lr in self.t_trans_lrs):
             raise ValueError(f"t_trans_lrs must be a non-empty list of positive learning rates, got {self.t_trans_lrs}")
         if not self.concat_tfidf_weights or any(not w > 0 for w in self.concat_tfidf_weights):
@@ -925,13 +935,45 @@ def _soft_targets(y: np.ndarray, history: list[np.ndarray], n_items: int, weight
     return t
 
 
+class _FactorizedOutput:
+    """Output layer ``h (n, H) -> h @ W.T @ V.T + b (n, n_items)`` with the item vectors ``V`` (n_items, k)
+    fixed: H x k + n_items parameters instead of H x n_items, so what the head learns from one item carries
+    to the items that co-occur with it. Its weight is ``V @ W`` (n_items, H): saved heads are plain layers."""
+
+    @staticmethod
+    def module(d_h: int, item_vectors: np.ndarray, bias: np.ndarray):
+        import torch
+        from torch import nn
+
+        class Factorized(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(d_h, item_vectors.shape[1], bias=False)
+                self.register_buffer("items", torch.from_numpy(np.ascontiguousarray(item_vectors, np.float32)))
+                self.bias = nn.Parameter(torch.from_numpy(bias.astype(np.float32)))
+
+            def forward(self, h):
+                return self.proj(h) @ self.items.T + self.bias
+
+        return Factorized()
+
+    @staticmethod
+    def dense(state: dict, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """A factorized layer's state -> (weight (n_items, H), bias (n_items,)) of the equivalent nn.Linear."""
+        return ((state[prefix + "items"] @ state[prefix + "proj.weight"]).numpy(), state[prefix + "bias"].numpy())
+
+
 def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, task: TaskConfig,
-                  classes: list, cfg: EvalConfig, seed: int, history: list[np.ndarray], hidden: int = 0) -> LinearHead | MLPHead:
+                  classes: list, cfg: EvalConfig, seed: int, history: list[np.ndarray], hidden: int = 0,
+                  item_vectors: np.ndarray | None = None) -> LinearHead | MLPHead:
     """A retrieval head: frozen user vector (n, D) -> logits over the ``classes`` catalog (n, n_items).
 
     ``hidden`` 0: one linear layer (saved as a ``softmax`` LinearHead); > 0: the U-MLP. Trained with AdamW
     on softmax cross-entropy towards :func:`_soft_targets`, early-stopped on the val users' held-out-item
-    cross-entropy with the best epoch's weights restored.
+    cross-entropy with the best epoch's weights restored. ``item_vectors`` (n_items, k), k > 0: the output
+    layer is factorized through these fixed item vectors (:class:`_FactorizedOutput`), its bias starting at
+    the log item counts of the training targets (the popularity ranking); the saved head is the same plain
+    layer either way.
     """
     with _torch_threads(cfg.torch_threads):
         import torch
@@ -945,7 +987,15 @@ def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np
         xt = torch.from_numpy(((x_tr - mean) / std).astype(np.float32))
         xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
         yv = torch.from_numpy(y_va.astype(np.int64))
-        model = _mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout) if hidden else nn.Linear(xt.shape[1], n_items)
+        factorized = item_vectors is not None and item_vectors.shape[1] > 0
+        if factorized:
+            if item_vectors.shape[0] != n_items:
+                raise ValueError(f"item_vectors has {item_vectors.shape[0]} rows for a catalog of {n_items} items")
+            counts = _soft_targets(y_tr, history, n_items, cfg.retrieval_history_weight).sum(0)
+            out = _FactorizedOutput.module(hidden or xt.shape[1], item_vectors, np.log(counts + 1.0))
+            model = nn.Sequential(*list(_mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout))[:-1], out) if hidden else out
+        else:
+            model = _mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout) if hidden else nn.Linear(xt.shape[1], n_items)
 
         def batch_loss(idx):
             rows = idx.numpy()
@@ -956,7 +1006,13 @@ def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np
         best_state, best_epoch, best_loss, epochs = _early_stopped_fit(
             model, len(xt), batch_loss, lambda: F.cross_entropy(model(xv), yv), cfg, gen)
     meta = {"task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]), "best_epoch": best_epoch,
-            "epochs": epochs, "val_loss": best_loss, "seed": seed, "history_weight": cfg.retrieval_history_weight}
+            "epochs": epochs, "val_loss": best_loss, "seed": seed, "history_weight": cfg.retrieval_history_weight,
+            "item_factors": int(item_vectors.shape[1]) if factorized else 0}
+    if factorized:  # the equivalent plain output layer
+        last = "3." if hidden else ""  # the output layer's index in _mlp_module's Sequential
+        weight, bias = _FactorizedOutput.dense(best_state, last)
+        best_state = {k: v for k, v in best_state.items() if hidden and not k.startswith(last)}
+        best_state.update({f"{last}weight": torch.from_numpy(weight), f"{last}bias": torch.from_numpy(bias)})
     if hidden:
         meta.update(kind="mlp", hidden=hidden, n_out=n_items, dropout=cfg.mlp_dropout, target_mean=0.0, target_std=1.0)
         return MLPHead(meta, {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}})
@@ -1485,6 +1541,11 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         task = td.task
         retrieval = task.type == "retrieval"
         seen = td.history["test"] if retrieval and cfg.retrieval_mask_seen else None
+        item_vectors = None
+        if retrieval and cfg.retrieval_item_factors:  # no labels: the training users' histories only
+            from userfm.cooc import catalog_vectors
+
+            item_vectors = catalog_vectors(td.history["train"], len(td.classes), cfg.retrieval_item_factors, cfg.seed)
         fitted_models: dict[str, dict] = {}
 
         def record(model, embedding, head, scores, tr_s, inf_s, saved=(), **extra):
@@ -1511,7 +1572,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     if retrieval:
                         fitted = fit_retrieval(x["train"], td.y["train"], x["val"], td.y["val"], task=task, classes=td.classes,
                                                cfg=cfg, seed=seed, history=td.history["train"],
-                                               hidden=cfg.mlp_hidden if head == "mlp" else 0)
+                                               hidden=cfg.mlp_hidden if head == "mlp" else 0, item_vectors=item_vectors)
                     else:
                         fitted = _FITTERS[head](x["train"], td.y["train"], x["val"], td.y["val"], task=task,
                                                 classes=td.classes, cfg=cfg, seed=seed)
