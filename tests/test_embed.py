@@ -148,3 +148,15 @@ def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path)
     order = {u: i for i, u in enumerate(kept.column("user_id").to_pylist())}
     np.testing.assert_allclose(emb, ref[[order[u] for u in users]], rtol=1e-5, atol=1e-6)
     assert not np.allclose(emb, full[[rows.column("user_id").to_pylist().index(u) for u in users]], atol=1e-4)
+    # recent=3: the short-term table encodes each user's 3 most recent events left after the holdout
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "recent"),
+                              holdout_last=1, recent=3), progress=lambda s: None)
+    assert m["config"]["recent"] == 3 and m["users_embedded"] == 300 - short
+    users3, emb3 = read_embeddings(tmp_path / "recent")
+    with torch.no_grad():
+        ref3 = model(to_torch(make_batch(kept, vocabs, tok, max_events=3))).numpy()
+    np.testing.assert_allclose(emb3, ref3[[order[u] for u in users3]], rtol=1e-5, atol=1e-6)
+    longer = [i for i, u in enumerate(users3) if len(kept.column("ts")[order[u]]) > 3]
+    assert longer and not np.allclose(emb3[longer], emb[[users.index(users3[i]) for i in longer]], atol=1e-4)
+    with pytest.raises(ValueError, match="recent must be >= 0"):
+        EmbedConfig(recent=-1)

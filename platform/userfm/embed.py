@@ -57,6 +57,8 @@ class EmbedConfig:
     minilm_cache: str = ""  # MiniLM vector cache (minilm encoders); "" = <data>/minilm_cache
     concat: str = ""  # a second embedding table (folder or file) to append per user
     holdout_last: int = 0  # drop each user's last n events before encoding (1 = leave-one-out for retrieval)
+    recent: int = 0  # > 0: encode only each user's most recent n events (after holdout_last), a short-term table;
+    #                  0 = the model's whole context (its max_events)
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self):
@@ -65,6 +67,8 @@ class EmbedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
+        if self.recent < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
 
 
 def _digest(path: Path) -> str:
@@ -114,7 +118,7 @@ class EmbedActor:
     """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
 
     def __init__(self, model_dir: str, identity: dict, vectors_dir: str | None = None, threads: int = 1, use_gpu: bool = False,
-                 holdout_last: int = 0):
+                 holdout_last: int = 0, recent: int = 0):
         import torch
 
         import userfm
@@ -124,6 +128,7 @@ class EmbedActor:
         self.model, self.vocabs, self.tok = userfm.load_encoder(model_dir, device=self.device)
         self.identity = identity
         self.holdout_last = holdout_last
+        self.max_events = min(recent, self.model.config.max_events) if recent else self.model.config.max_events
         self.vectors = None
         if vectors_dir:
             from userfm.minilm import VectorCache
@@ -138,7 +143,7 @@ class EmbedActor:
 
         had = pc.greater(batch.column("n_events"), 0).to_numpy(zero_copy_only=False)
         rows = drop_last_events(batch, self.holdout_last)
-        nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.model.config.max_events), self.vectors)
+        nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.max_events), self.vectors)
         has = nb["length"] > 0
         dim = self.model.config.embed_dim
         emb = np.zeros((batch.num_rows, dim), dtype=np.float32)
@@ -243,7 +248,7 @@ def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) ->
         EmbedActor,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
                                    threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
-                                   holdout_last=cfg.holdout_last),
+                                   holdout_last=cfg.holdout_last, recent=cfg.recent),
         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
     )
