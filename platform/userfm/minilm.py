@@ -61,7 +61,15 @@ class MiniLMEncoder:
     over a dataset with a ``text`` column (Ray builds one instance per worker).
     """
 
-    def __init__(self, batch_size: int = 256, device: str = "cpu", model=None):
+    def __init__(self, batch_size: int = 256, device: str = "cpu", model=None, threads: int = 0):
+        """``threads``: torch intra-op threads; 0 = leave them as they are (Ray actors: 1), -1 = every CPU of
+        this node (a one-off cache build that nothing else runs beside: 1.7x on 2 cores)."""
+        if threads:
+            import os
+
+            import torch
+
+            torch.set_num_threads((os.cpu_count() or 1) if threads < 0 else threads)
         self.model = model if model is not None else load_minilm(device)
         self.batch_size = batch_size
 

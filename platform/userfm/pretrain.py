@@ -617,7 +617,9 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
         import pyarrow.parquet as pq
 
         ds = ray.data.from_arrow(pa.table({"text": todo}))
-        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1)
+        # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
+        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
+                            fn_constructor_kwargs={"threads": -1})
         # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
         # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
         parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
