@@ -447,6 +447,16 @@ def test_factorized_head_ranks_items_no_training_user_held_out():
     assert hr["factorized"] > 0.6 and hr["dense"] < 0.2, hr  # measured 0.74 and 0.06
 
 
+def test_target_mass_is_the_soft_targets_summed():
+    from userfm.evaluate import _soft_targets, _target_mass
+
+    y, hist = np.array([0, 2, 2, 1]), [np.array([1, 1, 3]), np.array([], np.int64), np.array([0]), np.array([2, 3])]
+    for w in (0.0, 0.5):
+        np.testing.assert_allclose(_target_mass(y, hist, 5, w), _soft_targets(y, hist, 5, w).sum(0), rtol=1e-6)
+    # by hand at 0.5: item 0 = 0.5 (user 0) + 0.5 (user 2's history); item 1 = 2 x 0.5 / 3 + 0.5; item 4 = 0
+    np.testing.assert_allclose(_target_mass(y, hist, 5, 0.5), [1.0, 1 / 3 + 0.5, 1.0 + 0.5 + 0.25, 0.5 / 3 + 0.25, 0.0])
+
+
 def test_catalog_vectors_by_hand():
     """Two taste groups over a 7-item catalog: users take pairs or all of items 0-2, or of 3-5; item 6 is
     nobody's. PPMI's top-2 directions are the two groups: in-group cosine 1, across 0, item 6 stays zero."""

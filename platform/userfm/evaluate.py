@@ -935,6 +935,17 @@ def _soft_targets(y: np.ndarray, history: list[np.ndarray], n_items: int, weight
     return t
 
 
+def _target_mass(y: np.ndarray, history: list[np.ndarray], n_items: int, weight: float) -> np.ndarray:
+    """:func:`_soft_targets` summed over users, (n_items,) float64, without the (n, n_items) matrix."""
+    lens = np.array([len(h) for h in history], np.int64)
+    spread = (lens > 0) & (weight > 0)
+    mass = np.bincount(np.asarray(y, np.int64), weights=np.where(spread, 1.0 - weight, 1.0), minlength=n_items)
+    if spread.any():
+        items = np.concatenate([np.asarray(h, np.int64) for h, s in zip(history, spread) if s])
+        mass += np.bincount(items, weights=np.repeat(weight / lens[spread], lens[spread]), minlength=n_items)
+    return mass
+
+
 class _FactorizedOutput:
     """Output layer ``h (n, H) -> h @ W.T @ V.T + b (n, n_items)`` with the item vectors ``V`` (n_items, k)
     fixed: H x k + n_items parameters instead of H x n_items, so what the head learns from one item carries
@@ -991,7 +1002,7 @@ def fit_retrieval(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np
         if factorized:
             if item_vectors.shape[0] != n_items:
                 raise ValueError(f"item_vectors has {item_vectors.shape[0]} rows for a catalog of {n_items} items")
-            counts = _soft_targets(y_tr, history, n_items, cfg.retrieval_history_weight).sum(0)
+            counts = _target_mass(y_tr, history, n_items, cfg.retrieval_history_weight)
             out = _FactorizedOutput.module(hidden or xt.shape[1], item_vectors, np.log(counts + 1.0))
             model = nn.Sequential(*list(_mlp_module(xt.shape[1], hidden, n_items, cfg.mlp_dropout))[:-1], out) if hidden else out
         else:
