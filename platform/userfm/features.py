@@ -61,9 +61,8 @@ class FeatureConfig:
     min_count: int = 1  # categories seen fewer times map to UNK
 
     def __post_init__(self):
-        bad = [f for f in self.time_fields if f not in TIME_FIELDS]
-        if bad:
-            raise ValueError(f"unknown time field(s) {bad}; valid: {TIME_FIELDS}")
+        if any(f not in TIME_FIELDS for f in self.time_fields) or len(set(self.time_fields)) != len(self.time_fields):
+            raise ValueError(f"time_fields must be distinct names from {TIME_FIELDS}, got {list(self.time_fields)}")
         if self.max_events < 1 or self.category_levels < 0 or self.max_text_tokens < 1:
             raise ValueError("max_events and max_text_tokens must be >= 1, category_levels >= 0")
 

@@ -118,11 +118,9 @@ class PretrainConfig:
             raise ValueError(f"cooc_dim must be >= 0 and cooc_min_users >= 1, got {self.cooc_dim}, {self.cooc_min_users}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
-        from userfm.features import TIME_FIELDS
+        from userfm.features import FeatureConfig
 
-        bad = [f for f in self.time_fields if f not in TIME_FIELDS]
-        if bad or len(set(self.time_fields)) != len(self.time_fields):
-            raise ValueError(f"time_fields must be distinct names from {TIME_FIELDS}, got {list(self.time_fields)}")
+        FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
         if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size must be in [0, batch_size], got {self.mini_batch_size}")
 
