@@ -45,6 +45,7 @@ LEVEL_SEP = "\x1f"  # joins a category path prefix: level k's key is the path up
 # "recency" is log2(1 + hours before the user's last event), in ``recency_buckets`` buckets.
 FIXED_TIME_FIELDS = {"month": 12, "day": 31, "weekday": 7, "hour": 24}
 TIME_FIELDS = ("year", *FIXED_TIME_FIELDS, "recency")
+CALENDAR_FIELDS = ("year", *FIXED_TIME_FIELDS)  # the default: every calendar field, no recency
 BATCH_KEYS = ("length", "service", "category", "time", "ts", "text_hash", "masked", "tokens")
 EVENT_KEYS = ("service", "category", "time", "ts", "text_hash", "masked", "tokens", "text_vector")
 
@@ -55,7 +56,7 @@ class FeatureConfig:
 
     max_events: int = 128  # events kept per user (the most recent), = the user transformer's context
     category_levels: int = 4  # category path levels used (ShopperBERT: 4)
-    time_fields: tuple[str, ...] = ("year", "month", "day", "weekday", "hour")  # subset of TIME_FIELDS
+    time_fields: tuple[str, ...] = CALENDAR_FIELDS  # subset of TIME_FIELDS
     recency_buckets: int = 16  # buckets of log2(1 + hours before the last event), if "recency" is used
     max_text_tokens: int = 32  # BPE tokens per event text incl. <bos> (trainable text encoder)
     min_count: int = 1  # categories seen fewer times map to UNK

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from userfm.errors import UserfmError
+from userfm.features import CALENDAR_FIELDS
 
 OBJECTIVES = ("mlm", "simclr", "clue")
 PRECISIONS = ("fp32", "bf16")
@@ -95,7 +96,7 @@ class PretrainConfig:
     #                     them to each event's input, so items whose titles share their words can be told apart by
     #                     who takes them (demo data: CLUE age_bracket 0.350 -> 0.478, README "Item co-occurrence"); 0 = off
     cooc_min_users: int = 2  # items taken by fewer training users get no co-occurrence vector
-    time_fields: tuple[str, ...] = ("year", "month", "day", "weekday", "hour")  # calendar fields each event embeds
+    time_fields: tuple[str, ...] = CALENDAR_FIELDS  # calendar fields each event embeds
     #                     (FeatureConfig.time_fields; "recency" also valid). Absolute date fields let a time-split CLUE pair
     #                     be matched by the date the two halves share: drop them for single-service data rated in sessions
     compile: bool = False  # torch.compile the encoder (dynamic shapes); pays on GPU for long runs, measure first
