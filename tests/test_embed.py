@@ -126,6 +126,34 @@ def test_drop_last_events_by_hand():
     assert drop_last_events(rows, 0) is rows and drop_last_events(rows, 1).schema == rows.schema
 
 
+def test_event_windows_by_hand():
+    from userfm.embed import event_windows
+    from userfm.schema import SEQUENCE_SCHEMA
+
+    ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(4)]
+    rows = pa.Table.from_pylist([
+        dict(user_id="a", split="train", scope="all", n_events=4, ts=ts, service=["s", "t", "s", "t"],
+             text=["w", "x", "y", "z"], item_id=["1", None, "3", "4"], category=[["A"], None, ["C"], ["D"]],
+             value=[1.0, 2.0, None, 4.0]),
+        dict(user_id="b", split="val", scope="all", n_events=2, ts=ts[:2], service=["s", "s"], text=["q", "r"],
+             item_id=["9", "8"], category=[None, ["E"]], value=[None, 5.0]),
+    ], schema=SEQUENCE_SCHEMA)
+    # user a's windows before events 3, 1 and 4 (2 wide), user b's before its event 2 and before nothing
+    got = event_windows(rows.take([0, 0, 0, 1, 1]), np.array([3, 1, 4, 2, 0]), 2)
+    assert got.column("text").to_pylist() == [["x", "y"], ["w"], ["y", "z"], ["q", "r"], []]
+    assert got.column("item_id").to_pylist() == [[None, "3"], ["1"], ["3", "4"], ["9", "8"], []]
+    assert got.column("category").to_pylist() == [[None, ["C"]], [["A"]], [["C"], ["D"]], [None, ["E"]], []]
+    assert got.column("ts").to_pylist() == [ts[1:3], ts[:1], ts[2:4], ts[:2], []]
+    assert got.column("n_events").to_pylist() == [2, 1, 2, 2, 0] and got.schema == rows.schema
+    assert got.column("user_id").to_pylist() == ["a", "a", "a", "b", "b"]
+    # a sliced table (list offsets not starting at 0) cuts the same events
+    assert event_windows(rows.slice(1, 1), np.array([1]), 3).column("text").to_pylist() == [["q"]]
+    with pytest.raises(ValueError, match=r"ends\[0\] = 3 is outside row 0's 0..2 events"):
+        event_windows(rows.slice(1, 1), np.array([3]), 2)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        event_windows(rows, np.array([1, 1]), 0)
+
+
 def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path):
     import userfm
     from userfm.features import make_batch, to_torch

@@ -114,6 +114,44 @@ def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
     return pa.table(cols, schema=rows.schema)
 
 
+def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
+    """Sequence rows cut to windows: row i keeps events ``[max(0, ends[i] - width), ends[i])`` (oldest first).
+
+    The (window, next event) pairs of a next-item head: ``ends[i]`` is the position of the event the
+    window precedes. ``n_events`` becomes the window's length; other scalar columns are kept. Pure
+    Arrow/numpy, one ``take`` per list column.
+
+    Args:
+        rows: sequence rows (time-sorted lists), one per window (``rows.take`` a user's row once per window).
+        ends: (n,) int, 0 <= ends[i] <= row i's length.
+        width: events per window, >= 1.
+    """
+    ends = np.asarray(ends, np.int64)
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if len(ends) != rows.num_rows:
+        raise ValueError(f"{len(ends)} ends for {rows.num_rows} rows")
+    lengths = pc.list_value_length(rows.column("ts")).to_numpy(zero_copy_only=False) if rows.num_rows else np.zeros(0, np.int64)
+    if ((ends < 0) | (ends > lengths)).any():
+        i = int(np.flatnonzero((ends < 0) | (ends > lengths))[0])
+        raise ValueError(f"ends[{i}] = {ends[i]} is outside row {i}'s 0..{lengths[i]} events")
+    starts = np.maximum(ends - width, 0)
+    keep = ends - starts
+    new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        if name == "n_events":
+            col = pa.array(keep, pa.int64())
+        elif pa.types.is_list(col.type):
+            arr = col.combine_chunks()
+            off = arr.offsets.to_numpy()
+            idx = np.repeat(off[:-1] + starts - new_off[:-1], keep) + np.arange(new_off[-1])
+            col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type)
+        cols[name] = col
+    return pa.table(cols, schema=rows.schema)
+
+
 class EmbedActor:
     """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
 
