@@ -16,8 +16,8 @@ histories and held-out items:
   reads a user's last w events; a softmax head over the catalog (one linear layer, bias starting at log
   popularity) is trained on (window, next item) pairs cut from the other folds' users' histories
   (``--pairs-per-user`` windows each, plus their held-out items), early-stopped on the held-out items
-  of one of those folds. Many pairs per user, not one label per user, is what lets a head over a
-  catalog of thousands learn. ``random encoder <name>`` is the control: the same architecture and
+  of one of those folds: many pairs per user for a head over a catalog of thousands, where evaluate's
+  retrieval heads get one label per user. ``random encoder <name>`` is the control: the same architecture and
   inputs (MiniLM item vectors, co-occurrence table), untrained weights, the same head.
 
     python experiments/benchmarks/next_item.py runs/q-ml/movielens/dataset \\
@@ -167,6 +167,8 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
     """Encode, per encoder (and its untrained control) and window width, the training windows of every
     user and each user's query window (the events before the held-out one). Returns {(name, random, w):
     (pair user index (P,), pair target item (P,), pair vectors (P, D), query vectors (n_users, D))}."""
+    import os
+
     import pyarrow as pa
     import torch
 
@@ -192,7 +194,7 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
         p_user.append(np.full(len(cand), i)), p_end.append(pos[i][cand]), p_y.append(hist[u][cand])
     p_user, p_end, p_y = (np.concatenate(a).astype(np.int64) for a in (p_user, p_end, p_y))
     q_end = np.array([p[-1] for p in pos])
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    torch.set_num_threads(os.cpu_count() or 1)
     out = {}
     for name, _, path in encoders:
         model, vocabs, tok = userfm.load_encoder(path)
