@@ -11,6 +11,8 @@ real MovieLens logs (next-genre, next-item HR@10 / NDCG@10, attributes where the
     python experiments/benchmarks/quality.py --no-t-trans --steps 200  # quicker look
     python experiments/benchmarks/quality.py --movielens ../shared/data/movielens-latest-small
     python experiments/benchmarks/quality.py --clue-only --no-t-trans --labels 200 1000 --seeds 2  # label budgets
+    python experiments/benchmarks/quality.py --labels 200 1000 --seeds 2 --t-trans-tasks is_parent segment \\
+        --labels-over runs/bench-quality/synthetic  # label budgets only, over a finished run
 
 ``--labels N ...`` adds the semi-supervised setting a foundation model is for: the encoder is pretrained on
 every training user (unlabelled) as before, but the heads and every baseline (TF-IDF, T-Trans,
@@ -168,9 +170,25 @@ def main() -> int:
     ap.add_argument("--labels", nargs="+", type=int, default=[], metavar="N",
                     help="synthetic: also evaluate the --t-trans-tasks with heads and baselines on N labelled users "
                          "each (EvalConfig.labels), the encoder pretrained on all training users as before")
+    ap.add_argument("--labels-over", metavar="RUN",
+                    help="with --labels: only the label-budget passes, over a finished synthetic run folder (its "
+                         "demo_summary.json, dataset and CLUE table; e.g. runs/bench-quality/synthetic); writes RUN/labels.md")
     ap.add_argument("--skip-synthetic", action="store_true", help="run only the --movielens part")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
     args = ap.parse_args()
+
+    if args.labels_over:
+        run_dir = Path(args.labels_over)
+        if not args.labels:
+            ap.error("--labels-over needs --labels N ...")
+        if not (run_dir / "demo_summary.json").is_file():
+            ap.error(f"--labels-over {run_dir}: no demo_summary.json there (a quality run's synthetic folder)")
+        t0 = time.perf_counter()
+        curve, _ = label_curve(args, run_dir, json.loads((run_dir / "demo_summary.json").read_text()), args.t_trans_tasks)
+        curve += f"\nCommand: `{' '.join(['python', *sys.argv])}`; label-budget passes: {time.perf_counter() - t0:.0f} s\n"
+        (run_dir / "labels.md").write_text(curve)
+        print(curve + f"[quality] wrote {run_dir / 'labels.md'}")
+        return 0
 
     out = Path(args.out)
     report = [f"# userfm quality benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
