@@ -88,38 +88,48 @@ def model_identity(model_dir: str | Path) -> dict:
     return {"model_id": name, "model_version": _digest(p / "model.safetensors"), "config_hash": _digest(p / "config.json")}
 
 
-def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
-    """Sequence rows without each user's last ``n`` events (lists are time-sorted, oldest first).
+def _cut_lists(rows: pa.Table, cut, n_events) -> pa.Table:
+    """Every list column of ``rows`` cut, per row, to its entries ``[start, end)``.
 
-    Every list column loses its last ``n`` entries per row (fewer when the row is shorter); ``n_events``
-    drops by the same amount, never below 0. Pure Arrow/numpy, no copy of the kept values' buffers
-    beyond one ``take`` per column.
+    ``cut(lengths) -> (starts, ends)`` maps a column's (n,) row lengths to (n,) int arrays with
+    0 <= start <= end <= length; ``n_events(column) -> column`` rewrites that column if the table has it. Null
+    lists stay null. Pure Arrow/numpy: one ``take`` per list column, no copy of the kept values beyond it.
     """
-    if n <= 0:
-        return rows
     cols = {}
     for name in rows.column_names:
         col = rows.column(name)
         if name == "n_events":
-            col = pc.max_element_wise(pc.subtract(col, n), 0)
+            col = n_events(col)
         elif pa.types.is_list(col.type):
             arr = col.combine_chunks()
             off = arr.offsets.to_numpy()
-            keep = np.maximum(np.diff(off) - n, 0)
+            starts, ends = cut(np.diff(off))
+            keep = ends - starts
             new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-            idx = np.repeat(off[:-1] - new_off[:-1], keep) + np.arange(new_off[-1])
+            idx = np.repeat(off[:-1] + starts - new_off[:-1], keep) + np.arange(new_off[-1])
             col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type,
                                            mask=arr.is_null() if arr.null_count else None)
         cols[name] = col
     return pa.table(cols, schema=rows.schema)
 
 
+def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
+    """Sequence rows without each user's last ``n`` events (lists are time-sorted, oldest first).
+
+    Every list column loses its last ``n`` entries per row (fewer when the row is shorter); ``n_events``
+    drops by the same amount, never below 0.
+    """
+    if n <= 0:
+        return rows
+    return _cut_lists(rows, lambda lengths: (0, np.maximum(lengths - n, 0)),
+                      n_events=lambda col: pc.max_element_wise(pc.subtract(col, n), 0))
+
+
 def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
     """Sequence rows cut to windows: row i keeps events ``[max(0, ends[i] - width), ends[i])`` (oldest first).
 
     The (window, next event) pairs of a next-item head: ``ends[i]`` is the position of the event the
-    window precedes. ``n_events`` becomes the window's length; other scalar columns are kept. Pure
-    Arrow/numpy, one ``take`` per list column.
+    window precedes. ``n_events`` becomes the window's length; other scalar columns are kept.
 
     Args:
         rows: sequence rows (time-sorted lists), one per window (``rows.take`` a user's row once per window).
@@ -131,25 +141,12 @@ def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
         raise ValueError(f"width must be >= 1, got {width}")
     if len(ends) != rows.num_rows:
         raise ValueError(f"{len(ends)} ends for {rows.num_rows} rows")
-    lengths = pc.list_value_length(rows.column("ts")).to_numpy(zero_copy_only=False) if rows.num_rows else np.zeros(0, np.int64)
+    lengths = pc.list_value_length(rows.column("ts")).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     if ((ends < 0) | (ends > lengths)).any():
         i = int(np.flatnonzero((ends < 0) | (ends > lengths))[0])
         raise ValueError(f"ends[{i}] = {ends[i]} is outside row {i}'s 0..{lengths[i]} events")
     starts = np.maximum(ends - width, 0)
-    keep = ends - starts
-    new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-    cols = {}
-    for name in rows.column_names:
-        col = rows.column(name)
-        if name == "n_events":
-            col = pa.array(keep, pa.int64())
-        elif pa.types.is_list(col.type):
-            arr = col.combine_chunks()
-            off = arr.offsets.to_numpy()
-            idx = np.repeat(off[:-1] + starts - new_off[:-1], keep) + np.arange(new_off[-1])
-            col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type)
-        cols[name] = col
-    return pa.table(cols, schema=rows.schema)
+    return _cut_lists(rows, lambda _: (starts, ends), n_events=lambda _: pa.array(ends - starts, pa.int64()))
 
 
 class EmbedActor:
