@@ -431,20 +431,41 @@ def test_retrieval_head_learns_and_round_trips(tmp_path, hidden, factorized):
 def test_factorized_head_ranks_items_no_training_user_held_out():
     """Each group's items 3 and 4 are never a training target, only in histories. The dense head can rank them
     only by their small history share; the head factorized through the catalog's co-occurrence vectors learns
-    the group's direction once and ranks all five of the group's items first."""
-    x, y, hist = _clusters()
+    the group's direction once and ranks all five of the group's items first.
+
+    The vectors have one dimension per group (10). Histories stay within a group, so the PPMI is
+    block-diagonal with one 5 x 5 block per group; each block's leading singular value (its Perron vector,
+    positive) is ~4x its others (a 5-clique a(J - I) has singular values 4a once and a four times), so the top
+    10 directions are the 10 blocks' and every item's vector is its group's axis whatever BLAS kernel runs the
+    SVD (checked below, to rounding). With 9 dimensions for 10 near-equal blocks, which 9 directions survive
+    was up to the kernel, and so was this test's result (issue 24: HR@5 0.59 to 0.74).
+    """
     items = [f"i{k:03d}" for k in range(50)]
     task = TaskConfig(name="r", table="last_event", target="item_id", type="retrieval")
     cfg = EvalConfig(mlp_max_epochs=60, mlp_patience=5, mlp_batch_size=64, mlp_lr=1e-2, retrieval_history_weight=0.05)
-    rare = y % 5 >= 3
-    tr = np.flatnonzero(~rare[:400])
-    fit = {}
-    for name, vectors in (("dense", None), ("factorized", catalog_vectors(hist[:400], 50, 9))):  # 10 groups
-        fit[name] = fit_retrieval(x[tr], y[tr], x[400:500][~rare[400:500]], y[400:500][~rare[400:500]], task=task,
-                                  classes=items, cfg=cfg, seed=0, history=[hist[i] for i in tr], item_vectors=vectors)
-    test = 500 + np.flatnonzero(rare[500:])  # users whose held-out item is one of their group's unseen two
-    hr = {k: M.hit_rate_at_k(M.target_rank(h.logits(x[test]), y[test]), 5) for k, h in fit.items()}
-    assert hr["factorized"] > 0.6 and hr["dense"] < 0.2, hr  # measured 0.74 and 0.06
+    group = np.arange(50) // 5
+    hits = {"dense": [], "factorized": []}
+    for data_seed in (0, 1, 2):  # three draws of users: the claim is checked on 234 test users, not one draw's 70
+        x, y, hist = _clusters(seed=data_seed)
+        rare = y % 5 >= 3
+        tr = np.flatnonzero(~rare[:400])
+        vectors = catalog_vectors(hist[:400], 50, 10)
+        np.testing.assert_allclose(vectors @ vectors.T / 10, group[:, None] == group[None, :], atol=1e-4)
+        test = 500 + np.flatnonzero(rare[500:])  # users whose held-out item is one of their group's unseen two
+        for name, v in (("dense", None), ("factorized", vectors)):
+            head = fit_retrieval(x[tr], y[tr], x[400:500][~rare[400:500]], y[400:500][~rare[400:500]], task=task,
+                                 classes=items, cfg=cfg, seed=0, history=[hist[i] for i in tr], item_vectors=v)
+            if v is not None:  # one vector per group: a group's items differ by their bias alone
+                coef = head.w["coef"].reshape(10, 5, -1)
+                np.testing.assert_allclose(coef, np.broadcast_to(coef[:, :1], coef.shape), atol=1e-3 * np.abs(coef).max())
+            hits[name].append(M.target_rank(head.logits(x[test]), y[test]) < 5)
+    hr = {k: float(np.concatenate(h).mean()) for k, h in hits.items()}
+    # chance HR@5 over 50 items is 0.1. A group's unseen items lie 4th and 5th in the factorized ranking whenever
+    # the group's direction outscores the others by more than the bias gap, so its HR@5 is the share of test
+    # users whose group the head reads; the dense head has only the 0.05-weight history targets for them. The
+    # bounds hold with >= 3.5 binomial standard errors of 234 users to spare on either side (measured 0.765 and
+    # 0.038, the same under the Haswell, Sandybridge, Prescott and SkylakeX kernels).
+    assert hr["factorized"] > 0.66 and hr["dense"] < 0.1 and hr["factorized"] - hr["dense"] > 0.5, hr
 
 
 def test_target_mass_is_the_soft_targets_summed():
