@@ -85,7 +85,7 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert {r["model"] for r in results["rows"] if r["task"] == "segment"} == {
         "clue/mlp", "clue/logreg", "random/mlp", "random/logreg", "tfidf/logreg", "oracle",
-        "minilm-mean/mlp", "minilm-mean/logreg"}
+        "minilm-mean/mlp", "minilm-mean/logreg", "bag-of-items/logreg"}
     assert summary["evaluate"]["headline"]["segment"]["oracle"] == pytest.approx(truth["attributes"]["segment"]["oracle_accuracy"], abs=1e-3)
     # a second run replaces the run folder; a foreign folder is refused
     # (the report and serve stages were checked above: off here, they would only add ~30 s)

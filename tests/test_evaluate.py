@@ -277,7 +277,7 @@ def test_regression_heads_predict_values(tmp_path):
 
 def test_every_model_row_is_present(evaluated):
     results, _ = evaluated
-    models = {"leaky/mlp", "leaky/logreg", "random/mlp", "random/logreg", "tfidf/logreg"}
+    models = {"leaky/mlp", "leaky/logreg", "random/mlp", "random/logreg", "tfidf/logreg", "bag-of-items/logreg"}
     for task in TASKS:
         got = {r["model"] for r in results["rows"] if r["task"] == task}
         expected = models | ({"oracle"} if task in ("segment", "is_parent") else set())
@@ -295,6 +295,35 @@ def test_every_model_row_is_present(evaluated):
     md = (out / "results.md").read_text()
     assert "## segment" in md and "| leaky/logreg |" in md and "| oracle (accuracy) |" not in md
     assert json.loads((out / "config.json").read_text())["seeds"] == 2
+
+
+def test_bag_of_items_row_by_hand(evaluated, synth_ds):
+    """The bag-of-items row is a logistic regression on the binary user x item matrix of the training users'
+    items, built here from the sequences with Python sets, at the C val chose."""
+    from scipy.sparse import csr_matrix
+    from sklearn.linear_model import LogisticRegression
+
+    results, _ = evaluated
+    row = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == "bag-of-items/logreg")
+    td = task_data(synth_ds["ds"], next(t for t in load_tasks(REPO / "experiments/tasks/synthetic.yaml") if t.name == "segment"),
+                   user_table(synth_ds["ds"]))
+    seq = {r["user_id"]: {i for i in r["item_id"] if i is not None}
+           for r in read_sequences(synth_ds["ds"], columns=["user_id", "item_id"]).to_pylist()}
+    vocab = sorted(set().union(*(seq[u] for u in td.ids["train"])))
+    col = {v: j for j, v in enumerate(vocab)}
+    assert row["bag_of_items"]["features"] == len(vocab) and row["bag_of_items"]["C"] in (0.1, 1.0)
+
+    def matrix(split):
+        x = np.zeros((len(td.ids[split]), len(vocab)), np.float32)
+        for k, u in enumerate(td.ids[split]):
+            x[k, [col[i] for i in seq[u] if i in col]] = 1.0
+        return x
+
+    model = LogisticRegression(C=row["bag_of_items"]["C"], max_iter=1000, random_state=0).fit(csr_matrix(matrix("train")), td.y["train"])
+    acc = np.mean(model.predict(csr_matrix(matrix("test"))) == td.y["test"])
+    assert acc == pytest.approx(row["per_seed"][0], abs=1e-6) and row["per_seed"] == [row["per_seed"][0]] * 2
+    leaky = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == "leaky/logreg")
+    assert set(leaky["paired"]) == {"tfidf/logreg", "bag-of-items/logreg"}
 
 
 def test_leaky_embeddings_beat_the_random_floor(evaluated):
@@ -522,8 +551,10 @@ def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds)
     assert results["skipped_tasks"] == [{"task": "gender", "reason": results["skipped_tasks"][0]["reason"]}]
     assert "no attributes table 'user_attrs'" in results["skipped_tasks"][0]["reason"]
     models = {t: {r["model"] for r in results["rows"] if r["task"] == t} for t in ("last_service", "next_item")}
-    assert models["last_service"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "tfidf/logreg"}
-    assert models["next_item"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "popularity"}
+    assert models["last_service"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "tfidf/logreg",
+                                      "bag-of-items/logreg"}
+    assert models["next_item"] == {"loo/mlp", "loo/logreg", "random/mlp", "random/logreg", "popularity",
+                                   "popularity-unseen", "item-knn"}
     info = next(t for t in results["tasks"] if t["name"] == "next_item")
     seq = read_sequences(synth_ds["ds"], columns=["user_id", "split", "n_events", "item_id"]).to_pylist()
     catalog = {i for r in seq for i in r["item_id"] if i is not None}
@@ -544,12 +575,28 @@ def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds)
     assert pop["other_metrics"]["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(k + 2) if k < 10 else 0 for k in ranks]), abs=1e-6)
     for r in results["rows"]:
         assert 0 <= r["test"]["value"] <= 1 and r["cold"]["n"] > 0 and r["heavy"]["n"] > 0
-    # retrieval rows of a real table are paired with popularity (the MovieLens acceptance: beat popularity)
+    # popularity-unseen by hand: the same counts, the user's own history items dropped (a repeat ranks last)
+    unseen = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "popularity-unseen")
+    ranks_u = []
+    for r in test:
+        target, seen = r["item_id"][-1], {i for i in r["item_id"][:-1] if i is not None}
+        ranks_u.append(len(catalog) - 1 if target in seen else
+                       sum(1 for i, c in counts.items() if i not in seen and i != target and c >= counts[target]))
+    assert unseen["test"]["value"] == pytest.approx(np.mean(np.array(ranks_u) < 10), abs=1e-6)
+    # retrieval rows of a real table are paired with every yardstick (the acceptance: beat popularity, item-kNN)
     loo = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/mlp")
-    assert list(loo["paired"]) == ["popularity"]
-    for key in ("test", "cold"):
-        assert loo["paired"]["popularity"][key]["value"] == pytest.approx(loo[key]["value"] - pop[key]["value"], abs=2e-6)
-    assert "| vs popularity | vs popularity, cold |" in (Path(cfg.out) / "results.md").read_text()
+    assert list(loo["paired"]) == ["popularity", "popularity-unseen", "item-knn"]
+    for ref in loo["paired"]:
+        ref_row = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == ref)
+        for key in ("test", "cold"):
+            assert loo["paired"][ref][key]["value"] == pytest.approx(loo[key]["value"] - ref_row[key]["value"], abs=2e-6)
+    yard = [r for r in results["rows"] if r["task"] == "next_item" and r["model"] in ("popularity", "popularity-unseen", "item-knn")]
+    assert info["best_yardstick"] == max(yard, key=lambda r: r["test"]["value"])["model"]
+    md = (Path(cfg.out) / "results.md").read_text()
+    assert "| vs popularity | vs popularity, cold |" in md and "| vs item-knn | vs item-knn, cold |" in md
+    assert f"Best yardstick (no pretraining; picked on test, which favours it): `{info['best_yardstick']}`" in md
+    knn = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "item-knn")
+    assert knn["item_knn"]["last"] in cfg.item_knn_last and set(knn["item_knn"]["val_hr@10"]) == {"1", "3", "10", "0"}
     # the saved retrieval head reproduces its row
     row = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "loo/logreg")
     head = load_head(Path(cfg.out) / row["heads"][0])

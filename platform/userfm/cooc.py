@@ -120,6 +120,15 @@ def svd_vectors(p: sparse.csr_matrix, dim: int, seed: int = 0) -> np.ndarray:
     return np.where(norm > 0, v / np.maximum(norm, 1e-12) * np.sqrt(dim), 0.0).astype(np.float32)
 
 
+def histories_matrix(histories: list[np.ndarray], n_items: int) -> sparse.csr_matrix:
+    """Per user, catalog indices -> (U, n_items) binary CSR float32 (an item taken twice counts once)."""
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate([np.asarray(h, np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
+    x = sparse.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_items))
+    x.data[:] = 1.0  # duplicates were summed by the constructor
+    return x
+
+
 def catalog_vectors(histories: list[np.ndarray], n_items: int, dim: int, seed: int = 0) -> np.ndarray:
     """Users' item histories (catalog indices) -> (n_items, dim') co-occurrence vectors of the catalog.
 
@@ -127,10 +136,6 @@ def catalog_vectors(histories: list[np.ndarray], n_items: int, dim: int, seed: i
     (evaluate's retrieval heads: the training users' histories). Items that co-occur with nothing stay
     zero; no co-occurrence at all, or fewer than 2 catalog items -> shape (n_items, 0).
     """
-    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-    cols = np.concatenate([np.asarray(h, np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
-    x = sparse.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_items))
-    x.data[:] = 1.0
-    p = ppmi(x)
+    p = ppmi(histories_matrix(histories, n_items))
     v = svd_vectors(p, dim, seed) if p.nnz else np.zeros((0, 0), np.float32)
     return v if v.size else np.zeros((n_items, 0), np.float32)
