@@ -165,7 +165,7 @@ def _tiny(out: Path, src: Path, fmt: str, **kw) -> DemoConfig:
     # category items, a tiny encoder and no mean-MiniLM baseline: nothing loads MiniLM in these tests
     base = dict(out=str(out), data=str(src), format=fmt, pretrain_steps=2, batch_size=2, num_workers=1,
                 item_encoder="category", size="tiny", eval_seeds=1, report=False, serve=False,
-                baselines=("tfidf", "oracle", "popularity"))
+                baselines=("tfidf", "oracle", "popularity"), eval_folds=0)
     return DemoConfig(**{**base, **kw})
 
 
@@ -344,10 +344,19 @@ def test_demo_other_formats(fmt, tmp_path, ray_local, capsys):
     _check_run(out, capsys.readouterr().out, 8, users, kinds, skipped)
 
 
-def test_eval_folds_config():
+def test_eval_folds_config(tmp_path):
     """eval_folds: 0 (the dataset's split) or k >= 3 (cross-fitting); pretraining holds out the last event
-    only when cross-fitted last_event tasks run (checked in run_demo, see the quality benchmark)."""
+    only when cross-fitted last_event tasks run (checked in run_demo, see the quality benchmark). None = auto:
+    real data with a task under 2,000 test users is cross-fitted in 5 folds, synthetic data never."""
+    from userfm.demo import eval_folds_for
+
     assert DemoConfig(eval_folds=5).eval_folds == 5
     for k in (1, 2, -3):
         with pytest.raises(ValueError, match="eval_folds must be 0"):
             DemoConfig(eval_folds=k)
+    real = DemoConfig(data=str(tmp_path), format="events")
+    assert eval_folds_for(real, {"gender": 95, "next_item": 2_500})[0] == 5
+    assert "task gender has 95 test users (< 2,000)" in eval_folds_for(real, {"gender": 95, "next_item": 2_500})[1]
+    assert eval_folds_for(real, {"next_item": 2_000}) == (0, "every task has >= 2,000 test users")
+    assert eval_folds_for(DemoConfig(), {"age_bracket": 1_011})[0] == 0  # synthetic: the test split
+    assert eval_folds_for(DemoConfig(data=str(tmp_path), format="events", eval_folds=0), {"gender": 95})[0] == 0

@@ -58,11 +58,14 @@ class DemoConfig:
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
-    eval_folds: int = 0  # 0: heads fit on the train split, scored on the test split. k >= 3: k-fold cross-fitting, every
-    #                      labelled user scored once (EvalConfig.folds; small real data: MovieLens' 61 test users -> 671);
-    #                      with tasks on the held-out last event, pretraining then holds it out of every history too
+    eval_folds: int | None = None  # 0: heads fit on the train split, scored on the test split. k >= 3: k-fold
+    #                      cross-fitting, every labelled user scored once (EvalConfig.folds; small real data: MovieLens'
+    #                      61 test users -> 671); with tasks on the held-out last event, pretraining then holds it out of
+    #                      every history too. None = auto (eval_folds_for): real data with a task of fewer than
+    #                      CROSS_FIT_BELOW test users gets AUTO_FOLDS; synthetic data keeps its test split
     t_trans: bool = False  # also train the task-specific T-Trans baseline per task (slow: minutes per task)
-    baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity", "minilm-mean")  # evaluate baselines (EvalConfig.baselines); t_trans adds "t-trans"
+    baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity", "minilm-mean", "bag-of-items", "item-knn")  # evaluate
+    #                      baselines (EvalConfig.baselines); t_trans adds "t-trans"
     report: bool = True  # write the HTML run report (report/report.html)
     serve: bool = True  # start the Serve app on 127.0.0.1, call each route once, shut it down
     serve_port: int = 0  # HTTP port for the serve stage; 0 = a free one
@@ -70,7 +73,7 @@ class DemoConfig:
     def __post_init__(self):
         if self.data is not None and self.format not in REAL_FORMATS + ("events",):
             raise ValueError(f"--data needs --format, one of {', '.join(REAL_FORMATS + ('events',))}; got {self.format!r}")
-        if self.eval_folds < 0 or self.eval_folds in (1, 2):
+        if self.eval_folds is not None and (self.eval_folds < 0 or self.eval_folds in (1, 2)):
             raise ValueError(f"eval_folds must be 0 (the dataset's split) or >= 3, got {self.eval_folds}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
@@ -91,6 +94,26 @@ _TASKS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "tasks"
 def _default_tasks(cfg: DemoConfig) -> Path:
     """The task file for this data: one per format (each says what its converter provides)."""
     return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
+
+
+CROSS_FIT_BELOW = 2_000  # test users of a task below which real data is cross-fitted (intervals of +-0.1 at ~100)
+AUTO_FOLDS = 5
+
+
+def eval_folds_for(cfg: DemoConfig, test_users: dict[str, int]) -> tuple[int, str]:
+    """The demo's cross-fitting folds and why: ``cfg.eval_folds`` when set; else, on real data, AUTO_FOLDS when
+    a task has fewer than CROSS_FIT_BELOW test users (``test_users``: task -> its test users on the split),
+    so every labelled user is scored once; else 0 (the dataset's split)."""
+    if cfg.eval_folds is not None:
+        return cfg.eval_folds, "set in the config"
+    if cfg.data is None:
+        return 0, "synthetic data: the test split"
+    small = {t: n for t, n in test_users.items() if n < CROSS_FIT_BELOW}
+    if not small:
+        return 0, f"every task has >= {CROSS_FIT_BELOW:,} test users"
+    t, n = min(small.items(), key=lambda kv: kv[1])
+    return AUTO_FOLDS, (f"real data and task {t} has {n:,} test users (< {CROSS_FIT_BELOW:,}): every labelled user is "
+                        f"scored once, by heads that never saw it")
 
 
 PASSES = {0: "full_history", 1: "last_event_held_out"}  # holdout_last of the embedding table -> pass name
@@ -313,8 +336,12 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             or "none this data supports"))
         stages.total = n_stages(plan.passes)
 
+    folds = 0
+    if plan is not None:
+        folds, why = eval_folds_for(cfg, {t: u["test"] for t, u in plan.users.items()})
+        print(f"[demo] evaluation: {f'{folds}-fold cross-fitting' if folds else 'the test split'} ({why})")
     # cross-fitting scores the pretraining users too: their held-out last events must not be in pretraining
-    pretrain_holdout = int(bool(cfg.eval_folds and plan and 1 in plan.passes))
+    pretrain_holdout = int(bool(folds and plan and 1 in plan.passes))
     pretrained = {}
     for objective in objectives:
         pcfg = PretrainConfig(
@@ -346,8 +373,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     evaluation = ev = None
     if objectives and plan.passes:
         ev = stages.run("evaluate downstream tasks", lambda: _evaluate_stage(cfg, dataset, out / "evaluate", tasks, plan,
-                                                                              {o: pretrained[o] for o in objectives}))
-        evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev),
+                                                                              {o: pretrained[o] for o in objectives}, folds))
+        evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev), "folds": folds,
                       "tasks": [t["name"] for t in ev["tasks"]], "skipped_tasks": ev["skipped_tasks"]}
     elif objectives:
         print("[demo] no task this data supports: evaluation skipped")
@@ -392,7 +419,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     return result
 
 
-def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan: _TaskPlan, pretrained: dict) -> dict:
+def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan: _TaskPlan, pretrained: dict,
+                    folds: int) -> dict:
     """``userfm evaluate`` once per pass of the plan (full-history tables; held-out tables for the
     last_event tasks), all into ``out``; returns (and writes) the merged results."""
     from userfm.evaluate import EvalConfig, format_markdown, run_evaluate
@@ -403,7 +431,7 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
         table = "embeddings_heldout" if holdout else "embeddings"
         vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
                           embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
-                          baselines=baselines, folds=cfg.eval_folds)
+                          baselines=baselines, folds=folds)
         print(f"[demo] evaluate pass {PASSES[holdout]} (holdout_last={holdout}): {', '.join(names)}", flush=True)
         parts.append((holdout, run_evaluate(vcfg)))
         # heads/ and chart_<task>.png do not collide (task names are unique); these three files do
