@@ -195,7 +195,7 @@ def test_movielens_errors_name_the_file(tmp_path):
         convert("movielens", tmp_path, tmp_path / "out", service="films")
     with pytest.raises(ConvertError, match="unknown format"):
         convert("netflix", tmp_path, tmp_path / "out")
-    assert FORMATS == ("movielens", "online-retail", "amazon-reviews")
+    assert FORMATS == ("movielens", "online-retail", "amazon-reviews", "recbole")
 
 
 # ---------------------------------------------------------------------------------------------------

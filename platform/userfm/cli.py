@@ -54,7 +54,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from userfm.convert import convert
 
-    manifest = convert(args.format, args.src, args.out, service=args.service)
+    manifest = convert(args.format, args.src, args.out, service=args.service, service_field=args.service_field,
+                       category_field=args.category_field, time=args.time)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -260,12 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a public dataset to the canonical event schema",
                        description="FORMAT: movielens (100k, 1m, latest-small), online-retail (CSV/XLSX), "
-                       "amazon-reviews (JSON lines or concatenated JSON, optionally .gz).")
-    p.add_argument("format", choices=["movielens", "online-retail", "amazon-reviews"], metavar="FORMAT",
-                   help="movielens | online-retail | amazon-reviews")
+                       "amazon-reviews (JSON lines or concatenated JSON, optionally .gz), recbole (RecBole atomic "
+                       "files: NAME.inter with optional NAME.item and NAME.user, or UniSRec-style pre-split "
+                       "NAME.train/valid/test.inter history+target rows, rebuilt into each user's sequence). "
+                       "The manifest's \"time\" says whether ts is real time or only an order.")
+    p.add_argument("format", choices=["movielens", "online-retail", "amazon-reviews", "recbole"], metavar="FORMAT",
+                   help="movielens | online-retail | amazon-reviews | recbole")
     p.add_argument("src", help="source file or folder")
     p.add_argument("out", help="output folder (events.parquet, attributes.parquet, rejected.parquet, manifest)")
-    p.add_argument("--service", help="service name for the events (amazon-reviews; default: reviews)")
+    p.add_argument("--service", help="service name for the events (amazon-reviews: default reviews; "
+                   "recbole: default the data set NAME)")
+    p.add_argument("--service-field", metavar="FIELD",
+                   help="recbole: the .item token field whose value is the event's service (e.g. domain)")
+    p.add_argument("--category-field", metavar="FIELD",
+                   help="recbole: the .item field whose words are the event's category "
+                   "(default: categories or category when present)")
+    p.add_argument("--time", choices=["auto", "real", "ordinal"],
+                   help="recbole: the timestamp field holds unix seconds (real) or per-user positions (ordinal); "
+                   "auto (default) picks ordinal when every user's values are exactly 0..n-1")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("ingest", help="validate logs with Ray Data and build per-user sequences",

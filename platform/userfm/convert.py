@@ -6,6 +6,8 @@ Every format ends in the same layout under OUT:
 - ``attributes.parquet``: one row per user, ``user_id`` + label columns (only when the source has any);
 - ``rejected.parquet``: rows that could not become events, ``schema.QUARANTINE_SCHEMA`` (always written);
 - ``convert_manifest.json``: what was read and written, written last so it marks a finished conversion.
+  Its ``time`` says what ``ts`` means: "real" (when it happened), or "ordinal" / "none" (a synthetic
+  1970-01-01 + position clock: order only), with a one-line ``time_note``.
 
 Every row read becomes an event or a rejected row, never nothing: the manifest's
 ``rows_read == events_written + rejected_total`` is checked before anything is written.
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from userfm.errors import UserfmError
 from userfm.schema import CATEGORY_TYPE, EVENT_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION, TS_TYPE, check_events
 
-FORMATS = ("movielens", "online-retail", "amazon-reviews")
+FORMATS = ("movielens", "online-retail", "amazon-reviews", "recbole")  # recbole: userfm/recbole.py
 
 EVENTS_FILE = "events.parquet"
 ATTRIBUTES_FILE = "attributes.parquet"
@@ -90,33 +92,61 @@ class _Converted:
     encodings: dict[str, str]  # file -> encoding it was decoded with
     attributes: pd.DataFrame | None = None  # user_id + label columns
     counts: dict[str, int] = dataclasses.field(default_factory=dict)  # format-specific counters
+    time: str = "real"  # what ts is: "real", "ordinal" (positions) or "none" (file order); manifest "time"
+    time_note: str = "ts is when the event happened (UTC), from the source's own timestamps"
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # format-specific facts (manifest "details")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Entry point
 
 
-def convert(fmt: str, src: str | Path, out: str | Path, *, service: str | None = None) -> dict:
+def convert(
+    fmt: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    service: str | None = None,
+    service_field: str | None = None,
+    category_field: str | None = None,
+    time: str | None = None,
+) -> dict:
     """Convert SRC (a file or a folder) into OUT; return the manifest dict.
 
     Args:
         fmt: one of ``FORMATS``.
         src: the downloaded data set: a folder, or one of its files.
         out: output folder (created); existing outputs of an earlier run are replaced.
-        service: event service name, amazon-reviews only (default "reviews"). MovieLens (ratings/tags)
-            and Online Retail (purchases/returns) name their two services themselves.
+        service: event service name, amazon-reviews (default "reviews") and recbole (default the data
+            set's NAME). MovieLens (ratings/tags) and Online Retail (purchases/returns) name their two
+            services themselves.
+        service_field: recbole only: the .item token field whose value is the event's service.
+        category_field: recbole only: the .item field whose words are the event's category (default
+            ``categories`` or ``category`` when the .item file has one).
+        time: recbole only: what the timestamp field holds: "real" (unix seconds), "ordinal" (per-user
+            positions), or "auto" (the default: ordinal when every user's values are exactly 0..n-1).
     """
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src = Path(src)
     if not src.exists():
         raise ConvertError(f"{src}: no such file or folder")
-    if service is not None and fmt != "amazon-reviews":
-        raise ConvertError(f"service applies to amazon-reviews only; {fmt} writes fixed services")
+    if service is not None and fmt not in ("amazon-reviews", "recbole"):
+        raise ConvertError(f"service applies to recbole and amazon-reviews only; {fmt} writes fixed services")
+    recbole_only = {"service_field": service_field, "category_field": category_field, "time": time}
+    for name, given in recbole_only.items():
+        if given is not None and fmt != "recbole":
+            raise ConvertError(f"{name} applies to recbole only")
     if fmt == "movielens":
         result = _convert_movielens(src)
     elif fmt == "online-retail":
         result = _convert_online_retail(src)
+    elif fmt == "recbole":
+        # Imported here: recbole.py builds on this module's helpers (and so imports it).
+        from userfm.recbole import Options, convert_recbole
+
+        opts = Options(service=service, service_field=service_field, category_field=category_field, time=time or "auto")
+        result = convert_recbole(src, opts)
     else:
         result = _convert_amazon(src, service or "reviews")
     return _write(fmt, result, Path(out))
@@ -142,6 +172,8 @@ def _write(fmt: str, res: _Converted, out: Path) -> dict:
         "format": fmt,
         "variant": res.variant,
         "schema_version": SCHEMA_VERSION,
+        "time": res.time,
+        "time_note": res.time_note,
         "source_files": res.source_files,
         "encodings": res.encodings,
         "rows_read": res.rows_read,
@@ -152,6 +184,7 @@ def _write(fmt: str, res: _Converted, out: Path) -> dict:
         "services": {d["values"]: d["counts"] for d in sorted(services, key=lambda d: d["values"])},
         "attributes": None if res.attributes is None else [c for c in res.attributes.columns if c != "user_id"],
         "counts": res.counts,
+        "details": res.details,
         "outputs": [EVENTS_FILE, REJECTED_FILE] + ([ATTRIBUTES_FILE] if res.attributes is not None else []),
     }
 
