@@ -313,6 +313,50 @@ def test_plan_other_sources(fmt, tmp_path, ray_local):
     assert [s["task"] for s in plan.skipped] == skipped
 
 
+def _write_recbole(folder: Path, ordered: bool) -> Path:
+    """Users 1-12, three items each over two domains; ``ordered``: a timestamp of positions (the Amazon set's
+    layout, ordinal), else none plus a .user file of age groups (the Tenrec set's)."""
+    folder.mkdir(parents=True)
+    head = "user_id:token\titem_id:token" + ("\ttimestamp:float" if ordered else "")
+    rows = [f"{u}\ti{(u + k) % 5}" + (f"\t{k}" if ordered else "") for u in range(1, 13) for k in range(3)]
+    (folder / "rb.inter").write_text("\n".join([head, *rows]) + "\n")
+    items = [f"i{i}\t{'arts' if i < 3 else 'office'}\ttitle {i}" for i in range(5)]
+    (folder / "rb.item").write_text("\n".join(["item_id:token\tdomain:token\ttitle:token_seq", *items]) + "\n")
+    if not ordered:
+        (folder / "rb.user").write_text("\n".join(["user_id:token\tage_group:token",
+                                                    *(f"{u}\t{u % 2}" for u in range(1, 13))]) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_plan_recbole(ordered, tmp_path, ray_local):
+    """experiments/tasks/recbole.yaml on both shared layouts: positions as time (Amazon) run next_service and
+    next_item and skip age_group (no .user file); no timestamp (Tenrec) runs age_group and skips the last-event
+    tasks, whose "last" event would be arbitrary. Splits: users 1-12 -> train 8 / val 1 / test 3."""
+    from userfm.convert import convert
+    from userfm.demo import _default_tasks, _plan_tasks
+    from userfm.ingest import IngestConfig, run_ingest
+
+    src = _write_recbole(tmp_path / "src", ordered)
+    m = convert("recbole", src, tmp_path / "raw", service_field="domain")
+    assert m["time"] == ("ordinal" if ordered else "none")
+    attrs = tuple(str(p) for p in [tmp_path / "raw" / "attributes.parquet"] if p.exists())
+    ds = run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events.parquet"),), out=str(tmp_path / "ds"),
+                                 attributes=attrs, overwrite=True), progress=lambda s: None)
+    assert (ds["rows_kept"], ds["time"]) == (36, m["time"])  # the order-only clock is inside ingest's valid range
+    plan = _plan_tasks(_default_tasks(DemoConfig(data=str(src), format="recbole")), tmp_path / "ds", m["time"] != "none")
+    split = {"train": 8, "val": 1, "test": 3}
+    if ordered:
+        assert plan.passes == {1: ("next_service", "next_item")}
+        assert plan.users == {"next_service": split, "next_item": split}
+        assert [s["task"] for s in plan.skipped] == ["age_group"] and "no attributes table" in plan.skipped[0]["reason"]
+    else:
+        assert plan.passes == {0: ("age_group",)} and plan.users == {"age_group": split}
+        assert {s["task"]: s["reason"] for s in plan.skipped} == dict.fromkeys(
+            ("next_service", "next_item"), "the source has no event order (time: none): a user's last event is an "
+                                           "arbitrary one, not the next")
+
+
 def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):
     """Canonical events with one service and no categories: next_service (one class) and next_category
     (no labels at all) are skipped with the evaluator's reasons; next_item still runs."""

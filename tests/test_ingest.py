@@ -164,3 +164,22 @@ def test_bad_attributes_table_is_an_error(tmp_path, ray_local):
     cfg = IngestConfig(inputs=(str(tmp_path / "in"),), out=str(tmp_path / "out"), attributes=(str(tmp_path / "dup.csv"),))
     with pytest.raises(IngestError, match=r"dup\.csv.*user_id not unique, e\.g\. \['a'\]"):
         run_ingest(cfg, progress=lambda s: None)
+
+
+def test_source_time_reads_the_convert_manifests(tmp_path):
+    """What ts means comes from `userfm convert`'s manifest beside each input; without one it is real time;
+    mixed inputs get the weakest (none < ordinal < real)."""
+    import json
+
+    from userfm.ingest import source_time
+
+    for name, kind in (("a", "ordinal"), ("b", "none"), ("c", "real")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.parquet").write_bytes(b"")
+        (tmp_path / name / "convert_manifest.json").write_text(json.dumps({"time": kind, "time_note": f"note {kind}"}))
+    (tmp_path / "plain.parquet").write_bytes(b"")
+    p = {k: str(tmp_path / k / "events.parquet") for k in "abc"}
+    assert source_time([str(tmp_path / "plain.parquet")])[0] == "real"
+    assert source_time([p["c"], str(tmp_path / "plain.parquet")]) == ("real", "note real")
+    assert source_time([p["c"], p["a"]]) == ("ordinal", "note ordinal")
+    assert source_time([p["a"], p["b"], p["c"]]) == ("none", "note none")

@@ -228,3 +228,21 @@ def test_holdout_last_drops_each_users_last_event_before_featurizing(dataset):
                                                                read_sequences(cfg.data, split="train").column("n_events").to_pylist()]
     with pytest.raises(ValueError, match="holdout_last"):
         quick(dataset, "x", holdout_last=-1)
+
+
+def test_order_only_datasets_drop_the_calendar_fields(tmp_path):
+    """A dataset whose ts is a clock of positions (ingest manifest time ordinal / none) gets no calendar
+    fields, and pretraining says so; real time keeps the configured ones."""
+    import json
+
+    from userfm.pretrain import PretrainConfig, order_only_time_fields
+    from userfm.schema import SCHEMA_VERSION
+
+    said = []
+    for kind, expect in (("real", PretrainConfig.time_fields), ("ordinal", ()), ("none", ())):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "time": kind}))
+        cfg = order_only_time_fields(PretrainConfig(data=str(tmp_path / kind)), said.append)
+        assert cfg.time_fields == expect, kind
+    assert said == [f"[pretrain] the dataset has order only (time: {k}): no calendar fields (time_fields "
+                    f"{list(PretrainConfig.time_fields)} -> [])" for k in ("ordinal", "none")]

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the whole pipeline on an embedded local Ray and print a summary.")
     p.add_argument("--out", help="run folder (default: runs/demo)")
     p.add_argument("--data", help="real logs instead of synthetic ones (a folder in --format)")
-    p.add_argument("--format", help="format of --data: movielens, online-retail, amazon-reviews, or events (canonical Parquet/CSV/JSONL)")
+    p.add_argument("--format", help="format of --data: movielens, online-retail, amazon-reviews, recbole (atomic files; "
+                   "--set service_field=FIELD names the .item field of each event's service), or events (canonical "
+                   "Parquet/CSV/JSONL)")
     p.add_argument("--users", type=int, help="synthetic users (default from DemoConfig)")
     p.add_argument("--compare", action="store_true", default=None, help="also pretrain MLM and SimCLR next to CLUE")
     _add_config_args(p)

@@ -30,14 +30,15 @@ from typing import TextIO
 from userfm.config import to_dict
 from userfm.errors import UserfmError
 
-REAL_FORMATS = ("movielens", "online-retail", "amazon-reviews")
+REAL_FORMATS = ("movielens", "online-retail", "amazon-reviews", "recbole")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "runs/demo"  # run folder; replaced on every run
     data: str | None = None  # real logs instead of synthetic (folder or file)
-    format: str | None = None  # format of `data`: movielens | online-retail | amazon-reviews | events
+    format: str | None = None  # format of `data`: movielens | online-retail | amazon-reviews | recbole | events
+    service_field: str | None = None  # recbole: the .item field that names each event's service (convert --service-field)
     n_users: int = 10_000  # synthetic users (10k: CLUE sees ~8k training users, ~6 epochs in 400 steps, and does not overfit)
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
@@ -75,6 +76,8 @@ class DemoConfig:
             raise ValueError(f"--data needs --format, one of {', '.join(REAL_FORMATS + ('events',))}; got {self.format!r}")
         if self.eval_folds is not None and (self.eval_folds < 0 or self.eval_folds in (1, 2)):
             raise ValueError(f"eval_folds must be 0 (the dataset's split) or >= 3, got {self.eval_folds}")
+        if self.service_field is not None and self.format != "recbole":
+            raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
 
@@ -129,11 +132,13 @@ class _TaskPlan:
     users: dict[str, dict[str, int]]  # task kept -> labelled users by split (train / val / test)
 
 
-def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
+def _plan_tasks(tasks: Path, dataset: Path, ordered: bool = True) -> _TaskPlan:
     """Build each task's labels the way ``userfm evaluate`` will (``evaluate.task_data``) and keep the
     ones that work: a task whose table was not ingested (no user attributes in ml-latest) or whose
     labels cannot make a train/val/test evaluation (one class only, e.g. next_category on an Amazon dump
-    of one category; no item ids) is skipped with the evaluator's own reason instead of stopping the demo."""
+    of one category; no item ids) is skipped with the evaluator's own reason instead of stopping the demo.
+    ``ordered`` False (the source has no order, convert manifest ``time: none``): every last_event task is
+    skipped, since a user's "last" event is then an arbitrary one."""
     from userfm.dataset import load_manifest, read_attributes
     from userfm.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
 
@@ -144,6 +149,10 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
     skipped, users_by_task = [], {}
     all_tasks = load_tasks(tasks)
     for t in all_tasks:
+        if t.table == LAST_EVENT and not ordered:
+            skipped.append({"task": t.name, "reason": "the source has no event order (time: none): a user's last event "
+                                                      "is an arbitrary one, not the next"})
+            continue
         if t.table != LAST_EVENT and t.table not in ingested:
             skipped.append({"task": t.name, "reason": f"no attributes table {t.table!r} in this data "
                                                       f"(ingested: {', '.join(ingested) or 'none'})"})
@@ -303,6 +312,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}), details)
 
     attributes: tuple[str, ...] = ()
+    ordered = True  # the events have an order (real or ordinal time); False: held-out "last" events are arbitrary
     if cfg.data is None:
         from userfm.synth import SynthConfig, generate
 
@@ -316,7 +326,11 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     else:
         from userfm.convert import convert
 
-        stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw))
+        options = {"service_field": cfg.service_field} if cfg.format == "recbole" else {}
+        converted = stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw, **options))
+        ordered = converted.get("time", "real") != "none"
+        if converted.get("time", "real") != "real":
+            print(f"[demo] {converted['time_note']}")
         inputs = (str(raw / "events.parquet"),)
         attributes = tuple(str(p) for p in [raw / "attributes.parquet"] if p.exists())
 
@@ -328,7 +342,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     plan = None
     if objectives:
-        plan = _plan_tasks(tasks, dataset)
+        plan = _plan_tasks(tasks, dataset, ordered)
         for sk in plan.skipped:
             print(f"[demo] task {sk['task']} skipped: {sk['reason']}")
         print(f"[demo] tasks from {tasks}: " + ("; ".join(

@@ -32,6 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -393,6 +394,31 @@ def _ingest_attributes(fs: pafs.FileSystem, path: str, out: str, fractions) -> d
             "columns": [c for c in table.column_names if c not in ("user_id", "split")]}
 
 
+TIME_ORDER = ("none", "ordinal", "real")  # what an event's ts means, weakest first (convert manifest "time")
+
+
+def source_time(paths: list[str]) -> tuple[str, str]:
+    """What the inputs' ``ts`` means: (time, note). Each input converted by ``userfm convert`` has a
+    ``convert_manifest.json`` beside it that says ("real", or "ordinal" / "none": a clock of positions, order
+    only); inputs without one are taken as real time. Mixed inputs get the weakest."""
+    seen = {}
+    for p in paths:
+        if "://" in p:
+            continue
+        m = Path(p).parent / "convert_manifest.json"
+        if m.is_file():
+            try:
+                info = json.loads(m.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("time") in TIME_ORDER:
+                seen[info["time"]] = info.get("time_note", "")
+    if not seen:
+        return "real", "ts is taken as when each event happened (no convert manifest says otherwise)"
+    time_ = min(seen, key=TIME_ORDER.index)
+    return time_, seen[time_]
+
+
 def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the whole ingest on the current Ray instance (``runtime.init_ray`` first); return the manifest."""
     if not cfg.out:
@@ -407,6 +433,9 @@ def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> di
     work_uri = cfg.out.rstrip("/") + "/_work" if "://" in cfg.out else work
     num_partitions = cfg.partitions or _auto_partitions(total_bytes)
     progress(f"[ingest] {len(files)} file(s), {total_bytes / 1e6:.1f} MB -> {num_partitions} user partitions")
+    time_kind, time_note = source_time([p for p, _, _ in files])
+    if time_kind != "real":
+        progress(f"[ingest] order-only data (time: {time_kind}): {time_note}")
 
     # pass 1 ------------------------------------------------------------------------------------
     p1 = validate_and_partition(fs_in, files, cfg.rules(), num_partitions, work_uri)
@@ -466,6 +495,8 @@ def run_ingest(cfg: IngestConfig, progress: Callable[[str], None] = print) -> di
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": to_dict(cfg),
         "inputs": [{"path": p, "format": k, "bytes": b} for p, k, b in files],
+        "time": time_kind,  # real | ordinal | none (source_time): pretraining drops calendar fields unless real
+        "time_note": time_note,
         "rows_in": rows_in,
         "rows_kept": rows_kept,
         "rows_quarantined": rows_quarantined,

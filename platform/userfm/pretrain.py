@@ -658,6 +658,23 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
     return out
 
 
+def order_only_time_fields(cfg: PretrainConfig, progress=print) -> PretrainConfig:
+    """``cfg`` without calendar fields when the dataset's ``ts`` is not a time (ingest manifest ``time``
+    "ordinal" / "none": a clock of positions, e.g. the shared Amazon and Tenrec sets), printing why: every
+    event's date, hour and weekday there is the same made-up one. The order still shapes the sequence."""
+    from userfm.dataset import DatasetError, load_manifest
+
+    try:
+        time_kind = load_manifest(cfg.data).get("time", "real")
+    except DatasetError:  # an object-store dataset: its manifest is not read here
+        return cfg
+    if time_kind == "real" or not cfg.time_fields:
+        return cfg
+    progress(f"[pretrain] the dataset has order only (time: {time_kind}): no calendar fields "
+             f"(time_fields {list(cfg.time_fields)} -> [])")
+    return replace(cfg, time_fields=())
+
+
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, callbacks: tuple = ()) -> dict:
     """Fit vocabularies, build datasets, train on Ray Train, export ``out/model``. Returns a summary.
 
@@ -691,6 +708,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
                       cooc_dim=saved.get("cooc_dim", 0), cooc_min_users=saved.get("cooc_min_users", 2))
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(out))
+    if resume_from is None:
+        cfg = order_only_time_fields(cfg, progress)
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # fixed shard order: resume replays the same batches
     ctx.enable_progress_bars = False  # per-epoch shard bars from every worker would drown the progress lines

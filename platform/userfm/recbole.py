@@ -20,7 +20,7 @@ as each user's first item). Both identities are checked before anything is writt
 
 Time: ``timestamp`` is unix seconds ("real") or, as in many research exports, each user's positions
 0..n-1 ("ordinal"); with no timestamp the order is file order ("none"). For ordinal and none, ``ts`` is
-1970-01-01T00:00:00Z plus the position in seconds, so order survives and the manifest's ``time`` says
+2000-01-01T00:00:00Z plus the position in seconds, so order survives and the manifest's ``time`` says
 that ts is not a time. Pre-split sequences are ordinal (their positions).
 """
 
@@ -51,14 +51,17 @@ SPLITS = ("train", "valid", "test")  # UniSRec's (and RecBole's benchmark_filena
 TIME_MODES = ("auto", "real", "ordinal")
 CATEGORY_DEFAULTS = ("categories", "category")
 TEXT_JOIN = " | "
+# The clock of order-only events (time "ordinal" / "none"): 2000-01-01T00:00:00Z + position seconds. Inside
+# ingest's valid range (ts_min 1980), and far from any real log's dates in a mixed input.
+ORDER_EPOCH_MICROS = 946_684_800 * 1_000_000
 # 9999-12-31T23:59:59Z: a "unix time" past it is not a time (and would overflow microsecond timestamps).
 MAX_REAL_SECONDS = 253_402_300_799
 
 TIME_NOTES = {
     "real": "ts is the timestamp field read as unix seconds (UTC)",
-    "ordinal": "ts is synthetic: 1970-01-01T00:00:00Z plus the event's position in its user's sequence, in "
+    "ordinal": "ts is synthetic: 2000-01-01T00:00:00Z plus the event's position in its user's sequence, in "
     "seconds; the source gives order only (no calendar time, hour or gaps)",
-    "none": "ts is synthetic: 1970-01-01T00:00:00Z plus the row's position among its user's rows in the file, "
+    "none": "ts is synthetic: 2000-01-01T00:00:00Z plus the row's position among its user's rows in the file, "
     "in seconds; the source has no timestamp, so file order is the only order",
 }
 
@@ -469,7 +472,7 @@ def _convert_atomic(path: Path, items: _Items | None, service: str, opts: Option
         mode = "none"
         pos = np.zeros(len(frame), dtype=np.int64)
         pos[has_user] = pd.Series(user[has_user]).groupby(user[has_user]).cumcount().to_numpy()
-        micros = pos * 1_000_000
+        micros = ORDER_EPOCH_MICROS + pos * 1_000_000
     else:
         raw_ts = frame["timestamp"]
         secs = pd.to_numeric(raw_ts, errors="coerce").astype(np.float64).to_numpy()
@@ -487,7 +490,7 @@ def _convert_atomic(path: Path, items: _Items | None, service: str, opts: Option
         else:
             # rank within the user, ties in file order; for values that are already 0..n-1 it is the value
             ranks = pd.Series(secs[usable]).groupby(user[usable]).rank(method="first").to_numpy() - 1
-            micros[usable] = ranks.astype(np.int64) * 1_000_000
+            micros[usable] = ORDER_EPOCH_MICROS + ranks.astype(np.int64) * 1_000_000
 
     cols = _item_columns(item, items, service, opts)
     if opts.service_field is not None:
@@ -685,7 +688,7 @@ def _convert_presplit(paths: dict[str, Path], items: _Items | None, service: str
                     for i in lost],
         }, columns=QUARANTINE_SCHEMA.names))
     kept_cols = {k: (v.filter(pa.array(keep)) if isinstance(v, pa.Array) else v[keep]) for k, v in cols.items()}
-    events = _events_table(user[keep], pos[keep] * 1_000_000, item[keep], kept_cols)
+    events = _events_table(user[keep], ORDER_EPOCH_MICROS + pos[keep] * 1_000_000, item[keep], kept_cols)
 
     file_rows = sum(counts[f"rows_{s}"] for s in paths)
     as_target = tally["target"]
