@@ -595,6 +595,12 @@ def test_heldout_run_rows_popularity_by_hand_and_skipped_task(heldout, synth_ds)
     md = (Path(cfg.out) / "results.md").read_text()
     assert "| vs popularity | vs popularity, cold |" in md and "| vs item-knn | vs item-knn, cold |" in md
     assert f"Best yardstick (no pretraining; picked on test, which favours it): `{info['best_yardstick']}`" in md
+    best = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == info["best_yardstick"])
+    for r in results["rows"]:  # every other row is paired with the best yardstick
+        if r["task"] == "next_item" and r is not best:
+            assert r["vs_best"]["model"] == best["model"]
+            assert r["vs_best"]["value"] == pytest.approx(r["test"]["value"] - best["test"]["value"], abs=2e-6)
+    assert "vs_best" not in best
     knn = next(r for r in results["rows"] if r["task"] == "next_item" and r["model"] == "item-knn")
     assert knn["item_knn"]["last"] in cfg.item_knn_last and set(knn["item_knn"]["val_hr@10"]) == {"1", "3", "10", "0"}
     # the saved retrieval head reproduces its row

@@ -99,3 +99,40 @@ def test_item_knn_picks_the_last_items_on_val_and_ranks_by_hand():
     assert ranks.tolist() == expect
     masked, _, _, _ = _item_knn_ranks(td, td.history["test"], EvalConfig(item_knn_last=(1,)))
     assert (masked <= ranks).all() and (masked < ranks).any()  # the protocol's seen-masking only lifts the target
+
+
+def test_pad_sequences_keeps_the_last_items_left_padded():
+    from userfm.sasrec import pad_sequences
+
+    got = pad_sequences([np.array([4, 5, 6]), np.array([], np.int64), np.array([0, 1, 2, 3, 7])], 4)
+    np.testing.assert_array_equal(got, [[0, 5, 6, 7], [0, 0, 0, 0], [2, 3, 4, 8]])  # ids + 1, 0 = padding
+
+
+def test_sasrec_is_causal_and_learns_a_deterministic_next_item():
+    """Item k is always followed by k + 1 (mod 30): a next-item model that learned anything ranks it first
+    (chance HR@5 is 5/30). The state at position t must not change when later items do (causal mask)."""
+    import torch
+
+    from userfm.sasrec import SASRecConfig, _model, fit_sasrec, sasrec_scorer
+
+    rng = np.random.default_rng(0)
+
+    def users(n):
+        starts, lens = rng.integers(0, 30, n), rng.integers(4, 10, n)
+        seqs = [(s + np.arange(k)) % 30 for s, k in zip(starts, lens)]
+        return [q[:-1] for q in seqs], np.array([q[-1] for q in seqs])
+
+    (tr_h, tr_y), (va_h, va_y), (te_h, te_y) = users(300), users(50), users(50)
+    cfg = SASRecConfig(max_len=10, dim=32, layers=1, max_epochs=40, patience=3, dropout=0.1, lr=3e-3)
+    model, info = fit_sasrec([np.append(h, y) for h, y in zip(tr_h, tr_y)], va_h, va_y, 30, cfg)
+    scores = sasrec_scorer(model, te_h, cfg.max_len)(np.arange(50))
+    ranks = (scores > scores[np.arange(50), te_y][:, None]).sum(1)
+    assert np.mean(ranks < 5) > 0.9 and info["best_epoch"] < info["epochs"] <= 40, (np.mean(ranks < 5), info)
+
+    m = _model(30, cfg).eval()
+    x = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8, 9, 10]])
+    y = x.clone()
+    y[0, 7:] = torch.tensor([20, 21, 22])
+    with torch.no_grad():
+        torch.testing.assert_close(m.states(x)[:, :7], m.states(y)[:, :7])
+        assert not torch.allclose(m.states(x)[:, 7:], m.states(y)[:, 7:])

@@ -16,6 +16,9 @@ its embedding table is the only input of a small head trained per task. For ever
                "item-knn" retrieval tasks: item-item cosine over the training users' histories, scored
                          from the user's last m items, m chosen on val from ``item_knn_last``
                          (``userfm.item_knn``)
+               "sasrec"  retrieval tasks: SASRec trained from scratch on the training users' item sequences,
+                         full softmax, early-stopped on the val users' held-out items (``userfm.sasrec``;
+                         opt-in: one fit, seed ``seed``, serves every seed)
                "oracle"  synthetic data only: the Bayes-optimal accuracy from ``ground_truth.json``
                "t-trans" ShopperBERT's T-Trans: a user transformer (``encoders.UserEncoder``) + linear
                          classifier trained end to end from scratch on the task's training users' sequences,
@@ -101,11 +104,12 @@ ALLOWED_METRICS = {"binary": ("auc", "accuracy", "macro_f1", "log_loss"),
                    "multiclass": ("accuracy", "macro_f1", "log_loss"), "regression": ("rmse",),
                    "retrieval": ("hr@10", "ndcg@10")}
 HEADS = ("mlp", "logreg")
-BASELINES = ("tfidf", "oracle", "t-trans", "popularity", "minilm-mean", "concat-tfidf", "bag-of-items", "item-knn")
+BASELINES = ("tfidf", "oracle", "t-trans", "popularity", "minilm-mean", "concat-tfidf", "bag-of-items", "item-knn",
+             "sasrec")
 MINILM_MEAN = "minilm-mean"  # the baseline name, and its embedding / model-name prefix
 # Rows every real embedding row is compared with (paired), when they ran: the yardsticks that need no pretraining
 # (popularity and item-knn: retrieval tasks; tfidf and bag-of-items: the others) and T-Trans.
-PAIRED_WITH = ("tfidf/logreg", "bag-of-items/logreg", "t-trans", "popularity", "popularity-unseen", "item-knn")
+PAIRED_WITH = ("tfidf/logreg", "bag-of-items/logreg", "t-trans", "popularity", "popularity-unseen", "item-knn", "sasrec")
 LAST_EVENT = "last_event"  # the built-in table of each user's held-out last event (see the module docstring)
 LAST_EVENT_COLUMNS = ("item_id", "service", "category", "category_top", "category_leaf")
 RANDOM = "random"  # an embeddings entry with this value is the random floor
@@ -214,6 +218,11 @@ class EvalConfig:
     #                         starting at the popularity ranking; 0 = one free output per item. Off: on MovieLens
     #                         latest-small (32) it moved HR@10 within the intervals (README "MovieLens")
     item_knn_last: tuple[int, ...] = (1, 3, 10, 0)  # item-knn: most recent items read (0 = all), best val HR@10 wins
+    sasrec_max_len: int = 50  # sasrec: most recent items read
+    sasrec_dim: int = 64  # sasrec: embedding and hidden size
+    sasrec_layers: int = 2  # sasrec: self-attention blocks
+    sasrec_max_epochs: int = 200  # sasrec: epochs at most (early-stopped on val loss, patience sasrec_patience)
+    sasrec_patience: int = 5
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
@@ -266,7 +275,8 @@ class EvalConfig:
         for name in self.embeddings:
             if "/" in name or "+" in name or not name:
                 raise ValueError(f"embeddings: name {name!r} must be non-empty and contain no '/' or '+'")
-            if name in ("tfidf", MINILM_MEAN, "t-trans", "popularity", "popularity-unseen", "oracle", "bag-of-items", "item-knn"):
+            if name in ("tfidf", MINILM_MEAN, "t-trans", "popularity", "popularity-unseen", "oracle", "bag-of-items", "item-knn",
+                        "sasrec"):
                 raise ValueError(f"embeddings: name {name!r} is a baseline's; pick another name for the table")
 
 
@@ -1092,6 +1102,22 @@ def _popularity_ranks(td: TaskData, seen: list[np.ndarray] | None,
     return ranks, t1 - t0, time.perf_counter() - t1
 
 
+def _sasrec_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig) -> tuple[np.ndarray, float, float, dict]:
+    """SASRec from scratch (``userfm.sasrec``) on the training users' whole sequences (held-out item last),
+    early-stopped on the val users' held-out items -> (test ranks, fit s, infer s, info)."""
+    from userfm.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
+
+    t0 = time.perf_counter()
+    scfg = SASRecConfig(max_len=cfg.sasrec_max_len, dim=cfg.sasrec_dim, layers=cfg.sasrec_layers,
+                        max_epochs=cfg.sasrec_max_epochs, patience=cfg.sasrec_patience, seed=cfg.seed)
+    model, info = fit_sasrec([np.append(h, y) for h, y in zip(td.history["train"], td.y["train"])],
+                             td.history["val"], td.y["val"], len(td.classes), scfg)
+    t1 = time.perf_counter()
+    ranks = retrieval_ranks(sasrec_scorer(model, td.history["test"], scfg.max_len), len(td.y["test"]), td.y["test"], seen)
+    info["val_loss"] = _num(info["val_loss"]) if info["val_loss"] is not None else None
+    return ranks, t1 - t0, time.perf_counter() - t1, info
+
+
 def _item_knn_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig) -> tuple[np.ndarray, float, float, dict]:
     """Item-kNN baseline (``userfm.item_knn``): cosine over the training users' whole histories; the number
     of last items read is chosen on the val users' HR@10 (their held-out items) -> (test ranks, fit s,
@@ -1445,7 +1471,7 @@ def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: lis
     return {"value": _num(value), "ci": [_num(lo), _num(hi)], "n": int(len(y))}
 
 
-YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "popularity", "popularity-unseen", "item-knn")  # no pretraining
+YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "popularity", "popularity-unseen", "item-knn", "sasrec")  # no pretraining
 
 
 def best_yardstick(rows: list[dict]) -> str | None:
@@ -1699,6 +1725,10 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         if "item-knn" in cfg.baselines and retrieval:
             s, a, b, info = _item_knn_ranks(td, seen, cfg)  # deterministic
             record("item-knn", None, "item-knn", [s] * len(seeds), [a], [b], item_knn=info)
+        if "sasrec" in cfg.baselines and retrieval:
+            with _torch_threads(cfg.torch_threads):
+                s, a, b, info = _sasrec_ranks(td, seen, cfg)
+            record("sasrec", None, "sasrec", [s] * len(seeds), [a], [b], sasrec=info)
         if "bag-of-items" in cfg.baselines and not retrieval:
             s, a, b, info = _bag_of_items_scores(td, items(td.holdout), cfg, seeds[0])  # deterministic: one fit
             record("bag-of-items/logreg", None, "logreg", [s] * len(seeds), [a], [b], bag_of_items=info)
@@ -1763,7 +1793,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         # paired difference to the random floor: same head; tfidf vs random/logreg, t-trans vs random/mlp
         floors = [m for m in task_scores if cfg.embeddings.get(m.split("/")[0]) == RANDOM]
         for model, row in task_rows.items():
-            floor_head = {"t-trans": "mlp", "popularity": "mlp", "item-knn": "mlp"}.get(row["head"], row["head"])
+            floor_head = {"t-trans": "mlp", "popularity": "mlp", "item-knn": "mlp", "sasrec": "mlp"}.get(row["head"], row["head"])
             floor = next((f for f in floors if f.split("/")[1] == floor_head), None)
             if floor is not None and floor != model:
                 row["vs_random"] = {"model": floor, **_difference(task.metric, td.y["test"], task_scores[model],
@@ -1780,6 +1810,11 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     "test": _difference(task.metric, td.y["test"], task_scores[model], task_scores[ref], cfg),
                     "cold": _difference(task.metric, td.y["test"], task_scores[model], task_scores[ref], cfg, cold),
                 } for ref in refs if ref != model}
+        if best is not None:  # every other row against the best yardstick: what a pretrained table must beat
+            for model, row in task_rows.items():
+                if model != best:
+                    row["vs_best"] = {"model": best, **_difference(task.metric, td.y["test"], task_scores[model],
+                                                                    task_scores[best], cfg)}
         rows.extend(task_rows.values())
         attr = (truth or {}).get("attributes", {}).get(task.target) if task.table == "attributes" else None
         if attr is not None:
@@ -1872,6 +1907,9 @@ def _tuning_notes(rows: list[dict]) -> list[str]:
             notes.append(f"{r['model']}: {r['tfidf']['features']:,} terms, C={r['tfidf']['C']:g}")
         if "bag_of_items" in r:
             notes.append(f"{r['model']}: {r['bag_of_items']['features']:,} items, C={r['bag_of_items']['C']:g}")
+        if "sasrec" in r:
+            notes.append(f"{r['model']}: best epoch {r['sasrec']['best_epoch']} of {r['sasrec']['epochs']}, "
+                         f"{r['sasrec']['params']:,} parameters")
         if "item_knn" in r:
             notes.append(f"{r['model']}: last {r['item_knn']['last'] or 'all'} items (val HR@10 by last: "
                          + ", ".join(f"{'all' if k == '0' else k}: {v:.4f}" for k, v in r['item_knn']['val_hr@10'].items()) + ")")
