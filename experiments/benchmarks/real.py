@@ -1,0 +1,143 @@
+"""Real-data benchmark: the pretrained embeddings against the yardsticks that need no pretraining, on real logs.
+
+One command runs, on each shared real set, convert -> ingest -> pretrain CLUE -> embed -> evaluate (the
+demo's stages, no report, no serve) and prints one table per task: every model and yardstick with its 95 %
+bootstrap interval, and the paired difference (same resampled users) to the task's best no-pretraining row
+(bag-of-items, TF-IDF, mean-MiniLM, popularity, item-kNN: whichever scores highest on test, which favours the
+yardstick), plus the wall time of every stage. Small sets are cross-fitted (every labelled user scored once),
+as the demo does on real data.
+
+    python experiments/benchmarks/real.py                         # all three sets (hours on 2 cores)
+    python experiments/benchmarks/real.py --sets tenrec           # one set
+    python experiments/benchmarks/real.py --sets movielens --steps 100 --seeds 1
+
+Sets (READMEs in ``../shared/data/<folder>``; nothing is copied into the project):
+
+    movielens  movielens-latest-small  671 users, real timestamps     next_genre, next_item
+    amazon     amazon-arts-office      9,577 users, arts + office,    next_service, next_item
+                                       order only (positions)
+    tenrec     tenrec-qba              11,376 users, item ids only,   age_group (next-item tasks skipped:
+                                       no order, age groups           the source has no order)
+
+Writes ``OUT/<set>/real.md`` (and the demo's run folder beside it) and ``docs/results/real-<set>.md``.
+The numbers are the run's own ``evaluate/results.json`` rows (nothing is recomputed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SETS = {  # name -> (folder under --data-root, DemoConfig fields)
+    "movielens": ("movielens-latest-small", {"format": "movielens"}),
+    "amazon": ("amazon-arts-office", {"format": "recbole", "service_field": "domain"}),
+    # item ids only: MiniLM has no text to read ("item 123"); the BPE text encoder and the co-occurrence vectors do
+    "tenrec": ("tenrec-qba", {"format": "recbole", "item_encoder": "text"}),
+}
+
+
+def _fmt(part: dict | None) -> str:
+    if not part or part.get("value") is None:
+        return "-"
+    lo, hi = part.get("ci") or (None, None)
+    return f"{part['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _fmt_diff(part: dict | None) -> str:
+    if not part or part.get("value") is None:
+        return "-"
+    lo, hi = part.get("ci") or (None, None)
+    return f"{part['value']:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
+
+
+def tables(results: dict) -> str:
+    """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
+    interval and its paired difference to the task's best yardstick."""
+    out = []
+    for task in results["tasks"]:
+        rows = [r for r in results["rows"] if r["task"] == task["name"]]
+        best = task.get("best_yardstick")
+        users = task["users"]
+        who = (f"{users['test']:,} users, {users['folds']}-fold cross-fit" if "folds" in users
+               else f"{users['test']:,} test users")
+        out += [f"### {task['name']} ({rows[0]['metric']}; {who}"
+                + (f"; {task['n_items']:,} items, full ranking" if "n_items" in task else "") + ")", "",
+                f"| model | {rows[0]['metric']} [95 % CI] | cold users | vs best yardstick ({best or '-'}) | "
+                f"{' | '.join(rows[0]['other_metrics'])}{' | ' if rows[0]['other_metrics'] else ''}fit s |",
+                "|---|---|---|---|" + "---|" * len(rows[0]["other_metrics"]) + "---|"]
+
+        def order(r):
+            emb = r["embedding"]
+            return (2 if emb == "random" else 0 if emb not in (None, "minilm-mean") else 1, r["model"])
+
+        for r in sorted(rows, key=order):
+            other = "".join(f"{v:.3f} | " if v is not None else "- | " for v in r["other_metrics"].values())
+            vs = "(best)" if r["model"] == best else _fmt_diff(r.get("vs_best"))
+            out.append(f"| {r['model']} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {vs} | {other}{r['train_s']} |")
+        out.append("")
+    for sk in results.get("skipped_tasks", []):
+        out.append(f"Skipped task {sk['task']}: {sk['reason']}")
+    return "\n".join(out) + "\n"
+
+
+def run_set(name: str, args: argparse.Namespace) -> str:
+    from userfm.demo import DemoConfig, run_demo
+
+    folder, fields = SETS[name]
+    data = Path(args.data_root) / folder
+    if not data.is_dir():
+        raise SystemExit(f"[real] {name}: no folder {data} (the shared real data; --data-root points at it)")
+    out = Path(args.out) / name
+    cfg = DemoConfig(out=str(out / "run"), data=str(data), eval_seeds=args.seeds, report=False, serve=False,
+                     **({"pretrain_steps": args.steps} if args.steps else {}),
+                     **({"eval_folds": args.folds} if args.folds is not None else {}), **fields)
+    t0 = time.perf_counter()
+    summary = run_demo(cfg, num_cpus=args.num_cpus)
+    wall = time.perf_counter() - t0
+    results = json.loads((out / "run" / "evaluate" / "results.json").read_text())
+    pre = summary["pretrain"].get("clue", {})
+    text = [f"# Real data: {name} ({data.name})", "",
+            f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()} "
+            f"{platform.processor() or ''}, {os.cpu_count()} CPUs)".replace(" ,", ","), "",
+            f"CLUE pretrained {pre.get('step', '-')} steps (train loss {pre.get('loss', '-')}, val loss "
+            f"{pre.get('val_loss', '-')}); head seeds {cfg.eval_seeds}; evaluation "
+            + (f"{summary['evaluate']['folds']}-fold cross-fitted" if (summary.get("evaluate") or {}).get("folds")
+               else "on the test split") + ".", "",
+            f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",
+            tables(results)]
+    md = "\n".join(text)
+    (out / "real.md").write_text(md)
+    docs = REPO / "docs" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"real-{name}.md").write_text(md)
+    print(md, flush=True)
+    print(f"[real] wrote {out / 'real.md'} and {docs / f'real-{name}.md'}", flush=True)
+    return md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="which real sets (default: all)")
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
+                    help="folder holding the shared real sets (default: ../shared/data beside the repository)")
+    ap.add_argument("--out", default="runs/real", help="run folders, one per set (each replaced)")
+    ap.add_argument("--steps", type=int, default=0, help="CLUE pretraining steps (0 = the demo's default)")
+    ap.add_argument("--seeds", type=int, default=2, help="head trainings per (task, model)")
+    ap.add_argument("--folds", type=int, default=None,
+                    help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
+    args = ap.parse_args()
+    for name in args.sets:
+        run_set(name, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
