@@ -157,8 +157,10 @@ HEADS = ("mlp", "logreg")
 
 
 def _models(kind: str) -> set[str]:
-    """The evaluation rows of a demo task: CLUE and random x both heads, + TF-IDF (classification) or popularity."""
-    return {f"{e}/{h}" for e in ("clue", "random") for h in HEADS} | ({"popularity"} if kind == "retrieval" else {"tfidf/logreg"})
+    """The evaluation rows of a demo task: CLUE and random x both heads, + TF-IDF (classification) or popularity
+    (with and without the user's own items)."""
+    return {f"{e}/{h}" for e in ("clue", "random") for h in HEADS} | (
+        {"popularity", "popularity-unseen"} if kind == "retrieval" else {"tfidf/logreg"})
 
 
 def _tiny(out: Path, src: Path, fmt: str, **kw) -> DemoConfig:
