@@ -39,9 +39,11 @@ metric, a 95 % percentile-bootstrap interval over test users (one resample score
 interval is the one of the seed-mean), the same on cold users (bottom quartile of history length among
 the task's test users) and heavy users (top quartile), and the paired difference to the random floor.
 Every row of a real embedding table (minilm-mean and concatenations included) also carries ``paired``:
-its paired bootstrap difference (this row - baseline, same resampled users) to ``tfidf/logreg``,
-``t-trans`` and ``popularity`` (retrieval) when they ran, on all test users and on the cold users. Every model sees the same users in
-the same splits; seeds and resamples are shared.
+its paired bootstrap difference (this row - baseline, same resampled users) to each row of ``PAIRED_WITH``
+that ran (the no-pretraining yardsticks and T-Trans) and to the task's best yardstick (``best_yardstick``:
+the best test value among them and minilm-mean, which favours the yardstick), on all test users and on the
+cold users; every other row carries ``vs_best``, the same difference to that best yardstick on all test
+users. Every model sees the same users in the same splits; seeds and resamples are shared.
 
 Held-out-event tasks (table ``last_event``, built from the sequences, not ingested): the label is a
 property of each user's LAST event (its ``item_id``, ``service``, ``category`` path, ``category_top``
