@@ -904,36 +904,12 @@ def mlp_batch(n: int, cfg: EvalConfig) -> int:
 
 
 def _early_stopped_fit(model, n: int, batch_loss, val_loss, cfg: EvalConfig, gen) -> tuple[dict, int, float, int]:
-    """AdamW over shuffled mini-batches of ``n`` rows (``batch_loss(idx) -> loss``, :func:`mlp_batch` rows
-    each), one ``val_loss()`` per epoch, stop after ``mlp_patience`` epochs without improvement.
+    """:func:`userfm.early_stop.early_stopped_fit` with the heads' settings (``mlp_*``; :func:`mlp_batch` rows a
+    batch). Returns (best epoch's state dict, best epoch, best val loss, epochs run)."""
+    from userfm.early_stop import early_stopped_fit
 
-    Returns (best epoch's state dict, best epoch, best val loss, epochs run); the final state when no
-    val loss was finite.
-    """
-    import torch
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay)
-    batch = mlp_batch(n, cfg)
-    best_loss, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
-    for epoch in range(cfg.mlp_max_epochs):
-        epochs = epoch + 1
-        model.train()
-        for idx in torch.randperm(n, generator=gen).split(batch):
-            loss = batch_loss(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            val = float(val_loss())
-        if val < best_loss - 1e-6:
-            best_loss, best_epoch, bad = val, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= cfg.mlp_patience:
-                break
-    return best_state or model.state_dict(), best_epoch, best_loss, epochs
+    return early_stopped_fit(model, n, batch_loss, val_loss, lr=cfg.mlp_lr, weight_decay=cfg.mlp_weight_decay,
+                             batch_size=mlp_batch(n, cfg), max_epochs=cfg.mlp_max_epochs, patience=cfg.mlp_patience, gen=gen)
 
 
 _FITTERS = {"mlp": fit_mlp, "logreg": fit_logreg}

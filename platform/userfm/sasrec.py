@@ -90,6 +90,8 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
     import torch
     import torch.nn.functional as F
 
+    from userfm.early_stop import early_stopped_fit
+
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     seqs = pad_sequences(train_seqs, cfg.max_len + 1)  # (n, L + 1): inputs are [:, :-1], targets [:, 1:]
@@ -97,36 +99,21 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
     xv = torch.from_numpy(pad_sequences(val_hist, cfg.max_len))
     yv = torch.from_numpy(np.asarray(val_y, np.int64))
     model = _model(n_items, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    def batch_loss(idx):
+        s = seqs[idx]
+        x, y = s[:, :-1], s[:, 1:]
+        keep = (x > 0) & (y > 0)  # positions with an input item and a next item
+        return F.cross_entropy(model.logits(model.states(x)[keep]), y[keep] - 1)
 
     def val_loss() -> float:
-        with torch.no_grad():
-            return float(F.cross_entropy(model.logits(model.states(xv)[:, -1]), yv))
+        return float(F.cross_entropy(model.logits(model.states(xv)[:, -1]), yv))
 
-    best, best_state, best_epoch, bad, epochs = math.inf, None, 0, 0, 0
-    for epoch in range(cfg.max_epochs):
-        epochs = epoch + 1
-        model.train()
-        for idx in torch.randperm(len(seqs), generator=gen).split(cfg.batch_size):
-            s = seqs[idx]
-            x, y = s[:, :-1], s[:, 1:]
-            keep = (x > 0) & (y > 0)  # positions with an input item and a next item
-            h = model.states(x)[keep]  # (P, d)
-            loss = F.cross_entropy(model.logits(h), y[keep] - 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        model.eval()
-        v = val_loss()
-        if v < best - 1e-6:
-            best, best_epoch, bad = v, epoch, 0
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    # Adam (AdamW without weight decay), as the paper trains it
+    state, best_epoch, best, epochs = early_stopped_fit(model, len(seqs), batch_loss, val_loss, lr=cfg.lr, weight_decay=0.0,
+                                                        batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
+                                                        patience=cfg.patience, gen=gen)
+    model.load_state_dict(state)
     model.eval()
     return model, {"epochs": epochs, "best_epoch": best_epoch, "val_loss": best if math.isfinite(best) else None,
                    "params": int(sum(p.numel() for p in model.parameters()))}
