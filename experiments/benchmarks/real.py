@@ -58,6 +58,10 @@ def _fmt_diff(part: dict | None) -> str:
     return f"{part['value']:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def tables(results: dict) -> str:
     """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
     interval and its paired difference to the task's best yardstick."""
@@ -81,7 +85,7 @@ def tables(results: dict) -> str:
         for r in sorted(rows, key=order):
             other = "".join(f"{v:.3f} | " if v is not None else "- | " for v in r["other_metrics"].values())
             vs = "(best)" if r["model"] == best else _fmt_diff(r.get("vs_best"))
-            out.append(f"| {r['model']} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {vs} | {other}{r['train_s']} |")
+            out.append(f"| {r['model']} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {vs} | {other}{r['train_s']:.1f} |")
         out.append("")
     for sk in results.get("skipped_tasks", []):
         out.append(f"Skipped task {sk['task']}: {sk['reason']}")
@@ -108,8 +112,8 @@ def run_set(name: str, args: argparse.Namespace) -> str:
     text = [f"# Real data: {name} ({data.name})", "",
             f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()} "
             f"{platform.processor() or ''}, {os.cpu_count()} CPUs)".replace(" ,", ","), "",
-            f"CLUE pretrained {pre.get('step', '-')} steps (train loss {pre.get('loss', '-')}, val loss "
-            f"{pre.get('val_loss', '-')}); head seeds {cfg.eval_seeds}; evaluation "
+            f"CLUE pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
+            f"{_num(pre.get('val_loss'))}); head seeds {cfg.eval_seeds}; evaluation "
             + (f"{summary['evaluate']['folds']}-fold cross-fitted" if (summary.get("evaluate") or {}).get("folds")
                else "on the test split") + ".", "",
             f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",
