@@ -241,8 +241,10 @@ def test_serve_reloads_the_refreshed_table_and_answers_every_request_during_the_
     old, new = _vectors(root / "emb" / "embeddings"), _vectors(root / "v2" / "embeddings" / "embeddings")
     changed, fresh = sorted(exp["changed"])[0], sorted(exp["new"])[0]
     same = sorted(set(old) - exp["changed"])[0]
+    (root / "admin-key").write_text("4dmin\n")
+    (root / "admin-key").chmod(0o600)  # reload is an admin route: the admin key only
     cfg = ServeConfig(model=str(root / "enc" / "model"), embeddings=str(root / "emb"), port=0, encoder_cpus=0.2,
-                      head_cpus=0.05, store_cpus=0.05, ingress_cpus=0.1)
+                      head_cpus=0.05, store_cpus=0.05, ingress_cpus=0.1, admin_key_file=str(root / "admin-key"))
     base = serve.start(cfg, **QUIET)
     log: list[tuple[str, float, float, int, bytes | None]] = []  # (user, start, end, status, vector bytes)
     stop = threading.Event()
@@ -262,7 +264,8 @@ def test_serve_reloads_the_refreshed_table_and_answers_every_request_during_the_
         while sum(1 for e in log if e[0] == changed) < 10:  # clients are running against the old table
             time.sleep(0.05)
         t_reload = time.monotonic()
-        r = httpx.post(f"{base}/v1/admin/reload", json={"embeddings": str(root / "v2" / "embeddings")}, timeout=120)
+        r = httpx.post(f"{base}/v1/admin/reload", json={"embeddings": str(root / "v2" / "embeddings")}, timeout=120,
+                       headers={"x-api-key": "4dmin"})
         t_done = time.monotonic()
         assert r.status_code == 200, r.text
         assert r.json()["embeddings"]["users"] == 203

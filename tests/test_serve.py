@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(420)
 
 N_USERS = 300
 KEY = {"x-api-key": "s3cret"}
+ADMIN = {"x-api-key": "4dmin"}
 
 
 def _fit_head(kind, x, y, task, classes, emb_dir, out):
@@ -98,8 +99,11 @@ def app(world):
     from userfm import serve
 
     root = world["root"]
-    (root / "key").write_text("s3cret\n")
+    for name, key in (("key", "s3cret"), ("admin-key", "4dmin")):
+        (root / name).write_text(key + "\n")
+        (root / name).chmod(0o600)
     cfg = ServeConfig(model=str(root / "enc" / "model"), embeddings=str(root / "emb-enc"), port=0, api_key_file=str(root / "key"),
+                      admin_key_file=str(root / "admin-key"),
                       max_ongoing_requests=16, max_queued_requests=24,
                       heads={"age": str(root / "eval" / "heads" / "age" / "t-mlp" / "seed0"),
                              "hist": str(root / "eval" / "heads" / "hist" / "t-logreg" / "seed0")},
@@ -432,18 +436,20 @@ def test_reload_switches_the_table_version_and_refuses_another_encoder(app):
 
     before = c.get("/healthz").json()["embeddings"]
     short_ids, short_x = read_embeddings(root / "emb-short")
-    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-short")})
+    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-short")}, headers=ADMIN)
     assert r.status_code == 200, r.text
     after = r.json()["embeddings"]
     assert after["table_version"] != before["table_version"] and after["model_version"] == before["model_version"]
     np.testing.assert_allclose(c.get(f"/v1/users/{uid}/embedding").json()["embedding"], short_x[short_ids.index(uid)], rtol=1e-6)
     assert c.get("/healthz").json()["embeddings"]["table_version"] == after["table_version"]
-    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc2")})
+    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc2")}, headers=ADMIN)
     assert r.status_code == 409 and "made by encoder version" in r.json()["detail"]
     assert c.get("/healthz").json()["embeddings"]["table_version"] == after["table_version"]  # old table still served
-    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "no-such-table")})
-    assert r.status_code == 409 and "no file or folder" in r.json()["detail"]
-    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")})
+    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "no-such-table")}, headers=ADMIN)
+    assert r.status_code == 409 and r.json()["detail"] == ("refused: the table could not be read as a userfm embedding "
+                                                           "table (the server log says why)")
+    assert str(root) not in r.text  # no server path in an error body
+    r = c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")}, headers=ADMIN)
     assert r.json()["embeddings"]["table_version"] == before["table_version"]
     np.testing.assert_allclose(c.get(f"/v1/users/{uid}/embedding").json()["embedding"], _stored(app, uid), rtol=1e-6)
     assert c.get("/healthz").json()["ingress_table"] == before["table_version"]  # the ingress copy followed
@@ -470,7 +476,7 @@ def test_ingress_copy_follows_a_reload_made_on_the_store_itself(app):
         assert r.status_code == 200 and _hops(r) == ["table", "ingress"]
         np.testing.assert_allclose(r.json()["embedding"], short_x[short_ids.index(uid)], rtol=1e-6)
     finally:
-        c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")}).raise_for_status()
+        c.post("/v1/admin/reload", json={"embeddings": str(root / "emb-enc")}, headers=ADMIN).raise_for_status()
     np.testing.assert_allclose(c.get(f"/v1/users/{uid}/embedding").json()["embedding"], _stored(app, uid), rtol=1e-6)
 
 
@@ -506,7 +512,7 @@ def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
         t.start()
     try:
         for table in ("emb-short", "emb-enc", "emb-short", "emb-enc"):
-            assert c.post("/v1/admin/reload", json={"embeddings": str(root / table)}).status_code == 200
+            assert c.post("/v1/admin/reload", json={"embeddings": str(root / table)}, headers=ADMIN).status_code == 200
             n0, deadline = len(answers), time.monotonic() + 60  # a few answers from each table (hang guard)
             while len(answers) < n0 + 6 and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -519,7 +525,12 @@ def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
     assert failures == [] and len(answers) >= 24 and mixed == [] and seen == {"full", "short"}
 
 
-def test_generated_requests_get_only_2xx_or_4xx(app):
+def _fuzz(app, n: int, headers: list[dict]) -> dict[tuple[str, str, int], int]:
+    """``n`` hypothesis-generated requests over every route (bodies, paths, query values and which of
+    ``headers`` is sent all generated); asserts none gets a 5xx. Returns {(method, route, status): count}
+    of the requests the client could send at all."""
+    from collections import Counter
+
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -539,31 +550,85 @@ def test_generated_requests_get_only_2xx_or_4xx(app):
                                             "events": st.lists(event, max_size=3)}),
         st.recursive(scalar, lambda ch: st.lists(ch, max_size=3) | st.dictionaries(text, ch, max_size=3), max_leaves=8),
     )
+    root = str(app["root"])
+    reload_body = st.one_of(
+        body, st.fixed_dictionaries({}, optional={"embeddings": st.one_of(
+            scalar, st.sampled_from(["emb-enc", "emb-enc2", "no-such", "../", "/etc", root, root + "/emb-enc",
+                                     "s3://b/x", "file:///etc/passwd", "emb-enc/../../.."]))}))
     route = st.one_of(
         st.tuples(st.just("POST"), st.sampled_from(["/v1/embed", "/v1/heads/age/predict", "/v1/heads/hist/predict"]), body),
         st.tuples(st.just("POST"), text.map(lambda t: f"/v1/heads/{t}/predict"), body),
         st.tuples(st.just("GET"), st.one_of(st.sampled_from(app["ids"][:3]), text).map(lambda u: f"/v1/users/{u}/embedding"), st.none()),
         st.tuples(st.just("GET"), st.tuples(st.sampled_from(app["ids"][:3]) | text, st.integers(-5, 200) | text)
                   .map(lambda a: f"/v1/users/{a[0]}/similar?k={a[1]}"), st.none()),
+        st.tuples(st.just("POST"), st.just("/v1/admin/reload"), reload_body),
+        st.tuples(st.just("GET"), st.sampled_from(["/v1/heads", "/healthz"]), st.none()),
     )
-    statuses = []
+    counts: Counter = Counter()
 
-    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(route)
-    def check(r):
+    def template(path: str) -> str:
+        parts = path.split("?")[0].split("/")
+        if path.startswith("/v1/users/"):
+            return "/v1/users/{id}/" + parts[-1]
+        if path.startswith("/v1/heads/") and path.endswith("/predict"):
+            return "/v1/heads/{name}/predict"
+        return path
+
+    @settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(route, st.sampled_from(headers))
+    def check(r, hdr):
         method, path, payload = r
         try:
             resp = app["client"].request(method, path, content=json.dumps(payload) if payload is not None else None,
-                                         headers={"content-type": "application/json"})
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError):
+                                         headers={"content-type": "application/json", "x-api-key": "", **hdr})
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeError):
             return  # the client cannot even send that path
-        statuses.append(resp.status_code)
-        assert resp.status_code < 500, (method, path, payload, resp.status_code, resp.text[:300])
+        counts[(method, template(path), resp.status_code)] += 1
+        assert resp.status_code < 500, (method, path, payload, hdr, resp.status_code, resp.text[:300])
 
     check()
+    return dict(counts)
+
+
+def test_generated_requests_get_only_2xx_or_4xx(app):
+    counts = _fuzz(app, 300, [KEY])
+    statuses = [s for (_, _, s), n in counts.items() for _ in range(n)]
     # a share of generated paths cannot be sent at all (the client refuses the URL): 236 of 300 were sent
     # in one fresh-clone run, 250+ in others
     assert len(statuses) >= 200 and any(200 <= s < 300 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    app["client"].post("/v1/admin/reload", json={"embeddings": "emb-enc"}, headers=ADMIN).raise_for_status()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_fuzz_every_route_with_keys_on_and_off(app, capsys):
+    """The security fuzz run: 2,000 generated requests with keys on (no key, the read key, the admin key or a
+    wrong one), then the same app restarted without keys (loopback) for 2,000 more. Only 2xx/4xx, and the
+    server still healthy. Prints the counts per route and status (pytest -s)."""
+    import dataclasses
+
+    from userfm import serve
+
+    keyed = _fuzz(app, 2000, [{}, KEY, ADMIN, {"x-api-key": "wrong"}])
+    assert httpx.get(f"{app['base']}/healthz", timeout=60).status_code == 200
+    serve.stop()
+    cfg = dataclasses.replace(app["cfg"], api_key_file="", admin_key_file="")
+    base = serve.start(cfg, progress=lambda s: None)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            open_ = _fuzz({**app, "client": client, "base": base}, 2000, [{}, {"x-api-key": "anything"}])
+            assert client.get("/healthz").status_code == 200
+    finally:
+        serve.stop()
+        app["base"] = serve.start(app["cfg"], progress=lambda s: None)  # the module's app again, for any test after
+        app["client"].base_url = app["base"]
+    with capsys.disabled():
+        for name, counts in (("keys on", keyed), ("keys off", open_)):
+            print(f"\n[fuzz] {name}: {sum(counts.values())} requests sent")
+            for (method, path, status), n in sorted(counts.items()):
+                print(f"[fuzz]   {method:4} {path:28} {status} x {n}")
+    assert sum(keyed.values()) >= 1500 and sum(open_.values()) >= 1500
+    assert {s for (_, _, s) in keyed} >= {200, 401, 403} and {s for (_, p, s) in open_ if p == "/v1/admin/reload"} == {403}
 
 
 def test_api_key_guards_every_route_but_healthz_and_docs(app):
@@ -647,3 +712,143 @@ def test_a_killed_encoder_replica_recovers_and_no_request_is_lost_after_retry(ap
     assert lost == []
     assert app["client"].get("/healthz").status_code == 200
     assert encoder_replicas() and encoder_replicas() != names  # Serve started a new replica
+
+
+# ---------------------------------------------------------------------------------- auth and reload rules
+
+
+def _key(path, text="k3y", mode=0o600):
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
+def test_key_files_and_exposure_rules(tmp_path):
+    from userfm.serve import auth_summary, check_exposure, is_loopback, read_key_file
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "0.0.0.0", "10.0.0.5", "::")] == [
+        True, True, True, True, False, False, False]
+    with pytest.raises(ServeError, match=r"readable by every user on this machine \(mode 0o644\); chmod 600 it"):
+        read_key_file(_key(tmp_path / "open", mode=0o644), "api_key_file")
+    with pytest.raises(ServeError, match="api_key_file: no file"):
+        read_key_file(str(tmp_path / "nope"), "api_key_file")
+    with pytest.raises(ServeError, match="is empty"):
+        read_key_file(_key(tmp_path / "blank", ""), "api_key_file")
+    assert read_key_file(_key(tmp_path / "ok"), "api_key_file") == "k3y"
+    # no key beyond loopback: refused, one line, naming the way out
+    with pytest.raises(ServeError) as e:
+        check_exposure(ServeConfig(host="0.0.0.0"))
+    assert str(e.value) == ("refusing to serve on 0.0.0.0 without api_key_file: every route would be open to the network "
+                            "(set api_key_file, and admin_key_file for /v1/admin/*; or allow_unauthenticated: true)")
+    assert check_exposure(ServeConfig(host="127.0.0.1")) == {"read": "open", "admin": "off", "allow_unauthenticated": False}
+    assert check_exposure(ServeConfig(host="0.0.0.0", allow_unauthenticated=True))["allow_unauthenticated"] is True
+    read, admin = _key(tmp_path / "r", "read-key"), _key(tmp_path / "a", "admin-key")
+    assert check_exposure(ServeConfig(host="0.0.0.0", api_key_file=read, admin_key_file=admin)) == {
+        "read": "key", "admin": "key", "allow_unauthenticated": False}
+    with pytest.raises(ServeError, match="hold the same key"):
+        check_exposure(ServeConfig(api_key_file=read, admin_key_file=_key(tmp_path / "a2", "read-key")))
+    assert auth_summary(ServeConfig(admin_key_file=admin))["admin"] == "key"
+
+
+def test_reload_targets_stay_under_the_root(tmp_path):
+    """Relative and absolute paths inside the root pass (resolved); `..`, absolute paths outside, symlinks that
+    lead out and URIs without an allowed prefix are refused with the rule, never the server's paths."""
+    from userfm.serve import reload_target
+
+    root = tmp_path / "emb"
+    (root / "v2").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "inside-link").symlink_to(root / "v2", target_is_directory=True)
+    cfg = ServeConfig(embeddings=str(root / "v1"))  # root: the folder holding the served table
+    assert reload_target("v2", cfg, str(root / "v1")) == str((root / "v2").resolve())
+    assert reload_target(str(root / "v2"), cfg, str(root / "v1")) == str((root / "v2").resolve())
+    assert reload_target("inside-link", cfg, str(root / "v1")) == str((root / "v2").resolve())
+    assert reload_target(None, cfg, str(root / "v1")) == str(root / "v1")
+    for bad in ("../outside", "v2/../../outside", str(tmp_path / "outside"), "/etc", "escape", "escape/x", "v2\x00"):
+        with pytest.raises(PermissionError) as e:
+            reload_target(bad, cfg, str(root / "v1"))
+        assert str(tmp_path) not in str(e.value) and "embeddings_root" in str(e.value), bad
+    for uri in ("s3://bucket/emb/v2", "file:///etc/passwd", "gs://x", "http://127.0.0.1/x"):
+        with pytest.raises(PermissionError, match="reload_uri_prefixes"):
+            reload_target(uri, cfg, str(root / "v1"))
+    allowed = ServeConfig(embeddings=str(root / "v1"), reload_uri_prefixes=("s3://bucket/emb/",), embeddings_root=str(tmp_path))
+    assert reload_target("s3://bucket/emb/v2", allowed, str(root / "v1")) == "s3://bucket/emb/v2"
+    with pytest.raises(PermissionError):
+        reload_target("s3://bucket/other", allowed, str(root / "v1"))
+    assert reload_target("outside", allowed, str(root / "v1")) == str((tmp_path / "outside").resolve())  # a wider root
+
+
+def test_guard_without_admin_key_turns_admin_routes_off():
+    """The ingress's key guard alone (FastAPI's test client, no Serve): with no admin_key_file every admin
+    route is 403 whatever key is sent; read routes follow api_key_file."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from userfm.serve import make_api
+
+    for api_key in ("", "r3ad"):
+        ing = SimpleNamespace(cfg=ServeConfig(), plan={}, api_key=api_key, admin_key="", heads={}, store=None, table=None)
+        with TestClient(make_api(ing)) as c:
+            for headers in ({}, {"x-api-key": "r3ad"}, {"x-api-key": "anything"}):
+                r = c.post("/v1/admin/reload", json={}, headers=headers)
+                assert (r.status_code, r.json()) == (403, {"detail": "admin routes are off: the server has no admin_key_file"})
+            r = c.get("/v1/heads")
+            assert r.status_code == (401 if api_key else 200)
+
+
+def test_minilm_cache_comes_from_the_pretraining_run(tmp_path):
+    from userfm.serve import resolve_minilm_cache
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (tmp_path / "ds" / "minilm_cache").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"pretrain": {"data": str(tmp_path / "ds"), "minilm_cache": ""}}))
+    assert resolve_minilm_cache(ServeConfig(model=str(run / "model"))) == str(tmp_path / "ds" / "minilm_cache")
+    (tmp_path / "mine").mkdir()
+    assert resolve_minilm_cache(ServeConfig(model=str(run / "model"), minilm_cache=str(tmp_path / "mine"))) == str(tmp_path / "mine")
+    (run / "config.json").write_text(json.dumps({"pretrain": {"data": str(tmp_path / "gone")}}))
+    assert resolve_minilm_cache(ServeConfig(model=str(run / "model"))) == ""
+
+
+def test_admin_routes_need_the_admin_key(app):
+    base, uid = app["base"], app["ids"][3]
+    for headers, status, detail in (({}, 401, "missing or wrong X-API-Key header"), (KEY, 403, "this key may read, not "
+                                    "administer: admin routes need the admin key"), ({"x-api-key": "4dmin-not"}, 401, None)):
+        r = httpx.post(f"{base}/v1/admin/reload", json={}, headers=headers)
+        assert r.status_code == status and (detail is None or r.json()["detail"] == detail), (headers, r.text)
+    r = httpx.post(f"{base}/v1/admin/reload", json={}, headers=ADMIN, timeout=60)  # re-read the current table
+    assert r.status_code == 200 and r.json()["embeddings"]["users"] == len(app["ids"])
+    assert httpx.get(f"{base}/v1/users/{uid}/embedding", headers=ADMIN).status_code == 401  # the admin key is not a read key
+    assert httpx.get(f"{base}/healthz").json()["auth"] == {"read": "key", "admin": "key", "allow_unauthenticated": False}
+
+
+def test_reload_outside_the_root_is_403_and_reads_nothing(app, tmp_path):
+    """../, an absolute path elsewhere, a symlink in the root that leads out (to a valid table: a reload
+    would succeed if it were read) and other schemes: 403 naming the rule, the served table unchanged."""
+    import shutil
+
+    root = app["root"]
+    outside = tmp_path / "stolen"
+    shutil.copytree(root / "emb-short", outside)
+    link = root / "looks-inside"
+    link.symlink_to(outside, target_is_directory=True)
+    before = httpx.get(f"{app['base']}/healthz").json()["embeddings"]["table_version"]
+    try:
+        for target in (f"../{tmp_path.name}/stolen", str(outside), "looks-inside", "/etc", "s3://bucket/emb", "file:///etc"):
+            r = httpx.post(f"{app['base']}/v1/admin/reload", json={"embeddings": target}, headers=ADMIN, timeout=60)
+            detail = r.json()["detail"]
+            assert r.status_code == 403 and ("embeddings_root" in detail or "reload_uri_prefixes" in detail), (target, r.text)
+            assert str(tmp_path) not in r.text and str(root) not in r.text
+        assert httpx.get(f"{app['base']}/healthz").json()["embeddings"]["table_version"] == before
+    finally:
+        link.unlink()
+
+
+def test_cli_serve_beyond_loopback_without_keys_exits_with_one_line(capsys, tmp_path):
+    from userfm.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "m"), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to serve on 0.0.0.0 without api_key_file" in err[0]

@@ -221,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from userfm.serve import ServeConfig, serve_forever
 
     cfg = load_config(ServeConfig, args.config, args.overrides, model=args.model, embeddings=args.embeddings,
-                      host=args.host, port=args.port)
+                      host=args.host, port=args.port, api_key_file=args.api_key_file, admin_key_file=args.admin_key_file,
+                      allow_unauthenticated=args.allow_unauthenticated)
     serve_forever(cfg, address=args.address, num_cpus=args.num_cpus)
     return 0
 
@@ -402,8 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "runs under Ray's `serve run experiments/serve/serve-config.yaml`.")
     p.add_argument("--model", help="exported encoder folder (ServeConfig.model)")
     p.add_argument("--embeddings", help="embedding table from `userfm embed` (ServeConfig.embeddings)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; any other needs --api-key-file or --allow-unauthenticated)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; 0 = a free one)")
+    p.add_argument("--api-key-file", help="file with the read key clients send as X-API-Key (chmod 600)")
+    p.add_argument("--admin-key-file", help="file with the admin key for /v1/admin/* (without it admin routes are off)")
+    p.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                   help="serve a non-loopback --host without a read key (every route open to the network)")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_serve)

@@ -510,8 +510,7 @@ def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, re
     scfg = ServeConfig(
         model=pretrained["clue"]["model"], embeddings=pretrained["clue"]["embeddings"],
         heads={head: str(_first_head(heads_dir / head / "clue-mlp" / "seed0"))} if head else {},
-        minilm_cache=str(dataset / "minilm_cache") if (dataset / "minilm_cache").exists() else "",
-        port=cfg.serve_port,
+        port=cfg.serve_port,  # (a MiniLM encoder's vector cache is found through its pretraining run, as for users)
     )
     test = read_sequences(dataset, split="test")
     row = max(test.slice(0, 50).to_pylist(), key=lambda r: len(r["ts"]))  # a test user with a real history

@@ -19,9 +19,16 @@ batch wait applies only while a replica has other requests in flight; every resp
 ``Server-Timing`` header (each hop and the ingress route, ms), which ``experiments/benchmarks/serve_load.py
 --breakdown`` turns into a per-hop table.
 
+Auth: ``api_key_file`` (read routes) and ``admin_key_file`` (``/v1/admin/*``; none: admin routes off) are
+two keys, sent as ``X-API-Key``, compared in constant time, read from files no other user can read. A
+non-loopback bind without a read key is refused unless ``allow_unauthenticated`` (``check_exposure``). A
+reload reads only under ``embeddings_root`` or URIs with a ``reload_uri_prefixes`` prefix (``reload_target``).
+
 Errors: 422 (schema; the body names the field), 404 (unknown user or head), 413 (body over
-``max_body_bytes``), 401 (API key, when one is configured), 409 (reload refused), 503 (Serve's
-backpressure: ``max_ongoing_requests`` / ``max_queued_requests``, or a model call past ``request_timeout_s``).
+``max_body_bytes``), 401 (missing or wrong key), 403 (a read key on an admin route, admin routes off, a
+reload outside the allowed places), 409 (reload refused; the body names the kind, never a server path),
+503 (Serve's backpressure: ``max_ongoing_requests`` / ``max_queued_requests``, or a model call past
+``request_timeout_s``).
 
 Versions: the encoder's ``model_version`` is its weights' digest (``embed.model_identity``); embedding
 tables carry the version that made them, heads point at the table they were fitted on. A table or head
@@ -75,6 +82,9 @@ def record_hop(hop: str, t0: float) -> None:
     if hops is not None:
         hops.append((hop, (time.perf_counter() - t0) * 1000))
 OPEN_PATHS = ("/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
+ADMIN_PREFIX = "/v1/admin/"
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3:, gs:, file:, http: ... (a path has none)
 
 
 class ServeError(UserfmError):
@@ -98,7 +108,14 @@ class ServeConfig:
     port: int = 8000  # HTTP port; 0 = a free one
     app_name: str = "userfm"  # Serve application name
     route_prefix: str = "/"  # where the app is mounted
-    api_key_file: str = ""  # file holding the key clients send as X-API-Key (all routes but /healthz, docs); "" = off
+    api_key_file: str = ""  # file holding the read key clients send as X-API-Key (all routes but /healthz, docs and
+    #                         /v1/admin/*); "" = reads are open. Refused when readable by every user (chmod 600)
+    admin_key_file: str = ""  # file holding the admin key (X-API-Key on /v1/admin/*: reload); "" = admin routes off
+    allow_unauthenticated: bool = False  # serve a non-loopback host without api_key_file (refused otherwise)
+    embeddings_root: str = ""  # /v1/admin/reload loads only tables under this folder (resolved: no .. or symlink
+    #                            escape); "" = the folder holding `embeddings`
+    reload_uri_prefixes: tuple[str, ...] = ()  # /v1/admin/reload may also load URIs starting with one of these
+    #                                            (e.g. s3://bucket/embeddings/); () = no URIs
     max_events: int = 1024  # events per request (more -> 422); the encoder keeps its own most recent max_events
     max_text_chars: int = 512  # characters per event text (the ingest default)
     max_batch: int = 256  # user ids per predict request
@@ -145,6 +162,67 @@ class ServeConfig:
         bad = [n for n in self.heads if not HEAD_NAME.match(n)]
         if bad:
             raise ValueError(f"heads: names {bad} must match {HEAD_NAME.pattern}")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def read_key_file(path: str, field_name: str) -> str:
+    """The key in ``path`` (stripped); ServeError when it is missing, empty, or readable by every user on the
+    machine (a key any local account can read is no key: ``chmod 600`` it)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ServeError(f"{field_name}: no file {path}")
+    mode = p.stat().st_mode
+    if mode & 0o004:
+        raise ServeError(f"{field_name} {path} is readable by every user on this machine (mode {oct(mode & 0o777)}); "
+                         f"chmod 600 it")
+    key = p.read_text().strip()
+    if not key:
+        raise ServeError(f"{field_name} {path} is empty")
+    return key
+
+
+def check_exposure(cfg: "ServeConfig") -> dict:
+    """Refuse a non-loopback bind without a read key (every route would be open to the network) unless
+    ``allow_unauthenticated``; read both key files (permission-checked) and refuse one key for both roles.
+    Returns the auth summary /healthz and the start-up line show."""
+    read = read_key_file(cfg.api_key_file, "api_key_file") if cfg.api_key_file else ""
+    admin = read_key_file(cfg.admin_key_file, "admin_key_file") if cfg.admin_key_file else ""
+    if read and admin and hmac.compare_digest(read.encode(), admin.encode()):
+        raise ServeError("api_key_file and admin_key_file hold the same key: a client that may read could switch the "
+                         "table; give the admin routes a key of their own")
+    if not is_loopback(cfg.host) and not read and not cfg.allow_unauthenticated:
+        raise ServeError(f"refusing to serve on {cfg.host} without api_key_file: every route would be open to the network "
+                         f"(set api_key_file, and admin_key_file for /v1/admin/*; or allow_unauthenticated: true)")
+    return auth_summary(cfg)
+
+
+def auth_summary(cfg: "ServeConfig") -> dict:
+    return {"read": "key" if cfg.api_key_file else "open", "admin": "key" if cfg.admin_key_file else "off",
+            "allow_unauthenticated": cfg.allow_unauthenticated}
+
+
+def reload_target(requested: str | None, cfg: "ServeConfig", current: str) -> str:
+    """The table a reload may load: ``current`` when none is named; a path resolved under ``embeddings_root``
+    (relative paths are taken from it; ``..`` and symlinks that lead out are refused); a URI only with a
+    prefix in ``reload_uri_prefixes``. Raises PermissionError naming the rule (never the server's paths)."""
+    if requested is None:
+        return current
+    if "\x00" in requested:
+        raise PermissionError("reload: embeddings must be a path under embeddings_root")
+    if URI_SCHEME.match(requested):
+        if any(requested.startswith(p) for p in cfg.reload_uri_prefixes):
+            return requested
+        raise PermissionError("reload: a URI must start with one of the server's reload_uri_prefixes"
+                              + ("" if cfg.reload_uri_prefixes else " (none are configured)"))
+    root = Path(cfg.embeddings_root or Path(current).parent).expanduser().resolve()
+    target = (root / Path(requested).expanduser()).resolve()  # an absolute path replaces root; symlinks followed
+    if target != root and root not in target.parents:
+        raise PermissionError("reload: embeddings must be a path under embeddings_root (resolved, symlinks followed)")
+    return str(target)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,6 +297,21 @@ def head_summary(name: str, path: str, meta: dict) -> dict:
             "embedding_source": src, "embedding_version": version}
 
 
+def resolve_minilm_cache(cfg: ServeConfig) -> str:
+    """The MiniLM vector cache the encoder reads: ``minilm_cache`` when set, else the one its pretraining run
+    built (``<run>/config.json`` beside ``<run>/model``: the run's ``minilm_cache`` or ``<data>/minilm_cache``),
+    so a trained model serves without an extra flag. "" when neither is a folder."""
+    if cfg.minilm_cache:
+        return cfg.minilm_cache if Path(cfg.minilm_cache).is_dir() else ""
+    run = Path(cfg.model).parent / "config.json"
+    try:
+        pre = json.loads(run.read_text())["pretrain"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    cache = pre.get("minilm_cache") or (str(Path(pre["data"]) / "minilm_cache") if pre.get("data") else "")
+    return cache if cache and Path(cache).is_dir() else ""
+
+
 def plan(cfg: ServeConfig) -> dict:
     """Check the inputs and their versions before any replica starts.
 
@@ -237,9 +330,9 @@ def plan(cfg: ServeConfig) -> dict:
     enc_cfg = json.loads((Path(cfg.model) / "config.json").read_text())
     enc.update(embed_dim=enc_cfg.get("out_dim") or enc_cfg["d_model"], max_events=enc_cfg["max_events"],
                item_encoder=enc_cfg["item_encoder"])
-    if enc["item_encoder"] == "minilm" and not (cfg.minilm_cache and Path(cfg.minilm_cache).is_dir()):
-        raise ServeError(f"model {cfg.model} uses MiniLM item vectors: set minilm_cache to its vector cache "
-                         f"(pretraining wrote <data>/minilm_cache)")
+    if enc["item_encoder"] == "minilm" and not resolve_minilm_cache(cfg):
+        raise ServeError(f"model {cfg.model} uses MiniLM item vectors and its pretraining run does not say where its vector "
+                         f"cache is (or it is gone): set minilm_cache (pretraining wrote <data>/minilm_cache)")
     notes: list[tuple[str, bool]] = []  # (warning, a known mismatch: refused with version_check: refuse)
     emb = None
     if cfg.embeddings:
@@ -711,7 +804,8 @@ class Ingress:
         self.cfg = from_dict(ServeConfig, config)
         self.plan = plan_
         self.encoder, self.store, self.heads = encoder, store, heads
-        self.api_key = Path(self.cfg.api_key_file).read_text().strip() if self.cfg.api_key_file else ""
+        self.api_key = read_key_file(self.cfg.api_key_file, "api_key_file") if self.cfg.api_key_file else ""
+        self.admin_key = read_key_file(self.cfg.admin_key_file, "admin_key_file") if self.cfg.admin_key_file else ""
         # ingress_table: this replica's copy of the store's table, replaced as a whole (never changed in
         # place), so a request that reads the reference once never mixes two tables.
         self.table: _StoredTable | None = None
@@ -764,6 +858,14 @@ class Ingress:
                             exc, self.table.meta["table_version"] if self.table else None)
 
 
+def _public_reload_error(message: str) -> str:
+    """What a refused reload tells its caller: the kind of failure, no server paths or library internals."""
+    m = re.search(r"made by encoder version (\S+), the served encoder is (\S+)", message)
+    if m:
+        return f"refused: the table was made by encoder version {m.group(1)}, the served encoder is {m.group(2)} (version_check: refuse)"
+    return "refused: the table could not be read as a userfm embedding table (the server log says why)"
+
+
 def make_api(ing: Ingress):
     """The FastAPI app of one ingress replica (built at replica start, so limits come from the config)."""
     from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
@@ -803,8 +905,18 @@ def make_api(ing: Ingress):
                 body = {"detail": f"request body of {size} bytes exceeds max_body_bytes={cfg.max_body_bytes}"}
                 return await JSONResponse(body, 413)(scope, receive, send)
             path = scope["path"][len(scope.get("root_path", "")):] or "/"
-            if ing.api_key and path not in OPEN_PATHS:
-                if not hmac.compare_digest(headers.get("x-api-key", "").encode(), ing.api_key.encode()):
+            given = headers.get("x-api-key", "").encode()
+            if path.startswith(ADMIN_PREFIX):  # admin routes: the admin key only; a read key is known but not enough
+                if not ing.admin_key:
+                    body = {"detail": "admin routes are off: the server has no admin_key_file"}
+                    return await JSONResponse(body, 403)(scope, receive, send)
+                if not hmac.compare_digest(given, ing.admin_key.encode()):
+                    if ing.api_key and hmac.compare_digest(given, ing.api_key.encode()):
+                        body = {"detail": "this key may read, not administer: admin routes need the admin key"}
+                        return await JSONResponse(body, 403)(scope, receive, send)
+                    return await JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)(scope, receive, send)
+            elif ing.api_key and path not in OPEN_PATHS:
+                if not hmac.compare_digest(given, ing.api_key.encode()):
                     return await JSONResponse({"detail": "missing or wrong X-API-Key header"}, 401)(scope, receive, send)
             hops: list[tuple[str, float]] = []
             hop_timing(hops)  # the route runs in this task: its hops land in this list
@@ -859,7 +971,7 @@ def make_api(ing: Ingress):
             warnings += [w for w, _ in version_notes(f"embeddings {emb['source']}", emb["model_version"], enc["model_version"])]
         return {"status": "warn" if warnings else "ok", "warnings": warnings, "encoder": enc, "embeddings": emb,
                 "ingress_table": ing.table.meta["table_version"] if ing.table is not None else None,
-                "heads": heads, "version": __version__}
+                "heads": heads, "auth": auth_summary(cfg), "version": __version__}
 
     @app.post("/v1/embed", response_model=M["EmbedResponse"], summary="events -> user embedding")
     async def embed(req: EmbedRequest):
@@ -907,10 +1019,17 @@ def make_api(ing: Ingress):
 
     @app.post("/v1/admin/reload", summary="switch the embedding table (or re-read it) without a restart")
     async def reload(req: ReloadRequest):
+        store = need_store()
+        try:  # checked here, before the store is asked to read anything (None: re-read the current table)
+            target = None if req.embeddings is None else reload_target(req.embeddings, cfg, ing.plan["embeddings"]["source"])
+        except PermissionError as exc:
+            raise HTTPException(403, str(exc)) from None
         try:
-            meta = await ing.call(need_store().reload.remote(req.embeddings), "store")
+            meta = await ing.call(store.reload.remote(target), "store")
         except ServeError as exc:  # Ray re-raises the replica's exception as a subclass of it
-            raise HTTPException(409, str(exc).strip().splitlines()[-1]) from None
+            # the store's message names server paths and library errors: the log gets it, the caller the kind
+            log.warning("reload of %r refused: %s", req.embeddings, str(exc).strip().splitlines()[-1])
+            raise HTTPException(409, _public_reload_error(str(exc))) from None
         if cfg.ingress_table:  # this replica answers from the new table before the reload returns
             await ing.refresh_table(meta)
         return {"embeddings": meta}
@@ -934,10 +1053,12 @@ def build_app(cfg: ServeConfig, plan_: dict | None = None):
     """The bound Serve application (``serve.run`` it, or return it from an import-path builder)."""
     plan_ = plan_ or plan(cfg)
     inner_ongoing = max(2 * cfg.batch_size, int(cfg.target_ongoing_requests) * 2)
+    cache = resolve_minilm_cache(cfg)
     encoder = Encoder.options(
         ray_actor_options={"num_cpus": cfg.encoder_cpus}, max_ongoing_requests=inner_ongoing,
         **_scaling(cfg.encoder_replicas, cfg.encoder_max_replicas, cfg.target_ongoing_requests),
-    ).bind(str(Path(cfg.model).resolve()), cfg.minilm_cache, cfg.torch_threads, cfg.batch_size, cfg.batch_wait_s)
+    ).bind(str(Path(cfg.model).resolve()), str(Path(cache).resolve()) if cache else "", cfg.torch_threads, cfg.batch_size,
+           cfg.batch_wait_s)
     store = None
     if cfg.embeddings:
         store = EmbeddingStore.options(ray_actor_options={"num_cpus": cfg.store_cpus}, num_replicas=1,
@@ -989,9 +1110,12 @@ def start(cfg: ServeConfig, *, address: str | None = None, num_cpus: int | None 
 
     from userfm.runtime import init_ray
 
+    auth = check_exposure(cfg)  # before anything starts: a refused bind costs nothing
     p = plan(cfg)
     for w in p["warnings"]:
         progress(f"[serve] warning: {w}")
+    if auth["read"] == "open" and not is_loopback(cfg.host):
+        progress(f"[serve] warning: allow_unauthenticated: every route on {cfg.host} is open to the network")
     init_ray(address, num_cpus=num_cpus)
     if _RUNNING.get("port") is None:
         port = cfg.port or _free_port(cfg.host)
@@ -1001,7 +1125,8 @@ def start(cfg: ServeConfig, *, address: str | None = None, num_cpus: int | None 
     port = _RUNNING["port"]
     t0 = time.perf_counter()
     progress(f"[serve] deploying {cfg.app_name}: encoder {p['encoder']['model_id']}@{p['encoder']['model_version']}, "
-             f"embeddings {cfg.embeddings or '-'}, heads {sorted(p['heads']) or '-'} on {cfg.host}:{port}")
+             f"embeddings {cfg.embeddings or '-'}, heads {sorted(p['heads']) or '-'} on {cfg.host}:{port}; auth: reads "
+             f"{auth['read']}, admin {auth['admin']}" + (", allow_unauthenticated" if auth["allow_unauthenticated"] else ""))
     serve.run(build_app(cfg, p), name=cfg.app_name, route_prefix=cfg.route_prefix,
               logging_config={"enable_access_log": cfg.access_log, "log_level": "WARNING"})
     base = f"http://{cfg.host}:{port}{cfg.route_prefix.rstrip('/')}"
