@@ -527,7 +527,7 @@ def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
 
 def _fuzz(app, n: int, headers: list[dict]) -> dict[tuple[str, str, int], int]:
     """``n`` hypothesis-generated requests over every route (bodies, paths, query values and which of
-    ``headers`` is sent all generated); asserts none gets a 5xx. Returns {(method, route, status): count}
+    ``headers`` is sent all generated); asserts each gets a 2xx or a 4xx. Returns {(method, route, status): count}
     of the requests the client could send at all."""
     from collections import Counter
 
@@ -584,7 +584,8 @@ def _fuzz(app, n: int, headers: list[dict]) -> dict[tuple[str, str, int], int]:
         except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeError):
             return  # the client cannot even send that path
         counts[(method, template(path), resp.status_code)] += 1
-        assert resp.status_code < 500, (method, path, payload, hdr, resp.status_code, resp.text[:300])
+        assert 200 <= resp.status_code < 300 or 400 <= resp.status_code < 500, (
+            method, path, payload, hdr, resp.status_code, resp.text[:300])
 
     check()
     return dict(counts)
@@ -602,21 +603,21 @@ def test_generated_requests_get_only_2xx_or_4xx(app):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_fuzz_every_route_with_keys_on_and_off(app, capsys):
-    """The security fuzz run: 2,000 generated requests with keys on (no key, the read key, the admin key or a
-    wrong one), then the same app restarted without keys (loopback) for 2,000 more. Only 2xx/4xx, and the
-    server still healthy. Prints the counts per route and status (pytest -s)."""
+    """The security fuzz run: >= 2,000 generated requests sent with keys on (no key, the read key, the admin key
+    or a wrong one), then the same app restarted without keys (loopback) for >= 2,000 more. Only 2xx/4xx, and
+    the server still healthy. Prints the counts per route and status (pytest -s)."""
     import dataclasses
 
     from userfm import serve
 
-    keyed = _fuzz(app, 2000, [{}, KEY, ADMIN, {"x-api-key": "wrong"}])
+    keyed = _fuzz(app, 2400, [{}, KEY, ADMIN, {"x-api-key": "wrong"}])  # ~15 % of generated paths cannot be sent
     assert httpx.get(f"{app['base']}/healthz", timeout=60).status_code == 200
     serve.stop()
     cfg = dataclasses.replace(app["cfg"], api_key_file="", admin_key_file="")
     base = serve.start(cfg, progress=lambda s: None)
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
-            open_ = _fuzz({**app, "client": client, "base": base}, 2000, [{}, {"x-api-key": "anything"}])
+            open_ = _fuzz({**app, "client": client, "base": base}, 2400, [{}, {"x-api-key": "anything"}])
             assert client.get("/healthz").status_code == 200
     finally:
         serve.stop()
@@ -627,7 +628,7 @@ def test_fuzz_every_route_with_keys_on_and_off(app, capsys):
             print(f"\n[fuzz] {name}: {sum(counts.values())} requests sent")
             for (method, path, status), n in sorted(counts.items()):
                 print(f"[fuzz]   {method:4} {path:28} {status} x {n}")
-    assert sum(keyed.values()) >= 1500 and sum(open_.values()) >= 1500
+    assert sum(keyed.values()) >= 2000 and sum(open_.values()) >= 2000
     assert {s for (_, _, s) in keyed} >= {200, 401, 403} and {s for (_, p, s) in open_ if p == "/v1/admin/reload"} == {403}
 
 

@@ -877,7 +877,7 @@ def make_api(ing: Ingress):
 
     cfg, M = ing.cfg, api_models(ing.cfg)
     EmbedRequest, PredictRequest, ReloadRequest = M["EmbedRequest"], M["PredictRequest"], M["ReloadRequest"]
-    app = FastAPI(title="userfm", version=__version__,
+    app = FastAPI(title="userfm", version=__version__, redirect_slashes=False,  # a wrong path is a 404, not a 307
                   description="User embeddings from a pretrained user encoder and downstream heads on them.")
 
     @app.exception_handler(RequestValidationError)
