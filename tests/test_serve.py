@@ -766,7 +766,7 @@ def test_reload_targets_stay_under_the_root(tmp_path):
     assert reload_target(str(root / "v2"), cfg, str(root / "v1")) == str((root / "v2").resolve())
     assert reload_target("inside-link", cfg, str(root / "v1")) == str((root / "v2").resolve())
     assert reload_target(None, cfg, str(root / "v1")) == str(root / "v1")
-    for bad in ("../outside", "v2/../../outside", str(tmp_path / "outside"), "/etc", "escape", "escape/x", "v2\x00"):
+    for bad in ("../outside", "v2/../../outside", str(tmp_path / "outside"), "/etc", "escape", "escape/x", "v2\x00", "v2\udc80"):
         with pytest.raises(PermissionError) as e:
             reload_target(bad, cfg, str(root / "v1"))
         assert str(tmp_path) not in str(e.value) and "embeddings_root" in str(e.value), bad

@@ -211,6 +211,10 @@ def reload_target(requested: str | None, cfg: "ServeConfig", current: str) -> st
     prefix in ``reload_uri_prefixes``. Raises PermissionError naming the rule (never the server's paths)."""
     if requested is None:
         return current
+    try:
+        requested.encode("utf-8")  # lone surrogates: no file has that name, and readers would fail on it
+    except UnicodeError:
+        raise PermissionError("reload: embeddings must be a path under embeddings_root") from None
     if "\x00" in requested:
         raise PermissionError("reload: embeddings must be a path under embeddings_root")
     if URI_SCHEME.match(requested):
@@ -1026,7 +1030,9 @@ def make_api(ing: Ingress):
             raise HTTPException(403, str(exc)) from None
         try:
             meta = await ing.call(store.reload.remote(target), "store")
-        except ServeError as exc:  # Ray re-raises the replica's exception as a subclass of it
+        except HTTPException:  # 503: the store timed out or restarted
+            raise
+        except Exception as exc:  # ServeError (Ray re-raises the replica's as a subclass of it) or anything the read hit
             # the store's message names server paths and library errors: the log gets it, the caller the kind
             log.warning("reload of %r refused: %s", req.embeddings, str(exc).strip().splitlines()[-1])
             raise HTTPException(409, _public_reload_error(str(exc))) from None
