@@ -44,20 +44,6 @@ SETS = {  # name -> (folder under --data-root, DemoConfig fields)
 }
 
 
-def _fmt(part: dict | None) -> str:
-    if not part or part.get("value") is None:
-        return "-"
-    lo, hi = part.get("ci") or (None, None)
-    return f"{part['value']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
-
-
-def _fmt_diff(part: dict | None) -> str:
-    if not part or part.get("value") is None:
-        return "-"
-    lo, hi = part.get("ci") or (None, None)
-    return f"{part['value']:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
-
-
 def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -65,6 +51,8 @@ def _num(v) -> str:
 def tables(results: dict) -> str:
     """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
     interval and its paired difference to the task's best yardstick."""
+    from userfm.evaluate import _fmt, _fmt_diff
+
     out = []
     for task in results["tasks"]:
         rows = [r for r in results["rows"] if r["task"] == task["name"]]

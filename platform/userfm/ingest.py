@@ -402,10 +402,8 @@ def source_time(paths: list[str]) -> tuple[str, str]:
     ``convert_manifest.json`` beside it that says ("real", or "ordinal" / "none": a clock of positions, order
     only); inputs without one are taken as real time. Mixed inputs get the weakest."""
     seen = {}
-    for p in paths:
-        if "://" in p:
-            continue
-        m = Path(p).parent / "convert_manifest.json"
+    for parent in sorted({Path(p).parent for p in paths if "://" not in p}):  # one manifest per folder
+        m = parent / "convert_manifest.json"
         if m.is_file():
             try:
                 info = json.loads(m.read_text())
