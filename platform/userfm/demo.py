@@ -132,17 +132,19 @@ class _TaskPlan:
     users: dict[str, dict[str, int]]  # task kept -> labelled users by split (train / val / test)
 
 
-def _plan_tasks(tasks: Path, dataset: Path, ordered: bool = True) -> _TaskPlan:
+def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
     """Build each task's labels the way ``userfm evaluate`` will (``evaluate.task_data``) and keep the
     ones that work: a task whose table was not ingested (no user attributes in ml-latest) or whose
     labels cannot make a train/val/test evaluation (one class only, e.g. next_category on an Amazon dump
     of one category; no item ids) is skipped with the evaluator's own reason instead of stopping the demo.
-    ``ordered`` False (the source has no order, convert manifest ``time: none``): every last_event task is
-    skipped, since a user's "last" event is then an arbitrary one."""
+    A dataset without order (its manifest's ``time`` is "none", carried from the convert manifest by ingest)
+    skips every last_event task: a user's "last" event is then an arbitrary one."""
     from userfm.dataset import load_manifest, read_attributes
     from userfm.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
 
-    ingested = [a["name"] for a in load_manifest(dataset).get("attributes", [])]
+    manifest = load_manifest(dataset)
+    ingested = [a["name"] for a in manifest.get("attributes", [])]
+    ordered = manifest.get("time", "real") != "none"
     users = user_table(dataset)
     tables: dict = {}
     passes: dict[int, list[str]] = {}
@@ -312,7 +314,6 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}), details)
 
     attributes: tuple[str, ...] = ()
-    ordered = True  # the events have an order (real or ordinal time); False: held-out "last" events are arbitrary
     if cfg.data is None:
         from userfm.synth import SynthConfig, generate
 
@@ -328,7 +329,6 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
         options = {"service_field": cfg.service_field} if cfg.format == "recbole" else {}
         converted = stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw, **options))
-        ordered = converted.get("time", "real") != "none"
         if converted.get("time", "real") != "real":
             print(f"[demo] {converted['time_note']}")
         inputs = (str(raw / "events.parquet"),)
@@ -342,7 +342,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     plan = None
     if objectives:
-        plan = _plan_tasks(tasks, dataset, ordered)
+        plan = _plan_tasks(tasks, dataset)
         for sk in plan.skipped:
             print(f"[demo] task {sk['task']} skipped: {sk['reason']}")
         print(f"[demo] tasks from {tasks}: " + ("; ".join(
