@@ -13,6 +13,8 @@ import pytest
 
 from userfm.demo import DemoConfig, run_demo
 
+REPO = Path(__file__).resolve().parents[1]
+
 # ---------------------------------------------------------------------------------------------------
 # One small MovieLens world, written in each layout.
 #
@@ -357,6 +359,31 @@ def test_plan_recbole(ordered, tmp_path, ray_local):
         assert {s["task"]: s["reason"] for s in plan.skipped} == dict.fromkeys(
             ("next_service", "next_item"), "the source has no event order (time: none): a user's last event is an "
                                            "arbitrary one, not the next")
+
+
+def test_plan_amazon_tasks(tmp_path, ray_local):
+    """experiments/tasks/amazon-arts-office.yaml on a tiny copy of the Amazon layout (every user: Arts, Office,
+    Office target, Arts target): the Arts tasks read the last event, the Office tasks the 2nd last, in a pass
+    of its own (holdout 2); the category tasks read category word 3 (Arts) and 5 (Office)."""
+    from userfm.convert import convert
+    from userfm.demo import _plan_tasks, embeddings_key, pass_name
+    from userfm.ingest import IngestConfig, run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [f"u{u}\t{i}\t{k}" for u in range(60) for k, i in enumerate((f"a{u % 4}", f"o{u % 3}", f"o{3 + u % 2}", f"a{4 + u % 3}"))]
+    (src / "az.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows]) + "\n")
+    items = ([f"a{i}\tarts\tart {i}\tarts crafts sewing {'painting' if i % 2 else 'beading'} brand{i}" for i in range(7)]
+             + [f"o{i}\toffice\toffice {i}\toffice products office school supplies {'paper' if i % 2 else 'tape'}"
+                for i in range(5)])
+    (src / "az.item").write_text("\n".join(["item_id:token\tdomain:token\ttitle:token_seq\tcategories:token_seq", *items]) + "\n")
+    convert("recbole", src, tmp_path / "raw", service_field="domain")
+    run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events.parquet"),), out=str(tmp_path / "ds")), progress=lambda s: None)
+    plan = _plan_tasks(REPO / "experiments/tasks/amazon-arts-office.yaml", tmp_path / "ds")
+    assert plan.skipped == ()
+    assert plan.passes == {1: ("next_item", "next_item_arts", "next_category_arts"), 2: ("next_item_office", "next_category_office")}
+    assert {sum(u.values()) for u in plan.users.values()} == {60}  # every user is labelled in every task
+    assert (pass_name(2), embeddings_key(2), embeddings_key(1)) == ("last_2_events_held_out", "embeddings_heldout2", "embeddings_heldout")
 
 
 def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):

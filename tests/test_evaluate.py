@@ -14,7 +14,7 @@ import pytest
 
 from userfm import metrics as M
 from userfm.config import ConfigError
-from userfm.dataset import read_attributes, read_sequences
+from userfm.dataset import load_manifest, read_attributes, read_sequences
 from userfm.cooc import catalog_vectors
 from userfm.evaluate import (
     EvalConfig,
@@ -25,6 +25,7 @@ from userfm.evaluate import (
     fit_mlp,
     fit_retrieval,
     item_histories,
+    item_services,
     last_event_table,
     load_embeddings,
     load_head,
@@ -101,6 +102,9 @@ def test_shipped_task_files_load():
     ml = load_tasks(REPO / "experiments/tasks/movielens.yaml")
     assert [t.name for t in ml] == ["gender", "age_bracket", "occupation", "next_genre", "next_item"]
     assert [(t.type, t.metric) for t in ml if t.table == "last_event"] == [("multiclass", "accuracy"), ("retrieval", "hr@10")]
+    az = load_tasks(REPO / "experiments/tasks/amazon-arts-office.yaml")
+    assert [(t.holdout, t.users, t.catalog) for t in az if t.type == "retrieval"] == [
+        (1, "all", "all"), (1, "last_service:arts", "service"), (2, "last_service:office", "service")]
     held = load_tasks(REPO / "experiments/tasks/synthetic-heldout.yaml")
     assert {t.table for t in held} == {"last_event"} and "retrieval" in {t.type for t in held}
 
@@ -421,6 +425,101 @@ def test_last_event_labels_are_each_users_last_event(synth_ds):
     u = td.ids["test"][0]
     assert catalog[td.y["test"][0]] == last[u]["item_id"] and td.n_events["test"][0] == n_ev[u] - 1
     assert [catalog[i] for i in td.history["test"][0]] == [catalog[i] for i in items[u][:-1]]
+
+
+def test_nth_last_event_tasks_service_filters_catalog_and_category_levels(synth_ds):
+    ds = synth_ds["ds"]
+    seq = {r["user_id"]: r for r in read_sequences(ds, columns=["user_id", "n_events", "item_id", "service", "category"]).to_pylist()}
+    second = {r["user_id"]: r for r in last_event_table(ds, 2).to_pylist()}
+    for u, r in list(seq.items())[:200]:
+        got = second[u]
+        if r["n_events"] < 3:
+            assert got["item_id"] is None and got["category_path"] is None
+            continue
+        assert (got["item_id"], got["service"], got["category_path"]) == (r["item_id"][-2], r["service"][-2], r["category"][-2] or None)
+    catalog, items = item_histories(ds)
+    svc_of = {}
+    for r in seq.values():
+        for i, s in zip(r["item_id"], r["service"]):
+            if i is not None:
+                svc_of.setdefault(i, set()).add(s)
+    assert all(len(v) == 1 for v in svc_of.values())  # the generator's items belong to one service each
+    np.testing.assert_array_equal(item_services(ds, catalog), np.array([next(iter(svc_of[i])) for i in catalog], object))
+    svc = next(iter(load_manifest(ds)["services"]))
+    task = TaskConfig(name="n2", table="last_event", holdout=2, target="item_id", type="retrieval",
+                      users=f"last_service:{svc}", catalog="service")
+    assert task.label_table == "last_event@2"
+    td = task_data(ds, task, user_table(ds))
+    want = sorted(u for u, r in seq.items() if r["n_events"] >= 3 and r["item_id"][-2] is not None and r["service"][-2] == svc)
+    assert sorted(u for s in ("train", "val", "test") for u in td.ids[s]) == want
+    outside = {k for k, i in enumerate(catalog) if next(iter(svc_of[i])) != svc}
+    for k, u in enumerate(td.ids["test"]):
+        r = seq[u]
+        assert catalog[td.y["test"][k]] == r["item_id"][-2] and td.n_events["test"][k] == r["n_events"] - 2
+        assert [catalog[i] for i in td.history["test"][k]] == [i for i in r["item_id"][:-2] if i is not None]
+        assert set(td.outside["test"][k].tolist()) == outside
+        both = td.excluded("test", mask_seen=True)[k]
+        assert set(both.tolist()) == outside | set(td.history["test"][k].tolist())
+    assert td.excluded("test", mask_seen=False) is td.outside["test"]
+    level = TaskConfig(name="c", table="last_event", target="category@1", type="multiclass")
+    tl = task_data(ds, level, user_table(ds))
+    for k, u in enumerate(tl.ids["test"][:50]):
+        assert tl.classes[tl.y["test"][k]] == seq[u]["category"][-1][1]
+
+
+def test_nth_last_event_task_config_errors():
+    with pytest.raises(ValueError, match="holdout applies to table last_event only"):
+        TaskConfig(name="t", table="attributes", target="segment", type="multiclass", holdout=1)
+    with pytest.raises(ValueError, match="holdout must be >= 1"):
+        TaskConfig(name="t", table="last_event", target="service", type="multiclass", holdout=0)
+    with pytest.raises(ValueError, match="catalog applies to retrieval tasks only"):
+        TaskConfig(name="t", table="last_event", target="service", type="multiclass", catalog="service")
+    with pytest.raises(ValueError, match="catalog must be one of"):
+        TaskConfig(name="t", table="last_event", target="item_id", type="retrieval", catalog="arts")
+    with pytest.raises(ValueError, match="filters on the held-out event"):
+        TaskConfig(name="t", table="attributes", target="segment", type="multiclass", users="last_service:news")
+    with pytest.raises(ValueError, match="category@<k>"):
+        TaskConfig(name="t", table="last_event", target="category@x", type="multiclass")
+    assert TaskConfig(name="t", table="last_event", target="category@0", type="multiclass").holdout == 1
+    assert TaskConfig(name="t", table="attributes", target="segment", type="multiclass").holdout == 0
+
+
+def test_service_catalog_run_popularity_by_hand(synth_ds):
+    """holdout 2 + catalog service end to end: popularity ranks the 2nd-last item among its service's items
+    only; a table embedded with the last event only held out is refused (it has seen the label)."""
+    root, ds = synth_ds["root"], synth_ds["ds"]
+    ids = read_sequences(ds, columns=["user_id"]).column("user_id").to_pylist()
+    x = np.random.default_rng(5).normal(0, 1, (len(ids), 8)).astype(np.float32)
+    tables = {}
+    for h in (1, 2):
+        tables[h] = root / f"held{h}.parquet"
+        pq.write_table(pa.table({"user_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
+                                 "holdout_last": pa.array([h] * len(ids), pa.int64())}), tables[h])
+    svc = next(iter(load_manifest(ds)["services"]))
+    tasks = root / "svc.yaml"
+    tasks.write_text(f"- {{name: n2, table: last_event, holdout: 2, target: item_id, type: retrieval, "
+                     f"users: 'last_service:{svc}', catalog: service}}\n")
+    kw = dict(tasks=str(tasks), only_tasks=(), heads=("logreg",), baselines=("popularity",), seeds=1)
+    with pytest.raises(EvalError, match=r"last 2 event\(s\).*holdout_last=1.*--set holdout_last=2"):
+        run_evaluate(_cfg(synth_ds, "svc1", embeddings={"e": str(tables[1])}, **kw), progress=lambda s: None)
+    results = run_evaluate(_cfg(synth_ds, "svc2", embeddings={"e": str(tables[2])}, **kw), progress=lambda s: None)
+    seq = read_sequences(ds, columns=["user_id", "split", "n_events", "item_id", "service"]).to_pylist()
+    svc_items = {i for r in seq for i, s in zip(r["item_id"], r["service"]) if i is not None and s == svc}
+    labelled = [r for r in seq if r["n_events"] >= 3 and r["item_id"][-2] is not None and r["service"][-2] == svc]
+    counts = {}
+    for r in labelled:
+        if r["split"] == "train":  # the training users' items before and at the target (the last one is never read)
+            for i in r["item_id"][:-1]:
+                if i is not None:
+                    counts[i] = counts.get(i, 0) + 1
+    test = [r for r in labelled if r["split"] == "test"]
+    ranks = [sum(1 for i in svc_items if i != r["item_id"][-2] and counts.get(i, 0) >= counts.get(r["item_id"][-2], 0))
+             for r in test]
+    info = results["tasks"][0]
+    assert info["catalog"] == "service" and info["n_items_ranked"] == [len(svc_items)] and info["holdout_last"] == 2
+    pop = next(r for r in results["rows"] if r["model"] == "popularity")
+    assert pop["test"]["n"] == len(test)
+    assert pop["test"]["value"] == pytest.approx(np.mean(np.array(ranks) < 10), abs=1e-6)
 
 
 def _clusters(n=700, groups=10, per=5, d=16, seed=0):

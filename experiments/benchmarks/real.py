@@ -14,8 +14,9 @@ labelled user scored once), as the demo does on real data; Amazon is not (see SE
 Sets (READMEs in ``../shared/data/<folder>``; nothing is copied into the project):
 
     movielens  movielens-latest-small  671 users, real timestamps     next_genre, next_item
-    amazon     amazon-arts-office      9,577 users, arts + office,    next_service, next_item
-                                       order only (positions)
+    amazon     amazon-arts-office      9,577 users, arts + office,    next item (all / within each service),
+                                       order only (positions)         next category words per service
+                                                                      (experiments/tasks/amazon-arts-office.yaml)
     tenrec     tenrec-qba              11,376 users, item ids only,   age_group (next-item tasks skipped:
                                        no order, age groups           the source has no order)
 
@@ -38,7 +39,8 @@ SETS = {  # name -> (folder under --data-root, DemoConfig fields)
     "movielens": ("movielens-latest-small", {"format": "movielens"}),
     # 38,396 items: every retrieval head and SASRec over the whole catalog take minutes per fit, so 5 folds would
     # take hours on 2 cores; its 9,577 users leave ~950 on the test split (HR@10 intervals ~+-0.015)
-    "amazon": ("amazon-arts-office", {"format": "recbole", "service_field": "domain", "eval_folds": 0}),
+    "amazon": ("amazon-arts-office", {"format": "recbole", "service_field": "domain", "eval_folds": 0,
+                                      "tasks": str(REPO / "experiments" / "tasks" / "amazon-arts-office.yaml")}),
     # item ids only: MiniLM has no text to read ("item 123"); the BPE text encoder and the co-occurrence vectors do
     "tenrec": ("tenrec-qba", {"format": "recbole", "item_encoder": "text"}),
 }
@@ -61,7 +63,9 @@ def tables(results: dict) -> str:
         who = (f"{users['test']:,} users, {users['folds']}-fold cross-fit" if "folds" in users
                else f"{users['test']:,} test users")
         out += [f"### {task['name']} ({rows[0]['metric']}; {who}"
-                + (f"; {task['n_items']:,} items, full ranking" if "n_items" in task else "") + ")", "",
+                + (f"; {task['n_items']:,} items, full ranking" if "n_items" in task else "")
+                + (f" within the target's service ({'/'.join(f'{n:,}' for n in task['n_items_ranked'])} ranked)"
+                   if task.get("n_items_ranked") else "") + ")", "",
                 f"| model | {rows[0]['metric']} [95 % CI] | cold users | vs best yardstick ({best or '-'}) | "
                 f"{' | '.join(rows[0]['other_metrics'])}{' | ' if rows[0]['other_metrics'] else ''}fit s |",
                 "|---|---|---|---|" + "---|" * len(rows[0]["other_metrics"]) + "---|"]

@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = load_config(
         DemoConfig, args.config, args.overrides,
-        out=args.out, data=args.data, format=args.format, n_users=args.users, compare=args.compare,
+        out=args.out, data=args.data, format=args.format, tasks=args.tasks, n_users=args.users, compare=args.compare,
     )
     run_demo(cfg, address=args.address, num_cpus=args.num_cpus)
     return 0
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="format of --data: movielens, online-retail, amazon-reviews, recbole (atomic files; "
                    "--set service_field=FIELD names the .item field of each event's service), or events (canonical "
                    "Parquet/CSV/JSONL)")
+    p.add_argument("--tasks", help="task file (default: experiments/tasks/<format>.yaml, synthetic.yaml without --data)")
     p.add_argument("--users", type=int, help="synthetic users (default from DemoConfig)")
     p.add_argument("--compare", action="store_true", default=None, help="also pretrain MLM and SimCLR next to CLUE")
     _add_config_args(p)

@@ -39,6 +39,7 @@ class DemoConfig:
     data: str | None = None  # real logs instead of synthetic (folder or file)
     format: str | None = None  # format of `data`: movielens | online-retail | amazon-reviews | recbole | events
     service_field: str | None = None  # recbole: the .item field that names each event's service (convert --service-field)
+    tasks: str | None = None  # task file (experiments/tasks/*.yaml); None = the format's own (synthetic.yaml without data)
     n_users: int = 10_000  # synthetic users (10k: CLUE sees ~8k training users, ~6 epochs in 400 steps, and does not overfit)
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
@@ -80,6 +81,8 @@ class DemoConfig:
             raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
+        if self.tasks is not None and not Path(self.tasks).is_file():
+            raise ValueError(f"--tasks {self.tasks!r}: no such file (task files: {_TASKS_DIR})")
 
 
 def time_fields_for(cfg: DemoConfig, objective: str) -> tuple[str, ...]:
@@ -95,7 +98,9 @@ _TASKS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "tasks"
 
 
 def _default_tasks(cfg: DemoConfig) -> Path:
-    """The task file for this data: one per format (each says what its converter provides)."""
+    """The task file for this data: ``cfg.tasks``, else one per format (each says what its converter provides)."""
+    if cfg.tasks is not None:
+        return Path(cfg.tasks)
     return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
 
 
@@ -122,11 +127,22 @@ def eval_folds_for(cfg: DemoConfig, test_users: dict[str, int]) -> tuple[int, st
 PASSES = {0: "full_history", 1: "last_event_held_out"}  # holdout_last of the embedding table -> pass name
 
 
+def pass_name(holdout: int) -> str:
+    """The evaluate pass (and its folder) of the embedding tables made with ``holdout_last = holdout``."""
+    return PASSES.get(holdout, f"last_{holdout}_events_held_out")
+
+
+def embeddings_key(holdout: int) -> str:
+    """Where a pass's embedding tables live: ``embeddings/``, ``embeddings_heldout/`` (the last event held
+    out), ``embeddings_heldout<n>/`` (the last n held out, e.g. the Amazon set's Office target, the 2nd last)."""
+    return "embeddings" if holdout == 0 else "embeddings_heldout" if holdout == 1 else f"embeddings_heldout{holdout}"
+
+
 @dataclass(frozen=True)
 class _TaskPlan:
     """The task file's tasks this dataset supports, grouped by the embedding table they need."""
 
-    passes: dict[int, tuple[str, ...]]  # holdout_last (0 or 1) -> task names, in task-file order
+    passes: dict[int, tuple[str, ...]]  # holdout_last (0, 1, 2, ...) -> task names, in task-file order
     skipped: tuple[dict, ...]  # {"task", "reason"} for each task the data cannot support
     order: tuple[str, ...]  # every task name of the file, in file order
     users: dict[str, dict[str, int]]  # task kept -> labelled users by split (train / val / test)
@@ -159,8 +175,9 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
             skipped.append({"task": t.name, "reason": f"no attributes table {t.table!r} in this data "
                                                       f"(ingested: {', '.join(ingested) or 'none'})"})
             continue
-        if t.table not in tables:
-            tables[t.table] = last_event_table(dataset) if t.table == LAST_EVENT else read_attributes(dataset, t.table)
+        if t.label_table not in tables:
+            tables[t.label_table] = (last_event_table(dataset, t.holdout) if t.table == LAST_EVENT
+                                     else read_attributes(dataset, t.table))
         try:
             td = task_data(dataset, t, users, tables)
         except EvalError as exc:
@@ -195,8 +212,8 @@ def merge_passes(parts: list[tuple[int, dict]], plan: _TaskPlan) -> dict:
         "rows": sorted((row for _, r in parts for row in r["rows"]), key=lambda row: rank[row["task"]]),
         "head_timings": sorted((h for _, r in parts for h in r.get("head_timings", [])), key=lambda h: rank[h["task"]]),
         "charts": [c for _, r in parts for c in r.get("charts", [])],
-        "passes": [{"name": PASSES[h], "holdout_last": h, "tasks": [t["name"] for t in r["tasks"]],
-                    "embeddings": r["embeddings"], "config": r["config"], "files": f"passes/{PASSES[h]}",
+        "passes": [{"name": pass_name(h), "holdout_last": h, "tasks": [t["name"] for t in r["tasks"]],
+                    "embeddings": r["embeddings"], "config": r["config"], "files": f"passes/{pass_name(h)}",
                     "timings_s": r["timings_s"]} for h, r in parts],
         "timings_s": {"total": round(sum(r["timings_s"]["total"] for _, r in parts), 3)},
     }
@@ -307,11 +324,11 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     tasks = _default_tasks(cfg)
 
     def n_stages(passes) -> int:  # data, Ray, ingest, summary; per objective pretrain + embed(s); evaluate; report; serve
-        return (4 + len(objectives) * (2 + int(1 in passes)) + int(bool(objectives and passes)) + int(cfg.report)
+        return (4 + len(objectives) * (2 + sum(h > 0 for h in passes)) + int(bool(objectives and passes)) + int(cfg.report)
                 + int(cfg.serve and bool(objectives)))
 
     # (until ingest has shown which tasks the data supports, count those of the task file)
-    stages = _Stages(n_stages({int(t.table == LAST_EVENT) for t in load_tasks(tasks)}), details)
+    stages = _Stages(n_stages({t.holdout for t in load_tasks(tasks)}), details)
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -346,7 +363,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         for sk in plan.skipped:
             print(f"[demo] task {sk['task']} skipped: {sk['reason']}")
         print(f"[demo] tasks from {tasks}: " + ("; ".join(
-            f"{', '.join(names)} on the {'held-out' if h else 'full-history'} embeddings" for h, names in plan.passes.items())
+            f"{', '.join(names)} on the {pass_name(h).replace('_', '-')} embeddings" for h, names in plan.passes.items())
             or "none this data supports"))
         stages.total = n_stages(plan.passes)
 
@@ -355,7 +372,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         folds, why = eval_folds_for(cfg, {t: u["test"] for t, u in plan.users.items()})
         print(f"[demo] evaluation: {f'{folds}-fold cross-fitting' if folds else 'the test split'} ({why})")
     # cross-fitting scores the pretraining users too: their held-out last events must not be in pretraining
-    pretrain_holdout = int(bool(folds and plan and 1 in plan.passes))
+    pretrain_holdout = max(plan.passes) if folds and plan and plan.passes else 0
     pretrained = {}
     for objective in objectives:
         pcfg = PretrainConfig(
@@ -377,12 +394,13 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
         pretrained[objective]["embeddings"] = ecfg.out
         pretrained[objective]["users_embedded"] = e["users_embedded"]
-        if 1 in plan.passes:  # last_event tasks: the same encoder, each user's history without its last event
-            hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings_heldout" / objective),
-                               holdout_last=1)
-            h = stages.run(f"embed users with {objective}, last event held out", lambda: run_embed(hcfg))
-            pretrained[objective]["embeddings_heldout"] = hcfg.out
-            pretrained[objective]["users_embedded_heldout"] = h["users_embedded"]
+        for held in (h for h in plan.passes if h > 0):  # last_event tasks: each history without its last event(s)
+            key = embeddings_key(held)
+            hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / key / objective), holdout_last=held)
+            what = "last event held out" if held == 1 else f"last {held} events held out"
+            h = stages.run(f"embed users with {objective}, {what}", lambda: run_embed(hcfg))
+            pretrained[objective][key] = hcfg.out
+            pretrained[objective][f"users_embedded_{key.removeprefix('embeddings_')}"] = h["users_embedded"]
 
     evaluation = ev = None
     if objectives and plan.passes:
@@ -442,14 +460,14 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
     baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
     parts = []
     for holdout, names in plan.passes.items():
-        table = "embeddings_heldout" if holdout else "embeddings"
+        table = embeddings_key(holdout)
         vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
                           embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
                           baselines=baselines, folds=folds)
-        print(f"[demo] evaluate pass {PASSES[holdout]} (holdout_last={holdout}): {', '.join(names)}", flush=True)
+        print(f"[demo] evaluate pass {pass_name(holdout)} (holdout_last={holdout}): {', '.join(names)}", flush=True)
         parts.append((holdout, run_evaluate(vcfg)))
         # heads/ and chart_<task>.png do not collide (task names are unique); these three files do
-        keep = out / "passes" / PASSES[holdout]
+        keep = out / "passes" / pass_name(holdout)
         keep.mkdir(parents=True)
         for name in ("config.json", "results.json", "results.md"):
             (out / name).replace(keep / name)

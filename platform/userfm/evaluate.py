@@ -114,6 +114,8 @@ MINILM_MEAN = "minilm-mean"  # the baseline name, and its embedding / model-name
 PAIRED_WITH = ("tfidf/logreg", "bag-of-items/logreg", "t-trans", "popularity", "popularity-unseen", "item-knn", "sasrec")
 LAST_EVENT = "last_event"  # the built-in table of each user's held-out last event (see the module docstring)
 LAST_EVENT_COLUMNS = ("item_id", "service", "category", "category_top", "category_leaf")
+CATEGORY_LEVEL = "category@"  # last_event target "category@<k>": level k (0-based) of the held-out event's category path
+CATALOGS = ("all", "service")  # retrieval: rank every item, or only the items of the held-out item's service
 RANDOM = "random"  # an embeddings entry with this value is the random floor
 HEAD_FORMAT = "userfm.head"
 
@@ -138,9 +140,13 @@ class TaskConfig:
     table: str  # attributes table ingested with the dataset ("attributes", "future_labels", ...) or "last_event"
     target: str  # column of ``table`` to predict; users with a null value are left out
     type: str  # "binary" | "multiclass" | "regression" | "retrieval" (table last_event, target item_id)
-    users: str = "all"  # "all" | "multi_service" (active in 2+ services) | "service:<name>" (active there)
+    users: str = "all"  # "all" | "multi_service" (active in 2+ services) | "service:<name>" (active there) |
+    #                     "last_service:<name>" (table last_event: the held-out event is in that service)
     metric: str = ""  # primary metric; "" = auc (binary), accuracy (multiclass), rmse (regression), hr@10 (retrieval)
     transform: str = "none"  # regression target transform: "none" | "log1p"
+    holdout: int = -1  # table last_event: the label is the holdout-th last event, the model sees the events before
+    #                    it (default 1: the last event; 2: the one before, e.g. the Amazon set's Office target)
+    catalog: str = "all"  # retrieval: "all" ranks every item id; "service": only the held-out item's service's items
 
     def __post_init__(self):
         if self.type not in TASK_TYPES:
@@ -150,17 +156,43 @@ class TaskConfig:
         if self.metric not in ALLOWED_METRICS[self.type]:
             raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not fit a {self.type} task; "
                              f"use one of {ALLOWED_METRICS[self.type]}")
-        if not (self.users in ("all", "multi_service") or self.users.startswith("service:")):
-            raise ValueError(f"task {self.name!r}: users must be 'all', 'multi_service' or 'service:<name>', got {self.users!r}")
+        if not (self.users in ("all", "multi_service") or self.users.startswith(("service:", "last_service:"))):
+            raise ValueError(f"task {self.name!r}: users must be 'all', 'multi_service', 'service:<name>' or "
+                             f"'last_service:<name>', got {self.users!r}")
+        if self.users.startswith("last_service:") and self.table != LAST_EVENT:
+            raise ValueError(f"task {self.name!r}: users {self.users!r} filters on the held-out event: it needs table {LAST_EVENT}")
+        if self.holdout == -1:
+            object.__setattr__(self, "holdout", int(self.table == LAST_EVENT))
+        if self.table == LAST_EVENT and self.holdout < 1:
+            raise ValueError(f"task {self.name!r}: holdout must be >= 1 on table {LAST_EVENT} (the event predicted), got {self.holdout}")
+        if self.table != LAST_EVENT and self.holdout != 0:
+            raise ValueError(f"task {self.name!r}: holdout applies to table {LAST_EVENT} only (got {self.holdout} on {self.table!r})")
+        if self.catalog not in CATALOGS:
+            raise ValueError(f"task {self.name!r}: catalog must be one of {CATALOGS}, got {self.catalog!r}")
+        if self.catalog != "all" and self.type != "retrieval":
+            raise ValueError(f"task {self.name!r}: catalog applies to retrieval tasks only")
         if self.type == "retrieval" and (self.table != LAST_EVENT or self.target != "item_id"):
             raise ValueError(f"task {self.name!r}: a retrieval task ranks the held-out item: it needs "
                              f"table: {LAST_EVENT} and target: item_id (got {self.table}.{self.target})")
-        if self.table == LAST_EVENT and self.target not in LAST_EVENT_COLUMNS:
-            raise ValueError(f"task {self.name!r}: table {LAST_EVENT} has columns {LAST_EVENT_COLUMNS}, not {self.target!r}")
+        if self.table == LAST_EVENT and self.target not in LAST_EVENT_COLUMNS and _category_level(self.target) is None:
+            raise ValueError(f"task {self.name!r}: table {LAST_EVENT} has columns {LAST_EVENT_COLUMNS} and "
+                             f"{CATEGORY_LEVEL}<k> (level k of the category path), not {self.target!r}")
         if self.transform not in ("none", "log1p"):
             raise ValueError(f"task {self.name!r}: transform must be 'none' or 'log1p', got {self.transform!r}")
         if self.transform != "none" and self.type != "regression":
             raise ValueError(f"task {self.name!r}: transform applies to regression tasks only")
+
+    @property
+    def label_table(self) -> str:
+        """Key of the table the labels come from: the attributes table's name, or ``last_event@<holdout>``."""
+        return f"{LAST_EVENT}@{self.holdout}" if self.table == LAST_EVENT else self.table
+
+
+def _category_level(target: str) -> int | None:
+    """k of a ``category@<k>`` target (k >= 0), else None."""
+    if target.startswith(CATEGORY_LEVEL) and target[len(CATEGORY_LEVEL):].isdigit():
+        return int(target[len(CATEGORY_LEVEL):])
+    return None
 
 
 @dataclass(frozen=True)
@@ -326,11 +358,22 @@ class TaskData:
     left_out: dict[str, int]  # users dropped and why
     history: dict[str, list[np.ndarray]] | None = None  # retrieval: split -> per user, catalog indices of the
     #                                                     items before the held-out one (oldest first)
+    outside: dict[str, list[np.ndarray]] | None = None  # retrieval, catalog "service": split -> per user, the
+    #                                                     catalog indices outside the held-out item's service
 
     @property
     def holdout(self) -> int:
-        """Events held out of each user's history for this task (1 for last_event tasks, else 0)."""
-        return int(self.task.table == LAST_EVENT)
+        """Events held out of each user's history for this task (the task's holdout on last_event, else 0)."""
+        return self.task.holdout
+
+    def excluded(self, split: str, mask_seen: bool) -> list[np.ndarray] | None:
+        """Per user of ``split``, the catalog indices removed from the ranking: items outside the catalog
+        (``catalog: service``) and, with ``mask_seen``, the user's history (the target never is); None: none."""
+        parts = [p for p in ((self.history or {}).get(split) if mask_seen else None,
+                             (self.outside or {}).get(split)) if p is not None]
+        if len(parts) < 2:
+            return parts[0] if parts else None
+        return [np.concatenate([a, b]) for a, b in zip(*parts)]
 
 
 def user_table(data: str | Path) -> pa.Table:
@@ -391,13 +434,19 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
     least one); test users are untouched, and the classes stay those of all training users, so every
     budget scores the same test users against the same class order.
     """
-    table = (tables or {}).get(task.table)
+    table = (tables or {}).get(task.label_table)
     if table is None:
-        table = _attribute_table(data, task.table)
+        table = _attribute_table(data, task.label_table)
+    level = _category_level(task.target) if task.table == LAST_EVENT else None
+    if level is not None:  # level k of the held-out event's category path (null when the path is shorter)
+        paths = table.column("category_path").to_pylist()
+        table = table.append_column(task.target, pa.array([p[level] if p and len(p) > level else None for p in paths],
+                                                          pa.string()))
     if task.target not in table.column_names:
         cols = [c for c in table.column_names if c not in ("user_id", "split")]
         raise EvalError(f"task {task.name!r}: column {task.target!r} is not in table {task.table!r} (columns: {cols})")
-    lab = table.select(["user_id", "split", task.target]).rename_columns(["user_id", "label_split", "label"])
+    lab_cols = ["user_id", "split", task.target] + (["service"] if task.users.startswith("last_service:") else [])
+    lab = table.select(lab_cols).rename_columns(["user_id", "label_split", "label", "label_service"][:len(lab_cols)])
     joined = lab.join(users, "user_id", join_type="inner").sort_by("user_id")
     left_out = {"no_sequence": lab.num_rows - joined.num_rows}
     bad = pc.sum(pc.not_equal(joined.column("split"), joined.column("label_split"))).as_py() or 0
@@ -416,6 +465,12 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
             raise EvalError(f"task {task.name!r}: users {task.users!r}: no service {svc!r}; services: {sorted(manifest['services'])}")
         active = read_sequences(data, scope=svc, columns=["user_id"]).column("user_id")
         keep = pc.is_in(joined.column("user_id"), value_set=active.combine_chunks())
+    elif task.users.startswith("last_service:"):
+        svc = task.users.split(":", 1)[1]
+        manifest = load_manifest(data)
+        if svc not in manifest["services"]:
+            raise EvalError(f"task {task.name!r}: users {task.users!r}: no service {svc!r}; services: {sorted(manifest['services'])}")
+        keep = pc.fill_null(pc.equal(joined.column("label_service"), svc), False)
     else:
         keep = None
     if keep is not None:
@@ -430,12 +485,16 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
     raw = joined.column("label").to_pylist()
     classes, hist = None, None
     if task.type == "retrieval":
-        catalog, user_items = item_histories(data)
+        catalog, user_items = item_histories(data, keep_null=True)
         classes = catalog
         index = {v: i for i, v in enumerate(catalog)}
         y_all = np.asarray([index[v] for v in raw], dtype=np.int64)  # the held-out item is in the catalog by construction
-        hist = [user_items[u][:-1] for u in joined.column("user_id").to_pylist()]
+        hist = [(lambda a: a[a >= 0])(user_items[u][:-task.holdout]) for u in joined.column("user_id").to_pylist()]
         keep_rows = np.ones(len(y_all), bool)
+        if task.catalog == "service":
+            item_svc = item_services(data, catalog)
+            by_svc = {v: np.flatnonzero(item_svc != v) for v in np.unique(item_svc)}  # one array per service, shared
+            outside = [by_svc[item_svc[i]] for i in y_all]
     elif task.type == "regression":
         try:
             y_all = np.asarray(raw, dtype=np.float64)
@@ -457,7 +516,7 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         keep_rows = y_all >= 0  # val/test users whose class never occurs in train cannot be scored
         left_out["class_unseen_in_train"] = int((~keep_rows).sum())
     uid = np.asarray(joined.column("user_id").to_pylist(), dtype=object)
-    n_ev = joined.column("n_events").to_numpy() - int(task.table == LAST_EVENT)
+    n_ev = joined.column("n_events").to_numpy() - task.holdout
     masks = {s: (split == s) & keep_rows for s in ("train", "val", "test")}
     if labels:
         n_tr = int(masks["train"].sum())
@@ -472,12 +531,14 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
                 masks[s][budget_pick(idx, rank[idx], n, None if strata is None else strata[idx])] = True
                 dropped += len(idx) - n
         left_out["label_budget"] = dropped
-    out_ids, out_y, out_n, out_h = {}, {}, {}, {}
+    out_ids, out_y, out_n, out_h, out_o = {}, {}, {}, {}, {}
     for s in ("train", "val", "test"):
         m = masks[s]
         out_ids[s], out_y[s], out_n[s] = uid[m], y_all[m], n_ev[m]
         if hist is not None:
             out_h[s] = [h for h, k in zip(hist, m) if k]
+        if task.type == "retrieval" and task.catalog == "service":
+            out_o[s] = [o for o, k in zip(outside, m) if k]
         if not m.any():
             where = f" in cross-fitting fold {fold[0]} of {fold[1]}" if fold else ""
             raise EvalError(f"task {task.name!r}: no labelled {s} users{where} (after the users filter {task.users!r})")
@@ -488,7 +549,8 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
                             f"{labels}) have one class only; raise labels")
         raise EvalError(f"task {task.name!r}: the training users of cross-fitting fold {fold[0]} of {fold[1]} have one "
                         f"class only; use fewer folds or the dataset's split (folds=0)")
-    return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v}, out_h or None)
+    return TaskData(task, out_ids, out_y, classes, out_n, {k: v for k, v in left_out.items() if v}, out_h or None,
+                    out_o or None)
 
 
 def stack_folds(fold_tds: list[TaskData]) -> TaskData:
@@ -497,8 +559,9 @@ def stack_folds(fold_tds: list[TaskData]) -> TaskData:
     first = fold_tds[0]
     cat = lambda key: np.concatenate([getattr(f, key)["test"] for f in fold_tds])  # noqa: E731
     hist = {"test": [h for f in fold_tds for h in f.history["test"]]} if first.history is not None else None
+    outside = {"test": [o for f in fold_tds for o in f.outside["test"]]} if first.outside is not None else None
     return TaskData(first.task, {"test": cat("ids")}, {"test": cat("y")}, first.classes, {"test": cat("n_events")},
-                    first.left_out, hist)
+                    first.left_out, hist, outside)
 
 
 def merge_folds(parts: list[dict[str, dict]]) -> dict[str, dict]:
@@ -518,38 +581,59 @@ def merge_folds(parts: list[dict[str, dict]]) -> dict[str, dict]:
     return merged
 
 
-def _last_elements(col: pa.ChunkedArray | pa.Array, valid: np.ndarray) -> pa.Array:
-    """Each row's last list element (null where ``valid`` is False or the list is empty)."""
+def _last_elements(col: pa.ChunkedArray | pa.Array, valid: np.ndarray, n: int = 1) -> pa.Array:
+    """Each row's n-th last list element (null where ``valid`` is False or the list is shorter than n)."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     off = arr.offsets.to_numpy()
-    ok = valid & (np.diff(off) > 0)
-    return arr.values.take(pa.array(np.where(ok, off[1:] - 1, 0), pa.int64(), mask=~ok))
+    ok = valid & (np.diff(off) >= n)
+    return arr.values.take(pa.array(np.where(ok, off[1:] - n, 0), pa.int64(), mask=~ok))
 
 
-def last_event_table(data: str | Path) -> pa.Table:
-    """The built-in ``last_event`` table: per user, properties of the LAST event of the combined history.
+def last_event_table(data: str | Path, n: int = 1) -> pa.Table:
+    """The built-in ``last_event`` table: per user, properties of the n-th LAST event of the combined history
+    (n = a task's ``holdout``: 1 the last event, 2 the one before it).
 
     Columns user_id, split, item_id, service, category (path joined with " > "), category_top (level 0),
-    category_leaf (deepest level). Users with fewer than 2 events get nulls (no history would be left).
+    category_leaf (deepest level), category_path (the list, for ``category@<k>`` targets). Users with
+    fewer than n + 1 events get nulls (no history would be left before the event).
     """
     t = read_sequences(data, columns=["user_id", "split", "n_events", "service", "item_id", "category"])
-    valid = t.column("n_events").to_numpy() >= 2
-    paths = _last_elements(t.column("category"), valid).to_pylist()
+    valid = t.column("n_events").to_numpy() >= n + 1
+    paths = _last_elements(t.column("category"), valid, n).to_pylist()
     return pa.table({
         "user_id": t.column("user_id"), "split": t.column("split"),
-        "item_id": _last_elements(t.column("item_id"), valid),
-        "service": _last_elements(t.column("service"), valid),
+        "item_id": _last_elements(t.column("item_id"), valid, n),
+        "service": _last_elements(t.column("service"), valid, n),
         "category": pa.array([" > ".join(p) if p else None for p in paths], pa.string()),
         "category_top": pa.array([p[0] if p else None for p in paths], pa.string()),
         "category_leaf": pa.array([p[-1] if p else None for p in paths], pa.string()),
+        "category_path": pa.array([p or None for p in paths], pa.list_(pa.string())),
     })
 
 
-def item_histories(data: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+def item_services(data: str | Path, catalog: list[str]) -> np.ndarray:
+    """(len(catalog),) object array: the service of each catalog item (the first service it occurs in, in
+    stored order; items are one service's in every format the converters write)."""
+    t = read_sequences(data, columns=["item_id", "service"])
+    items = t.column("item_id").combine_chunks().flatten()
+    svc = t.column("service").combine_chunks().flatten()
+    idx = pc.index_in(items, value_set=pa.array(catalog, items.type)).fill_null(-1).to_numpy().astype(np.int64)
+    out = np.full(len(catalog), None, dtype=object)
+    svc_np = np.asarray(svc.to_pylist(), dtype=object)
+    first = np.full(len(catalog), -1, np.int64)
+    order = np.flatnonzero(idx >= 0)
+    seen_idx, pos = np.unique(idx[order], return_index=True)
+    first[seen_idx] = order[pos]
+    out[first >= 0] = svc_np[first[first >= 0]]
+    return out
+
+
+def item_histories(data: str | Path, keep_null: bool = False) -> tuple[list[str], dict[str, np.ndarray]]:
     """The retrieval catalog and every user's items as catalog indices.
 
     Returns (catalog: sorted distinct non-null item ids of every user's stored sequence, user id ->
-    (n,) int64 indices of the user's events with an item, oldest first, the last event included).
+    (n,) int64 indices of the user's events with an item, oldest first, the last event included; with
+    ``keep_null`` one per event, -1 where the event has no item).
     """
     t = read_sequences(data, columns=["user_id", "item_id"])
     items = t.column("item_id").combine_chunks()
@@ -559,10 +643,15 @@ def item_histories(data: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     off = items.offsets.to_numpy()
     off = off - off[0]
     users = t.column("user_id").to_pylist()
+    if keep_null:
+        return catalog.to_pylist(), {u: idx[off[i]:off[i + 1]] for i, u in enumerate(users)}
     return catalog.to_pylist(), {u: (lambda a: a[a >= 0])(idx[off[i]:off[i + 1]]) for i, u in enumerate(users)}
 
 
 def _attribute_table(data: str | Path, name: str) -> pa.Table:
+    """An attributes table by name, or the built-in ``last_event@<n>`` (``TaskConfig.label_table``)."""
+    if name.startswith(LAST_EVENT + "@"):
+        return last_event_table(data, int(name.split("@", 1)[1]))
     if name == LAST_EVENT:
         return last_event_table(data)
     manifest = load_manifest(data)
@@ -1106,7 +1195,7 @@ def _item_knn_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig
     n_items = len(td.classes)
     pop = _item_counts(td)
     sim = item_cosine([np.append(h, y) for h, y in zip(td.history["train"], td.y["train"])], n_items)
-    val_seen = td.history["val"] if seen is not None else None
+    val_seen = td.excluded("val", cfg.retrieval_mask_seen)
     val = {}
     for m in cfg.item_knn_last:
         ranks = retrieval_ranks(knn_scorer(sim, td.history["val"], m, pop), len(td.y["val"]), td.y["val"], val_seen)
@@ -1385,7 +1474,7 @@ def _ttrans_fit(inp: _TTransInputs, td: TaskData, cfg: EvalConfig, seed: int, lr
     if retrieval:  # what the metrics read: the held-out item's rank in the catalog
         logits = out.numpy()
         scores = retrieval_ranks(lambda r: logits[r], len(logits), td.y["test"],
-                                 td.history["test"] if cfg.retrieval_mask_seen else None)
+                                 td.excluded("test", cfg.retrieval_mask_seen))
     else:
         scores = (out[:, 0] * inp.t_std + inp.t_mean).numpy() if regression else torch.softmax(out, dim=1).numpy()
     info = {"params": num_params(model), "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss, "lr": lr,
@@ -1538,7 +1627,7 @@ def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, table
     if cfg.folds and any(t.table == LAST_EVENT for t in tasks):
         for name, table in real.items():
             held = pretrain_holdout(table.source)
-            if held is not None and held < 1:
+            if held is not None and held < max(t.holdout for t in tasks):
                 raise EvalError(
                     f"folds={cfg.folds} scores every user, including the encoder's pretraining users, and embeddings {name!r} "
                     f"come from an encoder pretrained on whole histories (holdout_last={held}): it has seen the held-out "
@@ -1550,14 +1639,15 @@ def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, table
     for t in tasks:
         if t.table == LAST_EVENT:
             for name, table in real.items():
-                if table.holdout_last != 1:
+                if table.holdout_last != t.holdout:
                     made = "unknown (no holdout_last column or embed manifest)" if table.holdout_last is None else table.holdout_last
                     raise EvalError(
-                        f"task {t.name!r} holds out each user's last event, but embeddings {name!r} ({table.source}) were made "
-                        f"with holdout_last={made}: they may have seen the label. Embed with `userfm embed --set holdout_last=1` "
-                        f"and evaluate held-out-event tasks (table {LAST_EVENT}) in a run of their own")
-        if t.target not in tables[t.table].column_names:
-            cols = [c for c in tables[t.table].column_names if c not in ("user_id", "split")]
+                        f"task {t.name!r} holds out each user's last {t.holdout} event(s), but embeddings {name!r} "
+                        f"({table.source}) were made with holdout_last={made}: they may have seen the label (or miss "
+                        f"history). Embed with `userfm embed --set holdout_last={t.holdout}` and evaluate the tasks of "
+                        f"each holdout (table {LAST_EVENT}) in a run of their own")
+        if t.target not in tables[t.label_table].column_names and not (t.table == LAST_EVENT and _category_level(t.target) is not None):
+            cols = [c for c in tables[t.label_table].column_names if c not in ("user_id", "split")]
             raise EvalError(f"task {t.name!r}: column {t.target!r} is not in table {t.table!r} (columns: {cols})")
         if t.users.startswith("service:") and t.users.split(":", 1)[1] not in manifest["services"]:
             raise EvalError(f"task {t.name!r}: users {t.users!r}: no service of that name; services: {sorted(manifest['services'])}")
@@ -1578,7 +1668,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         raise ConfigError("out is required (the run folder for results)")
     manifest = load_manifest(cfg.data)
     tasks, skipped_tasks = _available(cfg, load_tasks(cfg.tasks, cfg.only_tasks), manifest, progress)
-    tables = {name: _attribute_table(cfg.data, name) for name in sorted({t.table for t in tasks})}
+    tables = {name: _attribute_table(cfg.data, name) for name in sorted({t.label_table for t in tasks})}
     real = {n: load_embeddings(p, n) for n, p in cfg.embeddings.items() if p != RANDOM}
     _check(cfg, tasks, manifest, tables, real, progress)
     out = Path(cfg.out)
@@ -1643,7 +1733,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         test users: model -> {scores (one per seed), train_s, infer_s, saved, embedding, head, extra}."""
         task = td.task
         retrieval = task.type == "retrieval"
-        seen = td.history["test"] if retrieval and cfg.retrieval_mask_seen else None
+        seen = td.excluded("test", cfg.retrieval_mask_seen) if retrieval else None
         item_vectors = None
         if retrieval and cfg.retrieval_item_factors:  # no labels: the training users' histories only
             from userfm.cooc import catalog_vectors
@@ -1750,7 +1840,9 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         retrieval = task.type == "retrieval"
         task_info.append({
             "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
-            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen} if retrieval else {}),
+            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen, "catalog": task.catalog,
+                **({"n_items_ranked": sorted({len(td.classes) - len(o) for o in td.outside["test"]})}
+                   if td.outside else {})} if retrieval else {}),
             "holdout_last": td.holdout,
             "users": users_info, "left_out": td.left_out,
             "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
