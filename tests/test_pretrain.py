@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from userfm.pretrain import PretrainConfig, PretrainError, lr_at, run_pretrain
+from userfm.pretrain import PretrainConfig, PretrainError, early_stop_state, lr_at, run_pretrain
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -72,6 +72,39 @@ def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
     assert [int(x["step"]) for x in table] == [x["step"] for x in r]  # the CSV holds every row...
     assert float(table[-1]["val_loss"]) == pytest.approx(last["val_loss"])  # ...and keys first seen late
     assert any((Path(cfg.out) / "tb").iterdir())  # TensorBoard event file
+
+
+def test_early_stop_state_by_hand():
+    best, improved, stop = early_stop_state(None, 10, 5.0, patience=2)
+    assert (best, improved, stop) == ({"step": 10, "val_loss": 5.0, "bad": 0}, True, False)
+    best, improved, stop = early_stop_state(best, 20, 5.0, patience=2)  # equal is not lower
+    assert (best, improved, stop) == ({"step": 10, "val_loss": 5.0, "bad": 1}, False, False)
+    best, improved, stop = early_stop_state(best, 30, 4.0, patience=2)  # a new best resets the count
+    assert (best, improved, stop) == ({"step": 30, "val_loss": 4.0, "bad": 0}, True, False)
+    best, _, stop = early_stop_state(best, 40, 4.5, patience=2)
+    assert not stop
+    best, _, stop = early_stop_state(best, 50, 4.1, patience=2)
+    assert stop and best == {"step": 30, "val_loss": 4.0, "bad": 2}
+    assert not early_stop_state(best, 60, 9.0, patience=0)[2]  # patience 0: never stops
+
+
+def test_epoch_budget_and_early_stop_export_the_best(dataset):
+    """lr 0: the weights never change, so the second per-epoch validation loss equals the first (same held-out
+    batches, same masks) and patience 1 stops there, one epoch before the 3-epoch budget; model/ is the best
+    (the first evaluation), model_last/ the step it stopped at."""
+    cfg = quick(dataset, "early", lr=0.0, epochs=3, early_stop=1, max_steps=999)
+    summary = run_pretrain(cfg, progress=lambda s: None)
+    spe = summary["steps_per_epoch"]
+    assert summary["max_steps"] == 3 * spe
+    saved = json.loads((Path(cfg.out) / "config.json").read_text())["pretrain"]
+    assert (saved["max_steps"], saved["eval_every"], saved["checkpoint_every"]) == (3 * spe, spe, spe)
+    val = [x for x in rows(Path(cfg.out)) if "val_loss" in x]
+    assert [x["step"] for x in val] == [spe, 2 * spe] and val[0]["val_loss"] == val[1]["val_loss"]
+    assert val[1]["early_stop"] == 1 and val[1]["best_step"] == spe
+    assert summary["early_stopped"] and summary["final"]["step"] == 2 * spe
+    assert summary["exported"] == {"step": spe, "val_loss": val[0]["val_loss"], "which": "best"}
+    assert json.loads((Path(cfg.out) / "best" / "state.json").read_text())["step"] == spe
+    assert (Path(cfg.out) / "model" / "config.json").exists() and (Path(cfg.out) / "model_last" / "config.json").exists()
 
 
 def test_val_split_smaller_than_a_batch_still_gives_a_validation_loss(dataset):

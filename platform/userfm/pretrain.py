@@ -65,7 +65,12 @@ class PretrainConfig:
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 20  # linear warm-up steps, then cosine decay to 10% of lr
-    max_steps: int = 200  # optimizer steps in total
+    max_steps: int = 200  # optimizer steps in total (see epochs)
+    epochs: float = 0.0  # > 0: the budget in passes over the training users instead: max_steps = round(epochs x
+    #                      steps per epoch), fixed once the data is read (written to config.json); with eval_every 0,
+    #                      validation (and a checkpoint) once per epoch
+    early_stop: int = 0  # > 0: stop after this many validation evaluations in a row without a lower val loss
+    export: str = "best"  # model/ = the "best" weights by validation loss (model_last/ = the last step's), or the "last"
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     temperature: float = 0.1  # contrastive softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
@@ -119,6 +124,10 @@ class PretrainConfig:
             raise ValueError(f"cooc_dim must be >= 0 and cooc_min_users >= 1, got {self.cooc_dim}, {self.cooc_min_users}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
+        if self.epochs < 0 or self.early_stop < 0:
+            raise ValueError(f"epochs and early_stop must be >= 0, got {self.epochs}, {self.early_stop}")
+        if self.export not in ("best", "last"):
+            raise ValueError(f"export must be 'best' or 'last', got {self.export!r}")
         from userfm.features import FeatureConfig
 
         FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
@@ -270,7 +279,8 @@ def measure_peak_flops(threads: int, seconds: float = 1.0, n: int = 1024, dtype=
 # --------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig, enc_json: str, flops: float = 0.0) -> None:
+def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig, enc_json: str, flops: float = 0.0,
+                    best: dict | None = None) -> None:
     """Unwrapped weights as safetensors, optimizer via torch.save (read back with weights_only)."""
     import torch
     from safetensors.torch import save_file
@@ -281,7 +291,7 @@ def save_checkpoint(path: Path, model, head, opt, step: int, cfg: PretrainConfig
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()} or {"_empty": torch.zeros(1)},
               str(path / "head.safetensors"))
     torch.save(opt.state_dict(), path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps({"step": step, "flops": flops}))
+    (path / "state.json").write_text(json.dumps({"step": step, "flops": flops, "best": best}))
     (path / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_json)}))
 
 
@@ -295,6 +305,30 @@ def load_checkpoint(path: Path, model, head, opt) -> int:
     head.load_state_dict(head_state)
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def save_best(path: Path, model, step: int, val_loss: float, cfg: PretrainConfig, enc_json: str) -> None:
+    """The encoder weights of the lowest validation loss so far (what :func:`export` reads), replacing the last."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    m = getattr(model, "module", model)
+    save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / "model.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    (tmp / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_json)}))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def early_stop_state(best: dict | None, step: int, val: float, patience: int) -> tuple[dict, bool, bool]:
+    """One validation loss -> (the new best-so-far record {step, val_loss, bad}, whether this one is the new
+    best, whether to stop: ``patience`` > 0 evaluations in a row without a lower loss). Pure, for the loop."""
+    if best is None or val < best["val_loss"]:
+        return {"step": step, "val_loss": val, "bad": 0}, True, False
+    new = {**best, "bad": best["bad"] + 1}
+    return new, False, bool(patience) and new["bad"] >= patience
 
 
 def checkpoint_flops(path: Path) -> float | None:
@@ -405,12 +439,14 @@ def train_loop(config: dict) -> None:
     step = 0
     restored = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
     resume_from = config.get("resume_from")
-    saved_flops = None
+    saved_flops, best = None, None
     if restored is not None:
         with restored.as_directory() as d:
             step, saved_flops = load_checkpoint(Path(d), model, head, opt), checkpoint_flops(Path(d))
+            best = json.loads((Path(d) / "state.json").read_text()).get("best")
     elif resume_from:
         step, saved_flops = load_checkpoint(Path(resume_from), model, head, opt), checkpoint_flops(Path(resume_from))
+        best = json.loads((Path(resume_from) / "state.json").read_text()).get("best")
     head.to(device)
     # gradient_as_bucket_view: DDP's all-reduce buckets are the .grad tensors themselves (no copy in and
     # out of the buckets each step, and one gradient-sized buffer less). broadcast_buffers off: the only
@@ -463,6 +499,7 @@ def train_loop(config: dict) -> None:
         return float(total[0] / total[1]) if total[1] else None
 
     model.train()
+    stop = False
     epoch_start = step // steps_per_epoch
     for epoch in range(epoch_start, 10**9):
         if step >= cfg.max_steps:
@@ -506,6 +543,7 @@ def train_loop(config: dict) -> None:
             do_ckpt = step % cfg.checkpoint_every == 0 or last
             if not (do_log or do_eval or do_ckpt):
                 continue
+            stop = False
             row: dict[str, Any] = {"step": step, "epoch": epoch}
             if window["loss"]:
                 dt = time.perf_counter() - window["t0"]
@@ -529,23 +567,33 @@ def train_loop(config: dict) -> None:
                 val = run_eval()
                 if val is not None:
                     row["val_loss"] = val
+                    # every rank gets the same all-reduced loss, so every rank takes the same decision
+                    best, improved, stop = early_stop_state(best, step, val, cfg.early_stop)
+                    if improved and rank == 0:
+                        save_best(out / "best", model, step, val, cfg, config["encoder"])
+                    row["best_step"] = best["step"]
+                    if stop:
+                        row["early_stop"] = 1
+                        do_ckpt = True
             ckpt = None
             if do_ckpt:
                 tmp = Path(tempfile.mkdtemp(prefix="userfm-ckpt-"))
                 if rank == 0:
-                    save_checkpoint(tmp, model, head, opt, step, cfg, config["encoder"], flops=cum_flops)
+                    save_checkpoint(tmp, model, head, opt, step, cfg, config["encoder"], flops=cum_flops, best=best)
                     ckpt = ray.train.Checkpoint.from_directory(str(tmp))
             if log is not None:
                 log.write(row)
                 shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "val_loss", "samples_per_s", "mfu"))
-                print(f"[pretrain] step {step}/{cfg.max_steps} {shown}", flush=True)
+                print(f"[pretrain] step {step}/{cfg.max_steps} (epoch {step / steps_per_epoch:.1f}) {shown}"
+                      + (f" (best val at step {best['step']})" if do_eval and best else "")
+                      + (f"; stopping early: {cfg.early_stop} evaluations without a lower val loss" if stop else ""), flush=True)
             ray.train.report(row, checkpoint=ckpt)
             if do_ckpt:
                 shutil.rmtree(tmp, ignore_errors=True)
             window = {"t0": time.perf_counter(), "samples": 0, "events": 0, "flops": 0.0, "loss": [], "metrics": {}}
-            if step == cfg.stop_at_step:
+            if step == cfg.stop_at_step or stop:
                 break
-        if step == cfg.stop_at_step:
+        if step == cfg.stop_at_step or stop:
             break
     if log is not None:
         log.close()
@@ -770,6 +818,13 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         raise PretrainError(
             f"{n_train} training rows cannot fill one step of batch_size={cfg.batch_size} x num_workers={cfg.num_workers}"
         )
+    if cfg.epochs:
+        per_epoch = {"eval_every": steps_per_epoch, "checkpoint_every": steps_per_epoch} if not cfg.eval_every else {}
+        cfg = replace(cfg, max_steps=max(1, round(cfg.epochs * steps_per_epoch)), **per_epoch)
+        (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
+        progress(f"[pretrain] budget {cfg.epochs:g} epochs x {steps_per_epoch} steps/epoch = {cfg.max_steps} steps"
+                 + (f", validation every {cfg.eval_every} steps" if cfg.eval_every else "")
+                 + (f", early stop after {cfg.early_stop} evaluations without a lower val loss" if cfg.early_stop else ""))
     lengths = [datasets["train"].take(min(n_train, 256))]
     key = "length" if cfg.objective != "clue" else "a.length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
@@ -801,12 +856,25 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     if result.error:
         raise PretrainError(f"training failed: {result.error}")
     final_step = int(result.metrics.get("step", 0))
-    if final_step < cfg.max_steps:
+    early = bool(result.metrics.get("early_stop"))
+    if final_step < cfg.max_steps and not early:
         progress(f"[pretrain] stopped at step {final_step}/{cfg.max_steps} (stop_at_step); continue with --resume")
+    best = json.loads((out / "best" / "state.json").read_text()) if (out / "best" / "state.json").exists() else None
     with result.checkpoint.as_directory() as d:
-        export(Path(d), out / "model", vocabs, tok)
+        if cfg.export == "best" and best is not None and best["step"] != final_step:
+            export(out / "best", out / "model", vocabs, tok)
+            export(Path(d), out / "model_last", vocabs, tok)
+            progress(f"[pretrain] model/ = step {best['step']} (lowest val loss {best['val_loss']:.4g}); "
+                     f"model_last/ = step {final_step}")
+        else:
+            export(Path(d), out / "model", vocabs, tok)
+            shutil.rmtree(out / "model_last", ignore_errors=True)
     summary = {"out": str(out), "model": str(out / "model"), "train_seconds": round(train_s, 1),
-               "final": result.metrics, "steps_per_epoch": steps_per_epoch, "train_rows": n_train}
+               "final": result.metrics, "steps_per_epoch": steps_per_epoch, "train_rows": n_train,
+               "max_steps": cfg.max_steps, "early_stopped": early,
+               "exported": {"step": best["step"] if cfg.export == "best" and best else final_step,
+                            "val_loss": best["val_loss"] if cfg.export == "best" and best else result.metrics.get("val_loss"),
+                            "which": cfg.export if best else "last"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     progress(f"[pretrain] done in {train_s:.1f}s: final {json.dumps({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})}")
     progress(f"[pretrain] exported encoder -> {out / 'model'} (userfm.load_encoder)")
