@@ -200,6 +200,8 @@ def _check_run(out: Path, printed: str, n_stages: int, users: dict[str, dict[str
     summary = json.loads((out / "demo_summary.json").read_text())
     clue = summary["pretrain"]["clue"]
     assert (clue["users_embedded"], clue["users_embedded_heldout"]) == (11, 10)  # user 10 has nothing left
+    # real data: the epoch budget (30 epochs of ~4 steps here), capped at pretrain_steps
+    assert clue["max_steps"] == 2 and clue["budget"].startswith("at most 30 epochs and 2 steps") and not clue["early_stopped"]
     held = json.loads((out / "embeddings_heldout" / "clue" / "manifest.json").read_text())
     assert (held["holdout_last"], held["skipped_by_reason"]) == (1, {"no_events_after_holdout": 1})
     assert set(summary["evaluate"]["headline"]) >= set(users)
@@ -415,6 +417,21 @@ def test_demo_other_formats(fmt, tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
     run_demo(_tiny(out, writer(tmp_path / "src"), fmt))
     _check_run(out, capsys.readouterr().out, 8, users, kinds, skipped)
+
+
+def test_pretrain_recipe(tmp_path):
+    from userfm.demo import REAL_EPOCHS, pretrain_recipe
+
+    synth, why = pretrain_recipe(DemoConfig())
+    assert synth == {"max_steps": 400, "eval_every": 100, "checkpoint_every": 200, "log_every": 40, "export": "last"}
+    assert why == "400 steps, the last weights (synthetic data: a fresh sample every user)"
+    real, why = pretrain_recipe(DemoConfig(data=str(tmp_path), format="events"))
+    assert (real["epochs"], real["early_stop"], real["eval_every"], real["export"], real["max_steps"]) == (REAL_EPOCHS, 3, 0, "best", 400)
+    assert why.startswith("at most 30 epochs and 400 steps, validated every epoch, stopped after 3 epochs") and "real data" in why
+    fixed, why = pretrain_recipe(DemoConfig(data=str(tmp_path), format="events", pretrain_epochs=0, pretrain_steps=80))
+    assert "epochs" not in fixed and fixed["max_steps"] == 80 and why == "80 steps, the last weights (set in the config)"
+    mine, _ = pretrain_recipe(DemoConfig(pretrain_epochs=5, pretrain_patience=2))
+    assert (mine["epochs"], mine["early_stop"]) == (5, 2)
 
 
 def test_eval_folds_config(tmp_path):

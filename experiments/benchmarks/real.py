@@ -105,7 +105,11 @@ def run_set(name: str, args: argparse.Namespace) -> str:
             f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()} "
             f"{platform.processor() or ''}, {os.cpu_count()} CPUs)".replace(" ,", ","), "",
             f"CLUE pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
-            f"{_num(pre.get('val_loss'))}); head seeds {cfg.eval_seeds}; evaluation "
+            f"{_num(pre.get('val_loss'))})"
+            + (f"; budget: {pre['budget']}; exported the weights of step {pre['exported']['step']} (val loss "
+               f"{_num(pre['exported']['val_loss'])}){', stopped early' if pre.get('early_stopped') else ''}"
+               if pre.get("exported") else "")
+            + f"; head seeds {cfg.eval_seeds}; evaluation "
             + (f"{summary['evaluate']['folds']}-fold cross-fitted" if (summary.get("evaluate") or {}).get("folds")
                else "on the test split") + ".", "",
             f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",

@@ -65,9 +65,9 @@ class PretrainConfig:
     lr: float = 2e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 20  # linear warm-up steps, then cosine decay to 10% of lr
-    max_steps: int = 200  # optimizer steps in total (see epochs)
-    epochs: float = 0.0  # > 0: the budget in passes over the training users instead: max_steps = round(epochs x
-    #                      steps per epoch), fixed once the data is read (written to config.json); with eval_every 0,
+    max_steps: int = 200  # optimizer steps in total (with epochs: at most)
+    epochs: float = 0.0  # > 0: the budget in passes over the training users: max_steps = min(max_steps, round(epochs x
+    #                      steps per epoch)), fixed once the data is read (written to config.json); with eval_every 0,
     #                      validation (and a checkpoint) once per epoch
     early_stop: int = 0  # > 0: stop after this many validation evaluations in a row without a lower val loss
     export: str = "best"  # model/ = the "best" weights by validation loss (model_last/ = the last step's), or the "last"
@@ -820,9 +820,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         )
     if cfg.epochs:
         per_epoch = {"eval_every": steps_per_epoch, "checkpoint_every": steps_per_epoch} if not cfg.eval_every else {}
-        cfg = replace(cfg, max_steps=max(1, round(cfg.epochs * steps_per_epoch)), **per_epoch)
+        want = max(1, round(cfg.epochs * steps_per_epoch))
+        capped = want > cfg.max_steps
+        cfg = replace(cfg, max_steps=min(want, cfg.max_steps), **per_epoch)
         (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
-        progress(f"[pretrain] budget {cfg.epochs:g} epochs x {steps_per_epoch} steps/epoch = {cfg.max_steps} steps"
+        progress(f"[pretrain] budget {cfg.epochs:g} epochs x {steps_per_epoch} steps/epoch = {want} steps"
+                 + (f", capped at max_steps {cfg.max_steps} ({cfg.max_steps / steps_per_epoch:.1f} epochs)" if capped else "")
                  + (f", validation every {cfg.eval_every} steps" if cfg.eval_every else "")
                  + (f", early stop after {cfg.early_stop} evaluations without a lower val loss" if cfg.early_stop else ""))
     lengths = [datasets["train"].take(min(n_train, 256))]
