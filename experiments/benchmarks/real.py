@@ -93,23 +93,23 @@ def run_set(name: str, args: argparse.Namespace) -> str:
         raise SystemExit(f"[real] {name}: no folder {data} (the shared real data; --data-root points at it)")
     out = Path(args.out) / name
     cfg = DemoConfig(out=str(out / "run"), data=str(data), eval_seeds=args.seeds, report=False, serve=False,
-                     baselines=DemoConfig.baselines + ("sasrec",),
+                     baselines=DemoConfig.baselines + ("sasrec",), objectives=tuple(args.objectives),
                      **({"pretrain_steps": args.steps} if args.steps else {}),
                      **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {})})
     t0 = time.perf_counter()
     summary = run_demo(cfg, num_cpus=args.num_cpus)
     wall = time.perf_counter() - t0
     results = json.loads((out / "run" / "evaluate" / "results.json").read_text())
-    pre = summary["pretrain"].get("clue", {})
     text = [f"# Real data: {name} ({data.name})", "",
             f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()} "
             f"{platform.processor() or ''}, {os.cpu_count()} CPUs)".replace(" ,", ","), "",
-            f"CLUE pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
-            f"{_num(pre.get('val_loss'))})"
-            + (f"; budget: {pre['budget']}; exported the weights of step {pre['exported']['step']} (val loss "
-               f"{_num(pre['exported']['val_loss'])}){', stopped early' if pre.get('early_stopped') else ''}"
-               if pre.get("exported") else "")
-            + f"; head seeds {cfg.eval_seeds}; evaluation "
+            *(f"{obj.upper()} pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
+              f"{_num(pre.get('val_loss'))})"
+              + (f"; exported the weights of step {pre['exported']['step']} (val loss {_num(pre['exported']['val_loss'])})"
+                 f"{', stopped early' if pre.get('early_stopped') else ''}" if pre.get("exported") else "") + "."
+              for obj, pre in summary["pretrain"].items()), "",
+            f"Pretraining budget: {next(iter(summary['pretrain'].values()), {}).get('budget', '-')}.", "",
+            f"Head seeds {cfg.eval_seeds}; evaluation "
             + (f"{summary['evaluate']['folds']}-fold cross-fitted" if (summary.get("evaluate") or {}).get("folds")
                else "on the test split") + ".", "",
             f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",
@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
+    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future)")
     args = ap.parse_args()
     for name in args.sets:
         run_set(name, args)

@@ -56,6 +56,8 @@ class DemoConfig:
     clue_crop: float = 0.5  # clue: each step, each service view keeps a random time window of U[clue_crop, 1] of its span
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
+    objectives: tuple[str, ...] = ()  # also pretrain these next to CLUE (e.g. future: userfm.future), each embedded,
+    #                      evaluated and compared with the yardsticks like CLUE; CLUE stays the served model
     item_id_buckets: int = 0  # > 0: encoders add a learned embedding per hashed item identity (PretrainConfig.item_id_buckets)
     cooc_dim: int = 32  # item co-occurrence vectors fitted on the training users and fed to the encoders (PretrainConfig.cooc_dim); 0 = off
     time_fields: tuple[str, ...] | None = None  # calendar fields each event embeds (PretrainConfig.time_fields); None =
@@ -86,6 +88,11 @@ class DemoConfig:
             raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
+        from userfm.pretrain import OBJECTIVES
+
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad:
+            raise ValueError(f"objectives: unknown {bad}; choose from {OBJECTIVES}")
         if self.tasks is not None and not Path(self.tasks).is_file():
             raise ValueError(f"--tasks {self.tasks!r}: no such file (task files: {_TASKS_DIR})")
 
@@ -109,6 +116,7 @@ def _default_tasks(cfg: DemoConfig) -> Path:
     return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
 
 
+FUTURE_ITEM_BUCKETS = 32_768  # future: hashed item-id embeddings, on the input and the target side (id-only logs too)
 REAL_EPOCHS = 30.0  # the epoch budget on real data (early stopping usually ends it sooner)
 
 
@@ -346,7 +354,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     from userfm.pretrain import PretrainConfig, run_pretrain
 
     raw, dataset = out / "raw", out / "dataset"
-    objectives = (("clue", "mlm", "simclr") if cfg.compare else ("clue",)) if cfg.pretrain_steps else ()
+    extra = tuple(o for o in cfg.objectives if o != "clue")
+    objectives = tuple(dict.fromkeys((("clue", "mlm", "simclr") if cfg.compare else ("clue",)) + extra)) if cfg.pretrain_steps else ()
     tasks = _default_tasks(cfg)
 
     def n_stages(passes) -> int:  # data, Ray, ingest, summary; per objective pretrain + embed(s); evaluate; report; serve
@@ -408,7 +417,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
             pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
-            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop, item_id_buckets=cfg.item_id_buckets,
+            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
+            item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective == "future" else 0),
             cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
             num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout, **recipe,
         )

@@ -202,11 +202,7 @@ class UserEncoder(nn.Module):
         if l > self.config.max_events:
             raise ValueError(f"{l} events per user > max_events {self.config.max_events}")
         valid_ev = torch.arange(l, device=service.device)[None, :] < batch["length"][:, None]  # (B, L)
-        x = self.item(batch)  # (B, L, d)
-        if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out below
-            x = x + self.item_ids(torch.remainder(batch["text_hash"], self.config.item_id_buckets))
-        if self.cooc is not None:
-            x = x + self.cooc(self.cooc_lookup(batch["text_hash"]))
+        x = self.item_vectors(batch)  # (B, L, d)
         time = batch["time"]
         for j, emb in enumerate(self.times):
             x = x + emb(time[..., j])
@@ -219,6 +215,16 @@ class UserEncoder(nn.Module):
         valid = torch.cat([valid_ev.new_ones(b, 1), valid_ev], dim=1)  # (B, 1+L)
         h = self.transformer(self.drop(x), src_key_padding_mask=~valid)  # (B, 1+L, d)
         return h, valid
+
+    def item_vectors(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, L, d): each event's item part of the input (item encoder + hashed item id + co-occurrence
+        vector; no time, service or position): the item representation the ``future`` objective scores."""
+        x = self.item(batch)  # (B, L, d)
+        if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out by the callers
+            x = x + self.item_ids(torch.remainder(batch["text_hash"], self.config.item_id_buckets))
+        if self.cooc is not None:
+            x = x + self.cooc(self.cooc_lookup(batch["text_hash"]))
+        return x
 
     def set_cooc(self, hashes, vectors) -> None:
         """Fill the co-occurrence table: hashes (cooc_items,) sorted int64, vectors (cooc_items, cooc_dim)."""
@@ -247,14 +253,17 @@ class UserEncoder(nn.Module):
             z = torch.where(n > 0, (h[:, 1:] * ev).sum(1) / n.clamp(min=1), h[:, 0])
         return self.out(z) if self.out is not None else z
 
-    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False):
+    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False, items: Mapping[str, Tensor] | None = None):
         """Batch of users -> (B, embed_dim) user embeddings.
 
         With ``return_hidden`` -> ``(z, h, valid)`` (see :meth:`hidden`), so objectives that read hidden
-        states (MLM) still call the module through DDP's forward.
+        states (MLM) still call the module through DDP's forward. With ``items`` (a batch of events) ->
+        ``(z, item_vectors(items))``, for the same reason (the ``future`` objective's targets).
         """
         h, valid = self.hidden(batch)
         z = self.pool(h, valid)
+        if items is not None:
+            return z, self.item_vectors(items)
         return (z, h, valid) if return_hidden else z
 
 

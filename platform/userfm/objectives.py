@@ -30,7 +30,7 @@ from userfm.encoders import EncoderConfig
 from userfm.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
 
-OBJECTIVES = ("mlm", "simclr", "clue")
+OBJECTIVES = ("mlm", "simclr", "clue", "future")
 ITEM_KEYS = ("service", "category", "text_hash", "tokens", "text_vector")  # what "replace an item" swaps
 TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
@@ -52,10 +52,15 @@ class ObjectiveConfig:
     clue_crop: float = 1.0  # clue: each step, each view keeps a random time window of U[clue_crop, 1] x its span (1 = whole views, the same pair every epoch)
     mini_batch_size: int = 0  # simclr/clue: GradCache mini-batch (rows); 0 = one plain forward
     proj_dim: int = 0  # simclr/clue: output size of SimCLR's projection MLP g(.) the loss is computed on; 0 = no projection
+    future_window: int = 16  # future: events after the cut the user embedding predicts (userfm.future)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "future" and self.mini_batch_size:
+            raise ValueError("mini_batch_size (GradCache) applies to simclr/clue, not future")
+        if self.future_window < 1:
+            raise ValueError(f"future_window must be >= 1, got {self.future_window}")
         if self.single_service not in ("time_split", "skip"):
             raise ValueError(f"single_service must be 'time_split' or 'skip', got {self.single_service!r}")
         for name in ("mask_rate", "replace_rate", "shuffle_prob", "event_mask_rate", "crop_min_fraction", "clue_crop"):
@@ -368,10 +373,27 @@ class ContrastiveHead(nn.Module):
         return self.projection(z)
 
 
+class FutureHead(nn.Module):
+    """future's own parameters: the temperature and a linear map of the user embedding into the item-vector
+    space (the encoder's ``item_vectors``, d_model wide) its targets live in."""
+
+    def __init__(self, d_in: int, d_item: int, temperature: float, learnable: bool = False):
+        super().__init__()
+        self.temperature = Temperature(temperature, learnable=learnable)
+        self.projection = nn.Linear(d_in, d_item)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(n, d_in) -> (n, d_item)."""
+        return self.projection(z)
+
+
 def build_head(cfg: ObjectiveConfig, encoder_cfg: EncoderConfig) -> nn.Module:
-    """The objective's own parameters: :class:`MLMHead` (mlm) or :class:`ContrastiveHead` (simclr/clue)."""
+    """The objective's own parameters: :class:`MLMHead` (mlm), :class:`ContrastiveHead` (simclr/clue) or
+    :class:`FutureHead` (future)."""
     if cfg.objective == "mlm":
         return MLMHead(encoder_cfg)
+    if cfg.objective == "future":
+        return FutureHead(encoder_cfg.embed_dim, encoder_cfg.d_model, cfg.temperature, cfg.learnable_temperature)
     return ContrastiveHead(encoder_cfg.embed_dim, cfg.proj_dim, cfg.temperature, cfg.learnable_temperature)
 
 
@@ -404,7 +426,7 @@ def loss_and_backward(
     Returns:
         (loss detached, metrics dict of floats).
     """
-    if cfg.objective == "mlm" or cfg.mini_batch_size <= 0:
+    if cfg.objective in ("mlm", "future") or cfg.mini_batch_size <= 0:
         loss, metrics = pretext_loss(model, head, batch, cfg, time_fields)
         loss.backward()
         average_grads(head)
@@ -446,6 +468,14 @@ def pretext_loss(
         z, h, _ = model(batch, return_hidden=True)  # h: (B, 1+L, d)
         loss, metrics = mlm_loss(h, batch, head, time_fields)
         return loss + 0.0 * z.sum(), metrics
+    if cfg.objective == "future":  # history before the cut (a) -> every item of the window after it (b)
+        from userfm.future import future_loss
+
+        a, b = _model_views(batch)
+        z, items = model(a, items=b)  # (B, d), (B, W, d_model)
+        valid = torch.arange(items.shape[1], device=items.device)[None, :] < b["length"][:, None]
+        loss, acc = future_loss(head(z), items, valid, b["text_hash"], head.temperature())
+        return loss, {"temperature": float(head.temperature().detach()), "future/top1": acc}
     a, b = _model_views(batch)
     n = len(a["length"])
     z = model(_concat_torch([a, b]))  # (2n, d)

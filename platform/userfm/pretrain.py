@@ -37,7 +37,7 @@ import numpy as np
 from userfm.errors import UserfmError
 from userfm.features import CALENDAR_FIELDS
 
-OBJECTIVES = ("mlm", "simclr", "clue")
+OBJECTIVES = ("mlm", "simclr", "clue", "future")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -49,7 +49,7 @@ class PretrainError(UserfmError):
 class PretrainConfig:
     data: str = ""  # sequence dataset folder (from `userfm ingest`)
     out: str = "runs/pretrain"  # run folder: metrics, checkpoints, exported model
-    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue
+    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.future)
     item_encoder: str = "text"  # category | text (BPE + item transformer) | minilm (frozen vectors)
     size: str = "tiny"  # named encoder size: tiny | small | base | large
     out_dim: int = 0  # user embedding size; 0 = the model width
@@ -76,6 +76,7 @@ class PretrainConfig:
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
     proj_dim: int = 0  # simclr/clue: SimCLR projection MLP (embed_dim -> embed_dim -> proj_dim) under the loss; embeddings are taken before it; 0 = none
     mask_rate: float = 0.15  # mlm: fraction of events masked
+    future_window: int = 16  # future: events after each step's random cut that the user embedding predicts
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
     clue_crop: float = 1.0  # clue: each step, each view keeps a random time window of U[clue_crop, 1] x its span; 1 = whole views (fixed pairs)
     services: tuple[str, ...] = ()  # pretrain on these services' events only (cross-service transfer); () = all
@@ -131,6 +132,10 @@ class PretrainConfig:
         from userfm.features import FeatureConfig
 
         FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
+        if self.objective == "future" and self.mini_batch_size:
+            raise ValueError("mini_batch_size (GradCache) applies to simclr/clue, not future")
+        if self.future_window < 1:
+            raise ValueError(f"future_window must be >= 1, got {self.future_window}")
         if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size must be in [0, batch_size], got {self.mini_batch_size}")
 
@@ -150,6 +155,7 @@ def _objective_config(cfg: PretrainConfig):
         mini_batch_size=cfg.mini_batch_size,
         proj_dim=cfg.proj_dim,
         clue_crop=cfg.clue_crop,
+        future_window=cfg.future_window,
     )
 
 
@@ -232,13 +238,17 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views."""
+    """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views, future's cut."""
     from userfm.objectives import crop_views, mask_events, simclr_views
 
     if cfg.objective == "mlm":
         return mask_events(nb, cfg.mask_rate, rng)
     if cfg.objective == "simclr":
         return simclr_views(nb, _objective_config(cfg), rng)
+    if cfg.objective == "future":
+        from userfm.future import future_views
+
+        return future_views(nb, cfg.future_window, rng)
     return crop_views(nb, cfg.clue_crop, rng)
 
 

@@ -1,0 +1,89 @@
+"""The future objective (userfm.future): the per-step cut by hand, the dense all-action loss by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from userfm.future import future_loss, future_views
+
+
+def _batch():
+    # 3 users, width 5: item ids 10.. as text_hash, category = hash as well, lengths 5, 1, 3
+    length = np.array([5, 1, 3])
+    th = np.array([[11, 12, 13, 14, 15], [21, 0, 0, 0, 0], [31, 32, 33, 0, 0]], np.int64)
+    return {"service": (th > 0).astype(np.int64), "text_hash": th, "category": th[..., None] % 7,
+            "time": np.stack([th, th], -1) % 5, "length": length, "pair_kind": np.zeros(3, np.int64)}
+
+
+def test_future_views_by_hand():
+    batch = _batch()
+    r = np.random.default_rng(4).random(3)
+    cut = [1 + int(math.floor(r[0] * 4)), 1, 1 + int(math.floor(r[2] * 2))]  # user 1 (one event) keeps it, no targets
+    out = future_views(batch, window=2, rng=np.random.default_rng(4))
+    assert "a.pair_kind" not in out and set(out) == {f"{v}.{k}" for v in "ab" for k in ("service", "text_hash", "category", "time",
+                                                                                      "length")} | {"a.masked"}
+    assert out["a.masked"].shape == (3, 5) and not out["a.masked"].any()
+    assert out["a.length"].tolist() == cut
+    assert out["b.length"].tolist() == [min(5 - cut[0], 2), 0, min(3 - cut[2], 2)]
+    for u, n in enumerate([5, 1, 3]):
+        row = batch["text_hash"][u]
+        a = out["a.text_hash"][u]
+        assert a.shape == (5,) and a[:cut[u]].tolist() == row[:cut[u]].tolist() and not a[cut[u]:].any()
+        nb = out["b.length"][u]
+        b = out["b.text_hash"][u]
+        assert b.shape == (2,) and b[:nb].tolist() == row[cut[u]:cut[u] + nb].tolist() and not b[nb:].any()
+        assert out["b.time"][u, :nb].tolist() == batch["time"][u, cut[u]:cut[u] + nb].tolist()
+    # every cut leaves >= 1 event on both sides for users with >= 2 events
+    many = future_views({**batch, "length": np.array([2, 2, 2])}, window=3, rng=np.random.default_rng(0))
+    assert many["a.length"].tolist() == [1, 1, 1] and many["b.length"].tolist() == [1, 1, 1]
+
+
+def _loss_by_hand(user, items, valid, keys, t, log_q):
+    pairs = [(u, w) for u in range(valid.shape[0]) for w in range(valid.shape[1]) if valid[u, w]]
+    p = len(pairs)
+    cand = [items[u, w] / np.linalg.norm(items[u, w]) for u, w in pairs]
+    ck = [keys[u, w] for u, w in pairs]
+    total, hits = 0.0, 0
+    for i, (u, w) in enumerate(pairs):
+        q = user[u] / np.linalg.norm(user[u])
+        logits = []
+        for j in range(p):
+            if j != i and ck[j] == ck[i]:
+                logits.append(-np.inf)
+                continue
+            s = float(q @ cand[j]) / t
+            if log_q:
+                s -= math.log(ck.count(ck[j]) / p)
+            logits.append(s)
+        logits = np.array(logits)
+        m = logits[np.isfinite(logits)].max()
+        total += -(logits[i] - (m + math.log(np.exp(logits[np.isfinite(logits)] - m).sum())))
+        hits += int(np.argmax(logits) == i)
+    return total / p, hits / p
+
+
+@pytest.mark.parametrize("log_q", [True, False])
+def test_future_loss_by_hand(log_q):
+    rng = np.random.default_rng(0)
+    user = rng.normal(size=(3, 4))
+    items = rng.normal(size=(3, 2, 4))
+    valid = np.array([[True, True], [True, False], [True, True]])
+    keys = np.array([[1, 2], [2, 0], [3, 1]])  # items 1 and 2 each the target of two users
+    want, acc = _loss_by_hand(user, items, valid, keys, 0.5, log_q)
+    got, got_acc = future_loss(torch.tensor(user), torch.tensor(items), torch.tensor(valid), torch.tensor(keys), 0.5, log_q)
+    assert float(got) == pytest.approx(want, rel=1e-9) and got_acc == pytest.approx(acc)
+
+
+def test_future_loss_gradients_and_empty_batch():
+    user = torch.randn(2, 4, requires_grad=True)
+    items = torch.randn(2, 3, 4, requires_grad=True)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    loss, _ = future_loss(user, items, valid, torch.tensor([[1, 2, 0], [3, 0, 0]]), 0.1)
+    loss.backward()
+    assert user.grad.abs().sum() > 0 and items.grad[:, 2].abs().sum() == 0  # padding gets no gradient
+    empty, acc = future_loss(user, items, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.long), 0.1)
+    assert float(empty.detach()) == 0.0 and acc == 0.0 and empty.requires_grad
