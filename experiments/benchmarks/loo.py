@@ -1,0 +1,169 @@
+"""Leave-one-out next item over ALL users, as the SASRec / HSTU tables report it, beside ``userfm evaluate``'s
+user-disjoint split.
+
+Every user with at least 3 items is scored. Models train on every user's items minus the last two, select on
+the second-to-last (given the items before it), and are tested on the last (given every item before it), with
+full ranking over the catalog; HR@10 and NDCG@10 with 95 % bootstrap intervals over users, seen items masked
+and not, and each row's paired difference to the best yardstick (popularity, item-kNN, SASRec from scratch).
+A pretrained encoder enters frozen: its embedding of items[:-2] trains a retrieval head towards item[-2]
+(90 % of users; the other 10 % early-stop it), and its embedding of items[:-1] is scored on item[-1]. The
+encoder is the demo run's, so pretrained on the training users' histories (with whatever holdout_last the run
+used): the table says which.
+
+    python experiments/benchmarks/loo.py RUN                       # a demo run folder (dataset/, pretrain/)
+    python experiments/benchmarks/loo.py runs/real/movielens/run --objectives clue future --name movielens
+
+Writes ``OUT/loo.md`` (default: RUN/loo/) and, with ``--name``, ``docs/results/loo-<name>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+K = 10
+
+
+def _split_users(users: list[str], val_share: float = 0.1) -> np.ndarray:
+    """True for the users whose second-to-last item early-stops the heads (a salted hash: stable, spread)."""
+    from userfm.evaluate import label_rank
+
+    rank = label_rank(np.asarray(users, dtype=object))
+    return rank < np.quantile(rank, val_share)
+
+
+def _embed(run: Path, objective: str, holdout: int, out: Path) -> Path:
+    """The run's embedding table of the encoder ``objective`` with the last ``holdout`` events held out (reused
+    from the run when it made one, else made here with ``userfm embed``)."""
+    from userfm.demo import embeddings_key
+
+    have = run / embeddings_key(holdout) / objective
+    if have.is_dir():
+        return have
+    from userfm.embed import EmbedConfig, run_embed
+
+    dest = out / f"emb{holdout}" / objective
+    if not dest.is_dir():
+        run_embed(EmbedConfig(model=str(run / "pretrain" / objective / "model"), data=str(run / "dataset"), out=str(dest),
+                              holdout_last=holdout))
+    return dest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__)
+    ap.add_argument("run", help="a demo run folder (dataset/, pretrain/<objective>/model)")
+    ap.add_argument("--objectives", nargs="*", default=["clue"], help="pretrained encoders of the run to score (default: clue)")
+    ap.add_argument("--no-sasrec", action="store_true", help="skip SASRec (minutes per fit on large catalogs)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
+    ap.add_argument("--out", default=None, help="output folder (default: RUN/loo)")
+    ap.add_argument("--name", default=None, help="also write docs/results/loo-<name>.md")
+    args = ap.parse_args()
+
+    from userfm import metrics as M
+    from userfm.evaluate import EvalConfig, TaskConfig, _fmt, _fmt_diff, fit_retrieval, item_histories, load_embeddings, retrieval_ranks
+    from userfm.item_knn import item_cosine, knn_scorer
+    from userfm.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
+
+    run = Path(args.run)
+    data = run / "dataset"
+    out = Path(args.out) if args.out else run / "loo"
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    catalog, items = item_histories(data)
+    users = sorted(u for u, h in items.items() if len(h) >= 3)
+    n_items = len(catalog)
+    train = [items[u][:-2] for u in users]  # what every model fits on
+    hist_val, y_val = train, np.array([items[u][-2] for u in users])
+    hist_test, y_test = [items[u][:-1] for u in users], np.array([items[u][-1] for u in users])
+    print(f"[loo] {len(users):,} users with >= 3 items ({len(items) - len(users):,} left out), {n_items:,} items", flush=True)
+    counts = np.bincount(np.concatenate(train), minlength=n_items).astype(np.float64)
+    ranks: dict[str, dict[bool, np.ndarray]] = {}  # model -> masked? -> (n,) test ranks
+    info: dict[str, str] = {}
+    timings: dict[str, float] = {}
+
+    def score(name: str, fn, hist=hist_test, y=y_test) -> None:
+        ranks[name] = {m: retrieval_ranks(fn, len(y), y, hist if m else None) for m in (False, True)}
+
+    t0 = time.perf_counter()
+    score("popularity", lambda r: np.repeat(counts[None, :], len(r), axis=0))
+    timings["popularity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sim = item_cosine(train, n_items)
+    val_hr = {m: M.hit_rate_at_k(retrieval_ranks(knn_scorer(sim, hist_val, m, counts), len(y_val), y_val), K)
+              for m in (1, 3, 10, 0)}
+    best_m = max(val_hr, key=val_hr.get)
+    score("item-knn", knn_scorer(sim, hist_test, best_m, counts))
+    info["item-knn"] = f"last {best_m or 'all'} items (val HR@10 " + ", ".join(f"{k or 'all'}: {v:.4f}" for k, v in val_hr.items()) + ")"
+    timings["item-knn"] = time.perf_counter() - t0
+
+    if not args.no_sasrec:
+        t0 = time.perf_counter()
+        scfg = SASRecConfig(seed=args.seed)
+        model, sinfo = fit_sasrec(train, hist_val, y_val, n_items, scfg)
+        score("sasrec", sasrec_scorer(model, hist_test, scfg.max_len))
+        info["sasrec"] = f"best epoch {sinfo['best_epoch']} of {sinfo['epochs']}, {sinfo['params']:,} parameters"
+        timings["sasrec"] = time.perf_counter() - t0
+        print(f"[loo] sasrec: {info['sasrec']} ({timings['sasrec']:.0f} s)", flush=True)
+
+    ecfg = EvalConfig()
+    task = TaskConfig(name="loo", table="last_event", target="item_id", type="retrieval")
+    is_val = _split_users(users)
+    uid = np.asarray(users, dtype=object)
+    for obj in args.objectives:
+        pre = json.loads((run / "pretrain" / obj / "config.json").read_text())["pretrain"]
+        x2 = load_embeddings(_embed(run, obj, 2, out)).lookup(uid)
+        x1 = load_embeddings(_embed(run, obj, 1, out)).lookup(uid)
+        for head, hidden in (("logreg", 0), ("mlp", ecfg.mlp_hidden)):
+            t0 = time.perf_counter()
+            fitted = fit_retrieval(x2[~is_val], y_val[~is_val], x2[is_val], y_val[is_val], task=task, classes=catalog,
+                                   cfg=ecfg, seed=args.seed, history=[h for h, v in zip(train, is_val) if not v], hidden=hidden)
+            name = f"{obj}/{head}"
+            score(name, lambda r, f=fitted: f.logits(x1[r]))
+            info[name] = f"encoder pretrained with holdout_last={pre.get('holdout_last', 0)} on the training users"
+            timings[name] = time.perf_counter() - t0
+            print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
+
+    yard = [m for m in ("popularity", "item-knn", "sasrec") if m in ranks]
+    lines = [f"# Leave-one-out next item, all users: {run}", "",
+             f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
+             f"{os.cpu_count()} CPUs); {len(users):,} users, {n_items:,} items, full ranking; wall {time.perf_counter() - t_all:.0f} s.", ""]
+    as_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
+    hr = lambda r: M.hit_rate_at_k(r, K)  # noqa: E731
+    nd = lambda r: M.ndcg_at_k(r, K)  # noqa: E731
+    for masked in (False, True):
+        best = max(yard, key=lambda m: hr(ranks[m][masked]))
+        lines += [f"## Seen items {'masked' if masked else 'not masked'} (best yardstick: {best})", "",
+                  "| model | HR@10 [95 % CI] | vs best yardstick | NDCG@10 [95 % CI] | fit s |", "|---|---|---|---|---|"]
+        for name, rk in ranks.items():
+            r = rk[masked]
+            row_hr = M.bootstrap_interval(hr, [r], args.bootstrap, args.seed)
+            row_nd = M.bootstrap_interval(nd, [r], args.bootstrap, args.seed)
+            diff = ("(best)" if name == best else
+                    _fmt_diff(as_ci(M.bootstrap_difference(hr, [r], [ranks[best][masked]], n_samples=args.bootstrap,
+                                                           seed=args.seed))))
+            lines.append(f"| {name} | {_fmt(as_ci(row_hr))} | {diff} | {_fmt(as_ci(row_nd))} | {timings.get(name, 0):.1f} |")
+        lines.append("")
+    lines += [f"- {k}: {v}" for k, v in info.items()] + [""]
+    md = "\n".join(lines)
+    (out / "loo.md").write_text(md)
+    print(md, flush=True)
+    if args.name:
+        dest = REPO / "docs" / "results" / f"loo-{args.name}.md"
+        dest.write_text(md)
+        print(f"[loo] wrote {out / 'loo.md'} and {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
