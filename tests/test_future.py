@@ -87,3 +87,44 @@ def test_future_loss_gradients_and_empty_batch():
     assert user.grad.abs().sum() > 0 and items.grad[:, 2].abs().sum() == 0  # padding gets no gradient
     empty, acc = future_loss(user, items, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.long), 0.1)
     assert float(empty.detach()) == 0.0 and acc == 0.0 and empty.requires_grad
+
+
+# ---------------------------------------------------------------------------------------- next (userfm.next_event)
+
+
+def test_next_loss_is_the_dense_loss_over_position_pairs_by_hand():
+    from userfm.next_event import next_loss
+
+    rng = np.random.default_rng(1)
+    states = rng.normal(size=(2, 4, 3))
+    items = rng.normal(size=(2, 4, 3))
+    length = np.array([4, 2])
+    keys = np.array([[5, 6, 5, 7], [6, 8, 0, 0]])
+    # pairs (user, t) -> state[u, t] predicts item[u, t + 1]: (0,0)->6 (0,1)->5 (0,2)->7 (1,0)->8
+    pairs = [(0, 0), (0, 1), (0, 2), (1, 0)]
+    user = np.stack([states[u, t] for u, t in pairs])
+    targets = np.stack([items[u, t + 1] for u, t in pairs])[:, None]
+    tkeys = np.array([keys[u, t + 1] for u, t in pairs])[:, None]
+    want, acc = _loss_by_hand(user, targets, np.ones((4, 1), bool), tkeys, 0.2, True)
+    got, got_acc = next_loss(torch.tensor(states), torch.tensor(items), torch.tensor(length), torch.tensor(keys), 0.2)
+    assert float(got) == pytest.approx(want, rel=1e-9) and got_acc == pytest.approx(acc)
+
+
+def test_causal_encoder_state_ignores_later_events_and_last_pooling():
+    from userfm.encoders import EncoderConfig, UserEncoder
+
+    torch.manual_seed(0)
+    enc = UserEncoder(EncoderConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, max_events=8, dropout=0.0, causal=True,
+                                    pooling="last")).eval()
+    b, l = 2, 5
+    batch = {"service": torch.ones(b, l, dtype=torch.long), "category": torch.randint(1, 50, (b, l, 4)),
+             "time": torch.randint(1, 5, (b, l, 5)), "text_hash": torch.randint(1, 10**6, (b, l)),
+             "length": torch.tensor([5, 3])}
+    z, h, valid = enc(batch, return_hidden=True)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["category"][:, 3:] = torch.randint(1, 50, (b, 2, 4))  # events 3 and 4 (user 1 has 3 events: padding)
+    z2, h2, _ = enc(changed, return_hidden=True)
+    torch.testing.assert_close(h[:, :4], h2[:, :4])  # [CLS] and events 0-2 see only what came before
+    assert not torch.allclose(h[0, 4:], h2[0, 4:])
+    torch.testing.assert_close(z, h[torch.arange(2), torch.tensor([5, 3])])  # the state after each user's last event
+    torch.testing.assert_close(z[1], z2[1])  # user 1's padding changed: its embedding did not

@@ -416,9 +416,9 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         pcfg = PretrainConfig(
             data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
             item_encoder="category" if objective == "mlm" else cfg.item_encoder,
-            pooling="cls" if objective == "mlm" else "mean", batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
+            pooling={"mlm": "cls", "next": "last"}.get(objective, "mean"), batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
             size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
-            item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective == "future" else 0),
+            item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next") else 0),
             cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
             num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout, **recipe,
         )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ITEM_ENCODERS = ("category", "text", "minilm")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class EncoderConfig:
     d_ff: int = 256  # feed-forward width (user and item transformer)
     dropout: float = 0.1  # dropout probability everywhere
     max_events: int = 128  # events per user = position embeddings - 1 ([CLS])
-    pooling: str = "cls"  # "cls" | "mean": user embedding read-out
+    pooling: str = "cls"  # "cls" | "mean" | "last" (the state after the last event; the ``next`` objective's)
+    causal: bool = False  # each event attends to [CLS] and the events before it only (the ``next`` objective)
     out_dim: int = 0  # user embedding size; 0 = d_model with no output projection
     n_services: int = 8  # service vocabulary incl. pad/unk (features.Vocabs.n_services)
     category_sizes: tuple[int, ...] = (64, 256, 1024, 4096)  # per-level vocab incl. pad/unk
@@ -213,7 +214,8 @@ class UserEncoder(nn.Module):
         x = x + self.services(service)
         x = torch.cat([self.cls.expand(b, 1, -1), x], dim=1) + self.positions.weight[: l + 1]  # (B, 1+L, d)
         valid = torch.cat([valid_ev.new_ones(b, 1), valid_ev], dim=1)  # (B, 1+L)
-        h = self.transformer(self.drop(x), src_key_padding_mask=~valid)  # (B, 1+L, d)
+        causal = (torch.ones(l + 1, l + 1, dtype=torch.bool, device=x.device).triu(1) if self.config.causal else None)
+        h = self.transformer(self.drop(x), mask=causal, src_key_padding_mask=~valid)  # (B, 1+L, d)
         return h, valid
 
     def item_vectors(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -247,6 +249,8 @@ class UserEncoder(nn.Module):
         """(B, 1+L, d), (B, 1+L) -> (B, embed_dim). Mean pooling over a user with no events uses [CLS]."""
         if self.config.pooling == "cls":
             z = h[:, 0]
+        elif self.config.pooling == "last":  # position n holds event n - 1 ([CLS] is 0): the state after the last event
+            z = h[torch.arange(h.shape[0], device=h.device), valid[:, 1:].sum(1)]
         else:
             ev = valid[:, 1:].unsqueeze(-1).to(h.dtype)  # (B, L, 1)
             n = ev.sum(1)  # (B, 1)
@@ -258,12 +262,13 @@ class UserEncoder(nn.Module):
 
         With ``return_hidden`` -> ``(z, h, valid)`` (see :meth:`hidden`), so objectives that read hidden
         states (MLM) still call the module through DDP's forward. With ``items`` (a batch of events) ->
-        ``(z, item_vectors(items))``, for the same reason (the ``future`` objective's targets).
+        ``(z, item_vectors(items))`` (with ``return_hidden``: ``(z, h, valid, item_vectors(items))``), for the same
+        reason (the ``future`` and ``next`` objectives' targets).
         """
         h, valid = self.hidden(batch)
         z = self.pool(h, valid)
         if items is not None:
-            return z, self.item_vectors(items)
+            return (z, h, valid, self.item_vectors(items)) if return_hidden else (z, self.item_vectors(items))
         return (z, h, valid) if return_hidden else z
 
 

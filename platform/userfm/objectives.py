@@ -30,7 +30,7 @@ from userfm.encoders import EncoderConfig
 from userfm.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
 
-OBJECTIVES = ("mlm", "simclr", "clue", "future")
+OBJECTIVES = ("mlm", "simclr", "clue", "future", "next")
 ITEM_KEYS = ("service", "category", "text_hash", "tokens", "text_vector")  # what "replace an item" swaps
 TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
@@ -57,8 +57,8 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective == "future" and self.mini_batch_size:
-            raise ValueError("mini_batch_size (GradCache) applies to simclr/clue, not future")
+        if self.objective in ("future", "next") and self.mini_batch_size:
+            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
         if self.future_window < 1:
             raise ValueError(f"future_window must be >= 1, got {self.future_window}")
         if self.single_service not in ("time_split", "skip"):
@@ -394,6 +394,8 @@ def build_head(cfg: ObjectiveConfig, encoder_cfg: EncoderConfig) -> nn.Module:
         return MLMHead(encoder_cfg)
     if cfg.objective == "future":
         return FutureHead(encoder_cfg.embed_dim, encoder_cfg.d_model, cfg.temperature, cfg.learnable_temperature)
+    if cfg.objective == "next":  # every state predicts the next item (d_model -> the item-vector space)
+        return FutureHead(encoder_cfg.d_model, encoder_cfg.d_model, cfg.temperature, cfg.learnable_temperature)
     return ContrastiveHead(encoder_cfg.embed_dim, cfg.proj_dim, cfg.temperature, cfg.learnable_temperature)
 
 
@@ -426,7 +428,7 @@ def loss_and_backward(
     Returns:
         (loss detached, metrics dict of floats).
     """
-    if cfg.objective in ("mlm", "future") or cfg.mini_batch_size <= 0:
+    if cfg.objective in ("mlm", "future", "next") or cfg.mini_batch_size <= 0:
         loss, metrics = pretext_loss(model, head, batch, cfg, time_fields)
         loss.backward()
         average_grads(head)
@@ -476,6 +478,12 @@ def pretext_loss(
         valid = torch.arange(items.shape[1], device=items.device)[None, :] < b["length"][:, None]
         loss, acc = future_loss(head(z), items, valid, b["text_hash"], head.temperature())
         return loss, {"temperature": float(head.temperature().detach()), "future/top1": acc}
+    if cfg.objective == "next":  # the causal state after each event -> the next event's item
+        from userfm.next_event import next_loss
+
+        z, h, valid, items = model(batch, return_hidden=True, items=batch)  # h: (B, 1+L, d), items: (B, L, d)
+        loss, acc = next_loss(head(h[:, 1:]), items, batch["length"], batch["text_hash"], head.temperature())
+        return loss + 0.0 * z.sum(), {"temperature": float(head.temperature().detach()), "next/top1": acc}
     a, b = _model_views(batch)
     n = len(a["length"])
     z = model(_concat_torch([a, b]))  # (2n, d)

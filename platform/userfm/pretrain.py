@@ -37,7 +37,7 @@ import numpy as np
 from userfm.errors import UserfmError
 from userfm.features import CALENDAR_FIELDS
 
-OBJECTIVES = ("mlm", "simclr", "clue", "future")
+OBJECTIVES = ("mlm", "simclr", "clue", "future", "next")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -49,11 +49,12 @@ class PretrainError(UserfmError):
 class PretrainConfig:
     data: str = ""  # sequence dataset folder (from `userfm ingest`)
     out: str = "runs/pretrain"  # run folder: metrics, checkpoints, exported model
-    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.future)
+    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.future) |
+    #                          next (SASRec-style next item, causal encoder, pooling "last": userfm.next_event)
     item_encoder: str = "text"  # category | text (BPE + item transformer) | minilm (frozen vectors)
     size: str = "tiny"  # named encoder size: tiny | small | base | large
     out_dim: int = 0  # user embedding size; 0 = the model width
-    pooling: str = "mean"  # cls | mean
+    pooling: str = "mean"  # cls | mean | last (next needs last)
     dropout: float = 0.1  # dropout probability. 0 trained 1.20x faster on a 2-vCPU CPU box (train_throughput --ref-dropout 0)
     #                       and gave the same downstream metrics on the demo, but a worse validation loss (README "Pretraining")
     max_events: int = 64  # most recent events per user fed to the encoder
@@ -132,8 +133,11 @@ class PretrainConfig:
         from userfm.features import FeatureConfig
 
         FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
-        if self.objective == "future" and self.mini_batch_size:
-            raise ValueError("mini_batch_size (GradCache) applies to simclr/clue, not future")
+        if self.objective in ("future", "next") and self.mini_batch_size:
+            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
+        if (self.objective == "next") != (self.pooling == "last"):
+            raise ValueError(f"objective next reads the state after the last event: it needs pooling 'last' (and only it "
+                             f"does); got objective {self.objective!r} with pooling {self.pooling!r}")
         if self.future_window < 1:
             raise ValueError(f"future_window must be >= 1, got {self.future_window}")
         if self.mini_batch_size < 0 or self.mini_batch_size > self.batch_size:
@@ -249,6 +253,8 @@ def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.G
         from userfm.future import future_views
 
         return future_views(nb, cfg.future_window, rng)
+    if cfg.objective == "next":  # no per-step randomness; nothing masked (keeps [MASK] in DDP's graph)
+        return {**nb, "masked": np.zeros(nb["service"].shape, bool)}
     return crop_views(nb, cfg.clue_crop, rng)
 
 
@@ -815,7 +821,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
                  f"(taken by >= {cfg.cooc_min_users} training users; {time.perf_counter() - t_c:.1f}s)")
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
-                         item_id_buckets=cfg.item_id_buckets, **extra)
+                         item_id_buckets=cfg.item_id_buckets, causal=cfg.objective == "next", **extra)
     (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     progress(f"[pretrain] vocabularies and tokenizer fitted on {train_rows.num_rows:,} users ({time.perf_counter() - t0:.1f}s)")
 
