@@ -94,6 +94,7 @@ def run_set(name: str, args: argparse.Namespace) -> str:
     out = Path(args.out) / name
     cfg = DemoConfig(out=str(out / "run"), data=str(data), eval_seeds=args.seeds, report=False, serve=False,
                      baselines=DemoConfig.baselines + ("sasrec",), objectives=tuple(args.objectives),
+                     minilm_cache=str(Path(args.minilm_cache).resolve()) if args.minilm_cache else "",
                      **({"pretrain_steps": args.steps} if args.steps else {}),
                      **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {})})
     t0 = time.perf_counter()
@@ -136,7 +137,9 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
-    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future)")
+    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next)")
+    ap.add_argument("--minilm-cache", default="runs/real/minilm_cache",
+                    help="MiniLM vectors kept between runs, each distinct text encoded once ('' = one per run)")
     args = ap.parse_args()
     for name in args.sets:
         run_set(name, args)

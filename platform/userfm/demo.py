@@ -64,6 +64,9 @@ class DemoConfig:
     #   auto: all five on synthetic data; on real data none for CLUE/SimCLR, whose two views of one user are matched by
     #   the dates they share when users rate in sessions (MovieLens next_genre 0.257 -> 0.339), all five for MLM, which
     #   predicts masked events' dates as ShopperBERT does
+    minilm_cache: str = ""  # MiniLM vector cache folder shared by pretraining, embedding and the mean-MiniLM yardstick;
+    #                      "" = <run>/dataset/minilm_cache (new every run). A folder kept between runs (real.py's) encodes
+    #                      each distinct text once: 38k Amazon titles take ~20 min on 2 cores
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
     eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
@@ -420,7 +423,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
             item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next") else 0),
             cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
-            num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout, **recipe,
+            num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout, minilm_cache=cfg.minilm_cache, **recipe,
         )
         s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg))
         pretrained[objective] = {
@@ -428,13 +431,15 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
             "early_stopped": s["early_stopped"], "exported": s["exported"],
             **{k: s["final"].get(k) for k in ("step", "loss", "val_loss", "samples_per_s", "pf_days") if k in s["final"]},
         }
-        ecfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings" / objective))
+        ecfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings" / objective),
+                           minilm_cache=cfg.minilm_cache)
         e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
         pretrained[objective]["embeddings"] = ecfg.out
         pretrained[objective]["users_embedded"] = e["users_embedded"]
         for held in (h for h in plan.passes if h > 0):  # last_event tasks: each history without its last event(s)
             key = embeddings_key(held)
-            hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / key / objective), holdout_last=held)
+            hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / key / objective), holdout_last=held,
+                               minilm_cache=cfg.minilm_cache)
             what = "last event held out" if held == 1 else f"last {held} events held out"
             h = stages.run(f"embed users with {objective}, {what}", lambda: run_embed(hcfg))
             pretrained[objective][key] = hcfg.out
@@ -500,6 +505,7 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
     for holdout, names in plan.passes.items():
         table = embeddings_key(holdout)
         vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
+                          minilm_cache=cfg.minilm_cache,
                           embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
                           baselines=baselines, folds=folds)
         print(f"[demo] evaluate pass {pass_name(holdout)} (holdout_last={holdout}): {', '.join(names)}", flush=True)

@@ -687,7 +687,10 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
         # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
         parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f"part-{int(time.time() * 1000)}.parquet")
+        # written aside, then renamed: a run reading a cache shared with this one never sees half a part
+        name = f"part-{int(time.time() * 1000)}-{os.getpid()}.parquet"
+        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f".{name}")
+        os.replace(Path(cache_dir) / f".{name}", Path(cache_dir) / name)
     return {"texts": len(texts), "encoded": len(todo)}
 
 
