@@ -314,8 +314,8 @@ def test_plan_other_sources(fmt, tmp_path, ray_local):
     run_ingest(IngestConfig(inputs=inputs, out=str(tmp_path / "ds"), attributes=attributes))
     plan = _plan_tasks(_default_tasks(DemoConfig(data=str(src), format=fmt)), tmp_path / "ds")
     assert plan.users == users
-    assert plan.passes == {**({0: tuple(t for t, k in kinds.items() if k == "attr")} if "attr" in kinds.values() else {}),
-                           1: tuple(t for t, k in kinds.items() if k != "attr")}
+    assert plan.passes == {**({(0, ""): tuple(t for t, k in kinds.items() if k == "attr")} if "attr" in kinds.values() else {}),
+                           (1, ""): tuple(t for t, k in kinds.items() if k != "attr")}
     assert [s["task"] for s in plan.skipped] == skipped
 
 
@@ -353,25 +353,18 @@ def test_plan_recbole(ordered, tmp_path, ray_local):
     plan = _plan_tasks(_default_tasks(DemoConfig(data=str(src), format="recbole")), tmp_path / "ds")  # order: from the manifest
     split = {"train": 8, "val": 1, "test": 3}
     if ordered:
-        assert plan.passes == {1: ("next_service", "next_item")}
+        assert plan.passes == {(1, ""): ("next_service", "next_item")}
         assert plan.users == {"next_service": split, "next_item": split}
         assert [s["task"] for s in plan.skipped] == ["age_group"] and "no attributes table" in plan.skipped[0]["reason"]
     else:
-        assert plan.passes == {0: ("age_group",)} and plan.users == {"age_group": split}
+        assert plan.passes == {(0, ""): ("age_group",)} and plan.users == {"age_group": split}
         assert {s["task"]: s["reason"] for s in plan.skipped} == dict.fromkeys(
             ("next_service", "next_item"), "the source has no event order (time: none): a user's last event is an "
                                            "arbitrary one, not the next")
 
 
-def test_plan_amazon_tasks(tmp_path, ray_local):
-    """experiments/tasks/amazon-arts-office.yaml on a tiny copy of the Amazon layout (every user: Arts, Office,
-    Office target, Arts target): the Arts tasks read the last event, the Office tasks the 2nd last, in a pass
-    of its own (holdout 2); the category tasks read category word 3 (Arts) and 5 (Office)."""
-    from userfm.convert import convert
-    from userfm.demo import _plan_tasks, embeddings_key, pass_name
-    from userfm.ingest import IngestConfig, run_ingest
-
-    src = tmp_path / "src"
+def _write_amazon(src: Path) -> Path:
+    """A tiny copy of the Amazon Arts <-> Office layout: 60 users, each Arts, Office, Office target, Arts target."""
     src.mkdir()
     rows = [f"u{u}\t{i}\t{k}" for u in range(60) for k, i in enumerate((f"a{u % 4}", f"o{u % 3}", f"o{3 + u % 2}", f"a{4 + u % 3}"))]
     (src / "az.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows]) + "\n")
@@ -379,13 +372,30 @@ def test_plan_amazon_tasks(tmp_path, ray_local):
              + [f"o{i}\toffice\toffice {i}\toffice products office school supplies {'paper' if i % 2 else 'tape'}"
                 for i in range(5)])
     (src / "az.item").write_text("\n".join(["item_id:token\tdomain:token\ttitle:token_seq\tcategories:token_seq", *items]) + "\n")
+    return src
+
+
+def test_plan_amazon_tasks(tmp_path, ray_local):
+    """experiments/tasks/amazon-arts-office.yaml on a tiny copy of the Amazon layout (every user: Arts, Office,
+    Office target, Arts target): the Arts tasks read the last event, the Office tasks the 2nd last, in a pass
+    of its own (holdout 2); the category tasks read category word 3 (Arts) and 5 (Office); the transfer tasks
+    read one service's history, each in a pass of its own."""
+    from userfm.convert import convert
+    from userfm.demo import _plan_tasks, embeddings_key, pass_name
+    from userfm.ingest import IngestConfig, run_ingest
+
+    src = _write_amazon(tmp_path / "src")
     convert("recbole", src, tmp_path / "raw", service_field="domain")
     run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events.parquet"),), out=str(tmp_path / "ds")), progress=lambda s: None)
     plan = _plan_tasks(REPO / "experiments/tasks/amazon-arts-office.yaml", tmp_path / "ds")
     assert plan.skipped == ()
-    assert plan.passes == {1: ("next_item", "next_item_arts", "next_category_arts"), 2: ("next_item_office", "next_category_office")}
+    assert plan.passes == {(1, ""): ("next_item", "next_item_arts", "next_category_arts"),
+                           (1, "office"): ("arts_from_office", "arts_category_from_office"),
+                           (2, ""): ("next_item_office", "next_category_office"),
+                           (2, "arts"): ("office_from_arts", "office_category_from_arts")}
     assert {sum(u.values()) for u in plan.users.values()} == {60}  # every user is labelled in every task
     assert (pass_name(2), embeddings_key(2), embeddings_key(1)) == ("last_2_events_held_out", "embeddings_heldout2", "embeddings_heldout")
+    assert (pass_name(2, "arts"), embeddings_key(2, "arts")) == ("last_2_events_held_out_arts_history", "embeddings_heldout2_arts")
 
 
 def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):
@@ -400,7 +410,7 @@ def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):
     (src / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     run_ingest(IngestConfig(inputs=(str(src),), out=str(tmp_path / "ds"), numeric_ts_unit="s"))
     plan = _plan_tasks(_default_tasks(DemoConfig(data=str(src), format="events")), tmp_path / "ds")
-    assert plan.passes == {1: ("next_item",)} and plan.users == {"next_item": NEXT_ITEM}
+    assert plan.passes == {(1, ""): ("next_item",)} and plan.users == {"next_item": NEXT_ITEM}
     reasons = {s["task"]: s["reason"] for s in plan.skipped}
     assert list(reasons) == ["next_service", "next_category"]
     assert reasons == {
@@ -450,3 +460,25 @@ def test_eval_folds_config(tmp_path):
     assert eval_folds_for(real, {"next_item": 2_000}) == (0, "every task has >= 2,000 test users")
     assert eval_folds_for(DemoConfig(), {"age_bracket": 1_011})[0] == 0  # synthetic: the test split
     assert eval_folds_for(DemoConfig(data=str(tmp_path), format="events", eval_folds=0), {"gender": 95})[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_demo_amazon_transfer_passes(tmp_path, ray_local, capsys):
+    """The whole demo on the tiny Amazon layout and its task file: the transfer tasks are evaluated on tables
+    embedded from one service's events (the Office target from the Arts event before it, and the reverse)."""
+    out = tmp_path / "demo"
+    run_demo(_tiny(out, _write_amazon(tmp_path / "src"), "recbole", service_field="domain",
+                   tasks=str(REPO / "experiments/tasks/amazon-arts-office.yaml")))
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    passes = {p["name"]: (p["tasks"], p["embeddings"]["clue"]["source"], p.get("history_service", "")) for p in results["passes"]}
+    assert passes["last_2_events_held_out_arts_history"] == (
+        ["office_from_arts", "office_category_from_arts"], str(out / "embeddings_heldout2_arts" / "clue"), "arts")
+    assert passes["last_event_held_out_office_history"] == (
+        ["arts_from_office", "arts_category_from_office"], str(out / "embeddings_heldout_office" / "clue"), "office")
+    m = json.loads((out / "embeddings_heldout2_arts" / "clue" / "manifest.json").read_text())
+    assert (m["holdout_last"], m["history_service"], m["users_embedded"]) == (2, "arts", 60)
+    info = {t["name"]: t for t in results["tasks"]}
+    assert info["office_from_arts"]["history"] == "service:arts" and info["office_from_arts"]["n_items_ranked"] == [5]
+    assert {r["model"] for r in results["rows"] if r["task"] == "arts_from_office"} == _models("retrieval")
+    assert "Every model reads the user's arts events only." in (out / "evaluate" / "results.md").read_text()

@@ -99,7 +99,7 @@ def test_bad_inputs(setup, tmp_path):
         run_embed(EmbedConfig(model=str(tmp_path), data=str(root / "ds"), out=str(tmp_path / "o")), progress=lambda s: None)
     with pytest.raises(EmbedError, match="exists and is not empty"):
         run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb")), progress=lambda s: None)
-    with pytest.raises(EmbedError, match="no service 'tv'"):
+    with pytest.raises(EmbedError, match="scope .tv.: no such service"):
         run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "o2"), scope="tv"), progress=lambda s: None)
 
 
@@ -188,3 +188,59 @@ def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path)
     assert longer and not np.allclose(emb3[longer], emb[[users.index(users3[i]) for i in longer]], atol=1e-4)
     with pytest.raises(ValueError, match="recent must be >= 0"):
         EmbedConfig(recent=-1)
+
+
+def test_keep_service_and_history_rows_by_hand():
+    from userfm.embed import history_rows, keep_service
+    from userfm.schema import SEQUENCE_SCHEMA
+
+    ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(4)]
+    rows = pa.Table.from_pylist([
+        dict(user_id="a", split="train", scope="all", n_events=4, ts=ts, service=["s", "t", "s", "t"],
+             text=["w", "x", "y", "z"], item_id=["1", None, "3", "4"], category=[["A"], None, ["C"], ["D"]],
+             value=[1.0, 2.0, None, 4.0]),
+        dict(user_id="b", split="val", scope="all", n_events=2, ts=ts[:2], service=["t", "t"], text=["q", "r"],
+             item_id=["9", "8"], category=[None, ["E"]], value=[None, 5.0]),
+    ], schema=SEQUENCE_SCHEMA)
+    got = keep_service(rows, "s")
+    assert got.column("text").to_pylist() == [["w", "y"], []] and got.column("item_id").to_pylist() == [["1", "3"], []]
+    assert got.column("category").to_pylist() == [[["A"], ["C"]], []] and got.column("value").to_pylist() == [[1.0, None], []]
+    assert got.column("ts").to_pylist() == [[ts[0], ts[2]], []] and got.column("n_events").to_pylist() == [2, 0]
+    assert got.schema == rows.schema and got.column("user_id").to_pylist() == ["a", "b"]
+    # the last event dropped first, then user a's "t" events before it: x only; b keeps q
+    cut = history_rows(rows, 1, "t")
+    assert cut.column("text").to_pylist() == [["x"], ["q"]] and cut.column("n_events").to_pylist() == [1, 1]
+    assert history_rows(rows, 1).column("text").to_pylist() == [["w", "x", "y"], ["q"]]
+    # a sliced table (list offsets not starting at 0) keeps the same events
+    assert keep_service(rows.slice(1, 1), "t").column("text").to_pylist() == [["q", "r"]]
+    with pytest.raises(ValueError, match="needs the sequences' service column"):
+        keep_service(rows.select(["user_id", "text"]), "s")
+
+
+def test_history_service_embeds_one_services_events(setup, tmp_path):
+    import userfm
+    from userfm.embed import history_rows
+    from userfm.features import make_batch, to_torch
+
+    root, rows = setup
+    svc = sorted({s for lst in rows.column("service").to_pylist() for s in lst})[0]
+    m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "svc"),
+                              holdout_last=1, history_service=svc), progress=lambda s: None)
+    kept = history_rows(rows, 1, svc)
+    n = kept.column("n_events").to_numpy()
+    short = int((rows.column("n_events").to_numpy() <= 1).sum())
+    none = int((n == 0).sum()) - short  # events left after the holdout, none of them in the service
+    assert (m["users_in"], m["users_embedded"], m["history_service"]) == (300, 300 - short - none, svc)
+    assert m["skipped_by_reason"] == {k: v for k, v in (("no_events_after_holdout", short), ("no_events_in_service", none)) if v}
+    users, emb = read_embeddings(tmp_path / "svc")
+    model, vocabs, tok = userfm.load_encoder(root / "run" / "model")
+    kept = kept.filter(pc.greater(kept.column("n_events"), 0))
+    with torch.no_grad():
+        ref = model(to_torch(make_batch(kept, vocabs, tok, max_events=16))).numpy()
+    order = {u: i for i, u in enumerate(kept.column("user_id").to_pylist())}
+    np.testing.assert_allclose(emb, ref[[order[u] for u in users]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="history_service applies to scope 'all'"):
+        EmbedConfig(scope=svc, history_service=svc)
+    with pytest.raises(EmbedError, match="history_service 'tv': no such service"):
+        run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "o3"),
+                              history_service="tv"), progress=lambda s: None)

@@ -522,6 +522,62 @@ def test_service_catalog_run_popularity_by_hand(synth_ds):
     assert pop["test"]["value"] == pytest.approx(np.mean(np.array(ranks) < 10), abs=1e-6)
 
 
+def test_transfer_task_reads_one_services_history(synth_ds):
+    """history service:<B>: every model reads the user's B events before the held-out event, nothing else;
+    users with none are left out with a reason; an embedding table of every event is refused, one embedded
+    from B's events only (its manifest says so) is scored."""
+    from userfm.bag_of_items import user_items
+    from userfm.evaluate import user_texts
+
+    root, ds = synth_ds["root"], synth_ds["ds"]
+    seq = {r["user_id"]: r for r in read_sequences(ds, columns=["user_id", "n_events", "item_id", "service", "text"]).to_pylist()}
+
+    def n_users(a, b):  # test users of the task "a's target from b's history"
+        return sum(r["n_events"] >= 3 and r["item_id"][-2] is not None and r["service"][-2] == a and b in r["service"][:-2]
+                   for r in seq.values())
+    services = sorted(load_manifest(ds)["services"])
+    a, b = max(((a, b) for a in services for b in services if a != b), key=lambda ab: n_users(*ab))
+    task = TaskConfig(name="x", table="last_event", holdout=2, target="item_id", type="retrieval",
+                      users=f"last_service:{a}", catalog="service", history=f"service:{b}")
+    assert (task.view, task.history_service) == ((2, b), b)
+    labelled = [u for u, r in seq.items() if r["n_events"] >= 3 and r["item_id"][-2] is not None and r["service"][-2] == a]
+    b_events = {u: [k for k, s in enumerate(seq[u]["service"][:-2]) if s == b] for u in labelled}
+    td = task_data(ds, task, user_table(ds))
+    assert sorted(u for s in ("train", "val", "test") for u in td.ids[s]) == sorted(u for u in labelled if b_events[u])
+    assert td.left_out.get("no_history_in_service", 0) == sum(not v for v in b_events.values())
+    for split in ("train", "val", "test"):
+        for k, u in enumerate(td.ids[split]):
+            r = seq[u]
+            assert [td.classes[i] for i in td.history[split][k]] == [r["item_id"][j] for j in b_events[u] if r["item_id"][j] is not None]
+            assert td.n_events[split][k] == len(b_events[u]) and td.classes[td.y[split][k]] == r["item_id"][-2]
+    u = td.ids["test"][0]
+    assert user_texts(ds, 2, b)[u] == "\n".join(seq[u]["text"][j] for j in b_events[u])
+    assert user_items(ds, 2, b)[u] == [seq[u]["item_id"][j] for j in b_events[u] if seq[u]["item_id"][j] is not None]
+    ids = list(seq)
+    x = np.random.default_rng(5).normal(0, 1, (len(ids), 8)).astype(np.float32)
+    emb = root / "held2_b" / "embeddings"
+    emb.mkdir(parents=True)
+    pq.write_table(pa.table({"user_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
+                             "holdout_last": pa.array([2] * len(ids), pa.int64())}), emb / "part-0.parquet")
+    tasks = root / "transfer.yaml"
+    tasks.write_text(f"- {{name: x, table: last_event, holdout: 2, target: item_id, type: retrieval, users: 'last_service:{a}', "
+                     f"catalog: service, history: 'service:{b}'}}\n")
+    kw = dict(tasks=str(tasks), only_tasks=(), heads=("logreg",), baselines=("popularity",), seeds=1)
+    with pytest.raises(EvalError, match=rf"reads {b} events only.*made from every event.*history_service={b}"):
+        run_evaluate(_cfg(synth_ds, "tr1", embeddings={"e": str(emb.parent)}, **kw), progress=lambda s: None)
+    (emb.parent / "manifest.json").write_text(json.dumps({"kind": "userfm.embeddings", "holdout_last": 2, "history_service": b}))
+    results = run_evaluate(_cfg(synth_ds, "tr2", embeddings={"e": str(emb.parent)}, **kw), progress=lambda s: None)
+    info = results["tasks"][0]
+    assert info["history"] == f"service:{b}" and info["users"]["test"] == len(td.ids["test"])
+    assert {r["model"]: r["test"]["n"] for r in results["rows"]} == dict.fromkeys(
+        ("e/logreg", "popularity", "popularity-unseen"), len(td.ids["test"]))
+    with pytest.raises(ValueError, match="history must be 'all' or 'service:<name>'"):
+        TaskConfig(name="t", table="last_event", target="service", type="multiclass", history="arts")
+    with pytest.raises(EvalError, match="history 'service:tv': no service 'tv'"):
+        task_data(ds, TaskConfig(name="t", table="last_event", target="service", type="multiclass", history="service:tv"),
+                  user_table(ds))
+
+
 def _clusters(n=700, groups=10, per=5, d=16, seed=0):
     """Users in ``groups`` taste groups, each owning ``per`` of the 50 items; the embedding shows the group."""
     rng = np.random.default_rng(seed)

@@ -22,15 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from userfm.dataset import read_sequences
 
-
-def user_items(data: str | Path, holdout: int = 0) -> dict[str, list[str]]:
+def user_items(data: str | Path, holdout: int = 0, service: str = "") -> dict[str, list[str]]:
     """user id -> the item ids of the user's stored events (scope "all"), oldest first, without the last
-    ``holdout`` events (events without an item are skipped)."""
-    from userfm.embed import drop_last_events
+    ``holdout`` events (``service``: only that service's; events without an item are skipped)."""
+    from userfm.embed import read_history
 
-    t = drop_last_events(read_sequences(data, columns=["user_id", "item_id"]), holdout)
+    t = read_history(data, ["user_id", "item_id"], holdout, service)
     items = t.column("item_id").combine_chunks()
     flat = items.flatten()
     off = items.offsets.to_numpy()

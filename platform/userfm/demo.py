@@ -164,22 +164,25 @@ def eval_folds_for(cfg: DemoConfig, test_users: dict[str, int]) -> tuple[int, st
 PASSES = {0: "full_history", 1: "last_event_held_out"}  # holdout_last of the embedding table -> pass name
 
 
-def pass_name(holdout: int) -> str:
-    """The evaluate pass (and its folder) of the embedding tables made with ``holdout_last = holdout``."""
-    return PASSES.get(holdout, f"last_{holdout}_events_held_out")
+def pass_name(holdout: int, service: str = "") -> str:
+    """The evaluate pass (and its folder) of the embedding tables made with ``holdout_last = holdout`` (and
+    ``history_service = service``: one service's events only, a transfer task's input)."""
+    return PASSES.get(holdout, f"last_{holdout}_events_held_out") + (f"_{service}_history" if service else "")
 
 
-def embeddings_key(holdout: int) -> str:
+def embeddings_key(holdout: int, service: str = "") -> str:
     """Where a pass's embedding tables live: ``embeddings/``, ``embeddings_heldout/`` (the last event held
-    out), ``embeddings_heldout<n>/`` (the last n held out, e.g. the Amazon set's Office target, the 2nd last)."""
-    return "embeddings" if holdout == 0 else "embeddings_heldout" if holdout == 1 else f"embeddings_heldout{holdout}"
+    out), ``embeddings_heldout<n>/`` (the last n held out, e.g. the Amazon set's Office target, the 2nd last),
+    with ``_<service>`` appended for one service's events only (``embeddings_heldout2_arts``)."""
+    base = "embeddings" if holdout == 0 else "embeddings_heldout" if holdout == 1 else f"embeddings_heldout{holdout}"
+    return base + (f"_{service}" if service else "")
 
 
 @dataclass(frozen=True)
 class _TaskPlan:
     """The task file's tasks this dataset supports, grouped by the embedding table they need."""
 
-    passes: dict[int, tuple[str, ...]]  # holdout_last (0, 1, 2, ...) -> task names, in task-file order
+    passes: dict[tuple[int, str], tuple[str, ...]]  # (holdout_last, history_service) -> task names, in file order
     skipped: tuple[dict, ...]  # {"task", "reason"} for each task the data cannot support
     order: tuple[str, ...]  # every task name of the file, in file order
     users: dict[str, dict[str, int]]  # task kept -> labelled users by split (train / val / test)
@@ -200,7 +203,7 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
     ordered = manifest.get("time", "real") != "none"
     users = user_table(dataset)
     tables: dict = {}
-    passes: dict[int, list[str]] = {}
+    passes: dict[tuple[int, str], list[str]] = {}
     skipped, users_by_task = [], {}
     all_tasks = load_tasks(tasks)
     for t in all_tasks:
@@ -220,7 +223,7 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
         except EvalError as exc:
             skipped.append({"task": t.name, "reason": str(exc)})
             continue
-        passes.setdefault(td.holdout, []).append(t.name)
+        passes.setdefault(td.view, []).append(t.name)
         users_by_task[t.name] = {s: len(ids) for s, ids in td.ids.items()}
     return _TaskPlan({h: tuple(n) for h, n in sorted(passes.items())}, tuple(skipped), tuple(t.name for t in all_tasks),
                      users_by_task)
@@ -234,7 +237,8 @@ def merge_passes(parts: list[tuple[int, dict]], plan: _TaskPlan) -> dict:
     the tasks the plan left out. Head and chart paths are relative to the folder all passes wrote to.
 
     Args:
-        parts: (holdout_last of the pass's embedding tables, ``run_evaluate``'s results), one per pass.
+        parts: ((holdout_last, history_service) of the pass's embedding tables, ``run_evaluate``'s results),
+            one per pass.
     """
     rank = {name: i for i, name in enumerate(plan.order)}
     configs = [r["config"] for _, r in parts]
@@ -249,9 +253,9 @@ def merge_passes(parts: list[tuple[int, dict]], plan: _TaskPlan) -> dict:
         "rows": sorted((row for _, r in parts for row in r["rows"]), key=lambda row: rank[row["task"]]),
         "head_timings": sorted((h for _, r in parts for h in r.get("head_timings", [])), key=lambda h: rank[h["task"]]),
         "charts": [c for _, r in parts for c in r.get("charts", [])],
-        "passes": [{"name": pass_name(h), "holdout_last": h, "tasks": [t["name"] for t in r["tasks"]],
-                    "embeddings": r["embeddings"], "config": r["config"], "files": f"passes/{pass_name(h)}",
-                    "timings_s": r["timings_s"]} for h, r in parts],
+        "passes": [{"name": pass_name(*v), "holdout_last": v[0], **({"history_service": v[1]} if v[1] else {}),
+                    "tasks": [t["name"] for t in r["tasks"]], "embeddings": r["embeddings"], "config": r["config"],
+                    "files": f"passes/{pass_name(*v)}", "timings_s": r["timings_s"]} for v, r in parts],
         "timings_s": {"total": round(sum(r["timings_s"]["total"] for _, r in parts), 3)},
     }
 
@@ -362,11 +366,11 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     tasks = _default_tasks(cfg)
 
     def n_stages(passes) -> int:  # data, Ray, ingest, summary; per objective pretrain + embed(s); evaluate; report; serve
-        return (4 + len(objectives) * (2 + sum(h > 0 for h in passes)) + int(bool(objectives and passes)) + int(cfg.report)
+        return (4 + len(objectives) * (2 + sum(v != (0, "") for v in passes)) + int(bool(objectives and passes)) + int(cfg.report)
                 + int(cfg.serve and bool(objectives)))
 
     # (until ingest has shown which tasks the data supports, count those of the task file)
-    stages = _Stages(n_stages({t.holdout for t in load_tasks(tasks)}), details)
+    stages = _Stages(n_stages({t.view for t in load_tasks(tasks)}), details)
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -401,7 +405,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         for sk in plan.skipped:
             print(f"[demo] task {sk['task']} skipped: {sk['reason']}")
         print(f"[demo] tasks from {tasks}: " + ("; ".join(
-            f"{', '.join(names)} on the {pass_name(h).replace('_', '-')} embeddings" for h, names in plan.passes.items())
+            f"{', '.join(names)} on the {pass_name(*v).replace('_', '-')} embeddings" for v, names in plan.passes.items())
             or "none this data supports"))
         stages.total = n_stages(plan.passes)
 
@@ -410,7 +414,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         folds, why = eval_folds_for(cfg, {t: u["test"] for t, u in plan.users.items()})
         print(f"[demo] evaluation: {f'{folds}-fold cross-fitting' if folds else 'the test split'} ({why})")
     # cross-fitting scores the pretraining users too: their held-out last events must not be in pretraining
-    pretrain_holdout = max(plan.passes) if folds and plan and plan.passes else 0
+    pretrain_holdout = max(h for h, _ in plan.passes) if folds and plan and plan.passes else 0
     recipe, why = pretrain_recipe(cfg)
     if objectives:
         print(f"[demo] pretraining budget: {why}")
@@ -436,11 +440,12 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
         pretrained[objective]["embeddings"] = ecfg.out
         pretrained[objective]["users_embedded"] = e["users_embedded"]
-        for held in (h for h in plan.passes if h > 0):  # last_event tasks: each history without its last event(s)
-            key = embeddings_key(held)
+        for held, svc in (v for v in plan.passes if v != (0, "")):  # each history without its last event(s) (and
+            key = embeddings_key(held, svc)                          # one service's events only, for transfer tasks)
             hcfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / key / objective), holdout_last=held,
-                               minilm_cache=cfg.minilm_cache)
-            what = "last event held out" if held == 1 else f"last {held} events held out"
+                               history_service=svc, minilm_cache=cfg.minilm_cache)
+            what = ", ".join(["last event held out" if held == 1 else f"last {held} events held out"] * bool(held)
+                             + [f"{svc} events only"] * bool(svc))
             h = stages.run(f"embed users with {objective}, {what}", lambda: run_embed(hcfg))
             pretrained[objective][key] = hcfg.out
             pretrained[objective][f"users_embedded_{key.removeprefix('embeddings_')}"] = h["users_embedded"]
@@ -502,16 +507,17 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
 
     baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
     parts = []
-    for holdout, names in plan.passes.items():
-        table = embeddings_key(holdout)
+    for view, names in plan.passes.items():
+        table = embeddings_key(*view)
         vcfg = EvalConfig(data=str(dataset), out=str(out), tasks=str(tasks), only_tasks=names, seeds=cfg.eval_seeds,
                           minilm_cache=cfg.minilm_cache,
                           embeddings={**{o: p[table] for o, p in pretrained.items()}, "random": "random"},
                           baselines=baselines, folds=folds)
-        print(f"[demo] evaluate pass {pass_name(holdout)} (holdout_last={holdout}): {', '.join(names)}", flush=True)
-        parts.append((holdout, run_evaluate(vcfg)))
+        print(f"[demo] evaluate pass {pass_name(*view)} (holdout_last={view[0]}"
+              f"{f', history_service={view[1]}' if view[1] else ''}): {', '.join(names)}", flush=True)
+        parts.append((view, run_evaluate(vcfg)))
         # heads/ and chart_<task>.png do not collide (task names are unique); these three files do
-        keep = out / "passes" / pass_name(holdout)
+        keep = out / "passes" / pass_name(*view)
         keep.mkdir(parents=True)
         for name in ("config.json", "results.json", "results.md"):
             (out / name).replace(keep / name)

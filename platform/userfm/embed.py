@@ -15,6 +15,10 @@ service-specific feature" of the ShopperBERT paper); users missing from it get z
 that next-item retrieval and next-genre tasks need (``userfm evaluate`` holds the last event out as the
 label, so the embedding must not have seen it). The table's ``holdout_last`` column and the manifest say
 how it was made; users with no event left are skipped with reason ``no_events_after_holdout``.
+
+``history_service = s`` (scope "all" only) then keeps only the events of service ``s`` of what is left: the
+table a transfer task reads (the Amazon set's Office target predicted from the user's Arts history alone).
+Users with no such event are skipped with reason ``no_events_in_service``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class EmbedConfig:
     holdout_last: int = 0  # drop each user's last n events before encoding (1 = leave-one-out for retrieval)
     recent: int = 0  # > 0: encode only each user's most recent n events (after holdout_last), a short-term table;
     #                  0 = the model's whole context (its max_events)
+    history_service: str = ""  # "" = every event; a service name: after holdout_last, only that service's events
+    #                  (scope "all"; a transfer task's table: one service's history predicts the other's next event)
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self):
@@ -69,6 +75,8 @@ class EmbedConfig:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
         if self.recent < 0:
             raise ValueError(f"recent must be >= 0, got {self.recent}")
+        if self.history_service and self.scope != "all":
+            raise ValueError(f"history_service applies to scope 'all' (the combined history), not scope {self.scope!r}")
 
 
 def _digest(path: Path) -> str:
@@ -125,6 +133,50 @@ def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
                       n_events=lambda col: pc.max_element_wise(pc.subtract(col, n), 0))
 
 
+def keep_service(rows: pa.Table, service: str) -> pa.Table:
+    """Sequence rows with only the events whose ``service`` is ``service`` (per row, order kept).
+
+    Every list column keeps the same entries (one per event); ``n_events`` becomes the count kept. Rows
+    stay (a user with no event of the service keeps an empty history). Needs the ``service`` list column.
+    """
+    if "service" not in rows.column_names:
+        raise ValueError("keep_service needs the sequences' service column")
+    svc = rows.column("service").combine_chunks()
+    keep = pc.fill_null(pc.equal(svc.flatten(), service), False).to_numpy(zero_copy_only=False)
+    off = svc.offsets.to_numpy().astype(np.int64)
+    cum = np.concatenate([[0], np.cumsum(keep)])
+    kept = cum[off[1:] - off[0]] - cum[off[:-1] - off[0]]  # (n,) events of the service per row
+    new_off = pa.array(np.concatenate([[0], np.cumsum(kept)]).astype(np.int32))
+    take = pa.array(np.flatnonzero(keep), pa.int64())
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        if name == "n_events":
+            col = pa.array(kept, col.type)
+        elif pa.types.is_list(col.type):
+            arr = col.combine_chunks()
+            col = pa.ListArray.from_arrays(new_off, arr.flatten().take(take), type=arr.type,
+                                           mask=arr.is_null() if arr.null_count else None)
+        cols[name] = col
+    return pa.table(cols, schema=rows.schema)
+
+
+def history_rows(rows: pa.Table, holdout: int = 0, service: str = "") -> pa.Table:
+    """The history a model reads: each row without its last ``holdout`` events, then (``service`` set) only
+    that service's events (:func:`drop_last_events`, :func:`keep_service`)."""
+    rows = drop_last_events(rows, holdout)
+    return keep_service(rows, service) if service else rows
+
+
+def read_history(data, columns: list[str], holdout: int = 0, service: str = "") -> pa.Table:
+    """``columns`` of a dataset's combined sequences (scope "all"), cut to :func:`history_rows`."""
+    from userfm.dataset import read_sequences
+
+    extra = ["service"] if service and "service" not in columns else []
+    t = history_rows(read_sequences(data, columns=columns + extra), holdout, service)
+    return t.drop_columns(extra) if extra else t
+
+
 def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
     """Sequence rows cut to windows: row i keeps events ``[max(0, ends[i] - width), ends[i])`` (oldest first).
 
@@ -153,7 +205,7 @@ class EmbedActor:
     """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
 
     def __init__(self, model_dir: str, identity: dict, vectors_dir: str | None = None, threads: int = 1, use_gpu: bool = False,
-                 holdout_last: int = 0, recent: int = 0):
+                 holdout_last: int = 0, recent: int = 0, history_service: str = ""):
         import torch
 
         import userfm
@@ -163,6 +215,7 @@ class EmbedActor:
         self.model, self.vocabs, self.tok = userfm.load_encoder(model_dir, device=self.device)
         self.identity = identity
         self.holdout_last = holdout_last
+        self.history_service = history_service
         self.max_events = min(recent, self.model.config.max_events) if recent else self.model.config.max_events
         self.vectors = None
         if vectors_dir:
@@ -177,7 +230,9 @@ class EmbedActor:
         from userfm.objectives import _with_vectors
 
         had = pc.greater(batch.column("n_events"), 0).to_numpy(zero_copy_only=False)
-        rows = drop_last_events(batch, self.holdout_last)
+        cut = drop_last_events(batch, self.holdout_last)
+        left = pc.greater(cut.column("n_events"), 0).to_numpy(zero_copy_only=False)
+        rows = keep_service(cut, self.history_service) if self.history_service else cut
         nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.max_events), self.vectors)
         has = nb["length"] > 0
         dim = self.model.config.embed_dim
@@ -191,7 +246,8 @@ class EmbedActor:
                 emb[has] = self.model(to_torch(sub, self.device)).float().cpu().numpy()
         n = batch.num_rows
         reason = pa.nulls(n, pa.string()) if has.all() else pa.array(
-            [None if h else "no_events_after_holdout" if d else "no_events" for h, d in zip(has, had)], pa.string())
+            [None if h else "no_events_in_service" if c else "no_events_after_holdout" if d else "no_events"
+             for h, c, d in zip(has, left, had)], pa.string())
         return pa.table(
             {
                 "user_id": batch.column("user_id"),
@@ -199,6 +255,7 @@ class EmbedActor:
                 "n_events": batch.column("n_events"),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
                 "holdout_last": pa.array(np.full(n, self.holdout_last, np.int64)),
+                **({"history_service": pa.array([self.history_service] * n, pa.string())} if self.history_service else {}),
                 "reason": reason,
                 **{k: pa.array([v] * n, pa.string()) for k, v in self.identity.items()},
             }
@@ -283,7 +340,8 @@ def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) ->
         EmbedActor,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
                                    threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
-                                   holdout_last=cfg.holdout_last, recent=cfg.recent),
+                                   holdout_last=cfg.holdout_last, recent=cfg.recent,
+                                   history_service=cfg.history_service),
         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
     )
@@ -338,8 +396,9 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     identity = model_identity(cfg.model)
     manifest = load_manifest(cfg.data)
     folder = Path(cfg.data) / manifest["files"]["sequences" if cfg.scope == "all" else "service_sequences"]
-    if cfg.scope != "all" and cfg.scope not in manifest["services"]:
-        raise EmbedError(f"{cfg.data}: no service {cfg.scope!r}; services: {sorted(manifest['services'])}")
+    for field, svc in (("scope", cfg.scope), ("history_service", cfg.history_service)):
+        if svc not in ("all", "") and svc not in manifest["services"]:
+            raise EmbedError(f"{cfg.data}: {field} {svc!r}: no such service; services: {sorted(manifest['services'])}")
     out = Path(cfg.out)
     prepare_out(out, cfg.overwrite)
     vectors_dir = minilm_vectors(cfg.model, cfg.data, cfg.minilm_cache, progress)
@@ -370,6 +429,7 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
         **identity,
         "dim": dim,
         "holdout_last": cfg.holdout_last,
+        "history_service": cfg.history_service,
         "users_in": users_in,
         "users_embedded": embedded.num_rows,
         "users_skipped": skipped.num_rows,

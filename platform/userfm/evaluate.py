@@ -147,6 +147,8 @@ class TaskConfig:
     holdout: int = -1  # table last_event: the label is the holdout-th last event, the model sees the events before
     #                    it (default 1: the last event; 2: the one before, e.g. the Amazon set's Office target)
     catalog: str = "all"  # retrieval: "all" ranks every item id; "service": only the held-out item's service's items
+    history: str = "all"  # what the model reads: "all" events (before the held-out ones), or "service:<name>": only
+    #                       that service's (a transfer task: predict a user's Office event from their Arts history alone)
 
     def __post_init__(self):
         if self.type not in TASK_TYPES:
@@ -167,6 +169,8 @@ class TaskConfig:
             raise ValueError(f"task {self.name!r}: holdout must be >= 1 on table {LAST_EVENT} (the event predicted), got {self.holdout}")
         if self.table != LAST_EVENT and self.holdout != 0:
             raise ValueError(f"task {self.name!r}: holdout applies to table {LAST_EVENT} only (got {self.holdout} on {self.table!r})")
+        if not (self.history == "all" or (self.history.startswith("service:") and self.history.split(":", 1)[1])):
+            raise ValueError(f"task {self.name!r}: history must be 'all' or 'service:<name>', got {self.history!r}")
         if self.catalog not in CATALOGS:
             raise ValueError(f"task {self.name!r}: catalog must be one of {CATALOGS}, got {self.catalog!r}")
         if self.catalog != "all" and self.type != "retrieval":
@@ -186,6 +190,17 @@ class TaskConfig:
     def label_table(self) -> str:
         """Key of the table the labels come from: the attributes table's name, or ``last_event@<holdout>``."""
         return f"{LAST_EVENT}@{self.holdout}" if self.table == LAST_EVENT else self.table
+
+    @property
+    def history_service(self) -> str:
+        """The service whose events alone the model reads ("" = every service)."""
+        return self.history.split(":", 1)[1] if self.history.startswith("service:") else ""
+
+    @property
+    def view(self) -> tuple[int, str]:
+        """(holdout, history_service): the history every model of this task reads; tasks sharing it share one
+        embedding table (``userfm embed --set holdout_last=<holdout> --set history_service=<service>``)."""
+        return self.holdout, self.history_service
 
 
 def _category_level(target: str) -> int | None:
@@ -366,6 +381,11 @@ class TaskData:
         """Events held out of each user's history for this task (the task's holdout on last_event, else 0)."""
         return self.task.holdout
 
+    @property
+    def view(self) -> tuple[int, str]:
+        """(holdout, history service) of the history every model of this task reads (``TaskConfig.view``)."""
+        return self.task.view
+
     def excluded(self, split: str, mask_seen: bool) -> list[np.ndarray] | None:
         """Per user of ``split``, the catalog indices removed from the ranking: items outside the catalog
         (``catalog: service``) and, with ``mask_seen``, the user's history (the target never is); None: none."""
@@ -476,6 +496,22 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
     if keep is not None:
         left_out["users_filter"] = joined.num_rows - int(pc.sum(keep).as_py() or 0)
         joined = joined.filter(keep)
+    svc = task.history_service
+    if svc:  # the model reads one service's events: users with none of them before the label have no input
+        if svc not in load_manifest(data)["services"]:
+            raise EvalError(f"task {task.name!r}: history {task.history!r}: no service {svc!r}; "
+                            f"services: {sorted(load_manifest(data)['services'])}")
+        from userfm.embed import read_history
+
+        counts = read_history(data, ["user_id", "n_events"], task.holdout, svc)
+        joined = joined.drop_columns(["n_events"]).join(
+            counts.rename_columns(["user_id", "n_events"]).select(["user_id", "n_events"]), "user_id").sort_by("user_id")
+        has = pc.greater(joined.column("n_events"), 0)
+        left_out["no_history_in_service"] = joined.num_rows - int(pc.sum(has).as_py() or 0)
+        joined = joined.filter(has)
+        hold = 0  # n_events above is already the history's length
+    else:
+        hold = task.holdout
 
     split = np.asarray(joined.column("split").to_pylist(), dtype=object)
     if fold is not None:
@@ -485,11 +521,11 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
     raw = joined.column("label").to_pylist()
     classes, hist = None, None
     if task.type == "retrieval":
-        catalog, user_items = item_histories(data, keep_null=True)
+        catalog, user_items = item_histories(data, holdout=task.holdout, service=svc)
         classes = catalog
         index = {v: i for i, v in enumerate(catalog)}
         y_all = np.asarray([index[v] for v in raw], dtype=np.int64)  # the held-out item is in the catalog by construction
-        hist = [(lambda a: a[a >= 0])(user_items[u][:-task.holdout]) for u in joined.column("user_id").to_pylist()]
+        hist = [user_items[u] for u in joined.column("user_id").to_pylist()]
         keep_rows = np.ones(len(y_all), bool)
         if task.catalog == "service":
             item_svc = item_services(data, catalog)
@@ -516,7 +552,7 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         keep_rows = y_all >= 0  # val/test users whose class never occurs in train cannot be scored
         left_out["class_unseen_in_train"] = int((~keep_rows).sum())
     uid = np.asarray(joined.column("user_id").to_pylist(), dtype=object)
-    n_ev = joined.column("n_events").to_numpy() - task.holdout
+    n_ev = joined.column("n_events").to_numpy() - hold
     masks = {s: (split == s) & keep_rows for s in ("train", "val", "test")}
     if labels:
         n_tr = int(masks["train"].sum())
@@ -628,17 +664,23 @@ def item_services(data: str | Path, catalog: list[str]) -> np.ndarray:
     return out
 
 
-def item_histories(data: str | Path, keep_null: bool = False) -> tuple[list[str], dict[str, np.ndarray]]:
+def item_histories(data: str | Path, keep_null: bool = False, holdout: int = 0,
+                   service: str = "") -> tuple[list[str], dict[str, np.ndarray]]:
     """The retrieval catalog and every user's items as catalog indices.
 
     Returns (catalog: sorted distinct non-null item ids of every user's stored sequence, user id ->
     (n,) int64 indices of the user's events with an item, oldest first, the last event included; with
-    ``keep_null`` one per event, -1 where the event has no item).
+    ``keep_null`` one per event, -1 where the event has no item). ``holdout`` / ``service``: the histories
+    are :func:`userfm.embed.history_rows` (the catalog is still every item).
     """
-    t = read_sequences(data, columns=["user_id", "item_id"])
+    t = read_sequences(data, columns=["user_id", "item_id"] + (["service"] if service else []))
+    catalog = pc.unique(t.column("item_id").combine_chunks().flatten().drop_null()).sort()
+    if holdout or service:
+        from userfm.embed import history_rows
+
+        t = history_rows(t, holdout, service)
     items = t.column("item_id").combine_chunks()
     flat = items.flatten()
-    catalog = pc.unique(flat.drop_null()).sort()
     idx = pc.index_in(flat, value_set=catalog).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     off = items.offsets.to_numpy()
     off = off - off[0]
@@ -675,6 +717,7 @@ class EmbeddingTable:
     ids: pa.Array  # (n,) string
     x: np.ndarray  # (n, D) float32
     holdout_last: int | None = 0  # events held out of each history when embedding (None: unknown)
+    history_service: str = ""  # the service whose events alone were embedded ("" = all; EmbedConfig.history_service)
 
     @property
     def dim(self) -> int:
@@ -699,7 +742,8 @@ def load_embeddings(path: str | Path, name: str = "") -> EmbeddingTable:
         ids, x = read_embeddings(path)
     except EmbedError as exc:
         raise EvalError(f"embeddings {name!r}: {exc}") from None
-    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x, embeddings_holdout(path, name))
+    service = (_embed_manifest(path) or {}).get("history_service") or ""
+    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x, embeddings_holdout(path, name), service)
 
 
 def embeddings_holdout(path: str | Path, name: str = "") -> int | None:
@@ -1212,24 +1256,26 @@ def _item_knn_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig
 # --------------------------------------------------------------------------------------------------
 
 
-def _event_texts(data: str | Path, holdout: int = 0) -> pa.Table:
-    """user_id and text (list of the user's event texts, oldest first) without each user's last ``holdout``."""
-    from userfm.embed import drop_last_events
+def _event_texts(data: str | Path, holdout: int = 0, service: str = "") -> pa.Table:
+    """user_id and text (list of the user's event texts, oldest first) without each user's last ``holdout``
+    (and, ``service`` set, only that service's events)."""
+    from userfm.embed import read_history
 
-    return drop_last_events(read_sequences(data, columns=["user_id", "text"]), holdout)
+    return read_history(data, ["user_id", "text"], holdout, service)
 
 
-def user_texts(data: str | Path, holdout: int = 0) -> dict[str, str]:
-    """user id -> the texts of the user's kept events (scope "all"), one per line, without the last ``holdout``."""
-    t = _event_texts(data, holdout)
+def user_texts(data: str | Path, holdout: int = 0, service: str = "") -> dict[str, str]:
+    """user id -> the texts of the user's kept events (scope "all"), one per line, without the last ``holdout``
+    (``service``: that service's events only)."""
+    t = _event_texts(data, holdout, service)
     return {u: "\n".join(x or []) for u, x in zip(t.column("user_id").to_pylist(), t.column("text").to_pylist())}
 
 
 def minilm_mean_table(data: str | Path, holdout: int = 0, cache_dir: str | Path = "", encoder=None,
-                      progress: Callable[[str], None] = print) -> EmbeddingTable:
+                      progress: Callable[[str], None] = print, service: str = "") -> EmbeddingTable:
     """The mean-MiniLM baseline table: each user's mean of the frozen all-MiniLM-L6-v2 vectors of their
     event texts (every event counts, repeated texts as often as they occur), without the last ``holdout``
-    events. A user with no event left gets the zero vector.
+    events (``service``: only that service's). A user with no event left gets the zero vector.
 
     Vectors come from the MiniLM cache (:mod:`userfm.minilm`; ``cache_dir`` "" = ``<data>/minilm_cache``);
     texts missing from it are encoded (``encoder``, default the packaged model, loaded only then) and
@@ -1241,14 +1287,14 @@ def minilm_mean_table(data: str | Path, holdout: int = 0, cache_dir: str | Path 
     from userfm.minilm import VectorCache, build_cache
 
     cache_dir = Path(cache_dir or Path(data) / "minilm_cache")
-    t = _event_texts(data, holdout)
+    t = _event_texts(data, holdout, service)
     lists = t.column("text").combine_chunks()
     flat = lists.flatten()  # (n_events,) the kept events' texts
     uniq = pc.unique(flat)  # (U,) distinct texts
     col = pc.index_in(flat, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)  # event -> distinct text
     texts = uniq.to_pylist()
     stats = build_cache(texts, cache_dir, encoder=encoder)
-    progress(f"[evaluate] {MINILM_MEAN} (holdout {holdout}): {len(flat):,} events, {stats['n_unique']:,} distinct texts, "
+    progress(f"[evaluate] {MINILM_MEAN} (holdout {holdout}{f', {service} events only' if service else ''}): {len(flat):,} events, {stats['n_unique']:,} distinct texts, "
              f"{stats['n_reused']:,} from {cache_dir}, {stats['n_new']:,} encoded now")
     vectors = VectorCache.load(cache_dir).lookup(text_hash(texts), strict=True)  # (U, 384)
     off = lists.offsets.to_numpy()
@@ -1257,7 +1303,7 @@ def minilm_mean_table(data: str | Path, holdout: int = 0, cache_dir: str | Path 
     # (n_users, U) averaging matrix: row u puts 1/n_u on the distinct text of each of its n_u events
     avg = sp.csr_matrix((np.repeat(1.0 / np.maximum(n_ev, 1), n_ev), col, off), shape=(len(n_ev), len(texts)))
     x = np.asarray(avg @ vectors.astype(np.float64), dtype=np.float32)
-    return EmbeddingTable(MINILM_MEAN, MINILM_MEAN, t.column("user_id").combine_chunks(), x, holdout)
+    return EmbeddingTable(MINILM_MEAN, MINILM_MEAN, t.column("user_id").combine_chunks(), x, holdout, service)
 
 
 @dataclass
@@ -1646,6 +1692,14 @@ def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, table
                         f"({table.source}) were made with holdout_last={made}: they may have seen the label (or miss "
                         f"history). Embed with `userfm embed --set holdout_last={t.holdout}` and evaluate the tasks of "
                         f"each holdout (table {LAST_EVENT}) in a run of their own")
+        for name, table in real.items():
+            if table.history_service != t.history_service:
+                raise EvalError(
+                    f"task {t.name!r} reads {t.history_service + ' events only' if t.history_service else 'every event'}"
+                    f" (history {t.history!r}), but embeddings {name!r} ({table.source}) were made from "
+                    f"{repr(table.history_service) + ' events only' if table.history_service else 'every event'}. Embed "
+                    f"with `userfm embed --set history_service={t.history_service}` and evaluate the tasks of each "
+                    f"history in a run of their own")
         if t.target not in tables[t.label_table].column_names and not (t.table == LAST_EVENT and _category_level(t.target) is not None):
             cols = [c for c in tables[t.label_table].column_names if c not in ("user_id", "split")]
             raise EvalError(f"task {t.name!r}: column {t.target!r} is not in table {t.table!r} (columns: {cols})")
@@ -1686,36 +1740,37 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         all_ids = users.column("user_id").combine_chunks()
         rand = {s: EmbeddingTable(RANDOM, RANDOM, all_ids, random_embeddings(all_ids.to_numpy(zero_copy_only=False), rand_dim, s))
                 for s in seeds}
-    # Per holdout (0, or 1 for last_event tasks): texts / sequences without the held-out events, built once.
+    # Per view (holdout, history service) of the tasks: texts / items / sequences of the history the models
+    # read (without the held-out events; one service's events only for a transfer task), built once.
     texts_by, seqs_by = {}, {}
 
-    def texts(h: int) -> dict[str, str]:
-        if h not in texts_by:
-            texts_by[h] = user_texts(cfg.data, h)
-        return texts_by[h]
+    def texts(v: tuple[int, str]) -> dict[str, str]:
+        if v not in texts_by:
+            texts_by[v] = user_texts(cfg.data, *v)
+        return texts_by[v]
 
-    items_by: dict[int, dict[str, list[str]]] = {}
+    items_by: dict[tuple[int, str], dict[str, list[str]]] = {}
 
-    def items(h: int) -> dict[str, list[str]]:
-        if h not in items_by:
+    def items(v: tuple[int, str]) -> dict[str, list[str]]:
+        if v not in items_by:
             from userfm.bag_of_items import user_items
 
-            items_by[h] = user_items(cfg.data, h)
-        return items_by[h]
+            items_by[v] = user_items(cfg.data, *v)
+        return items_by[v]
 
-    minilm_by: dict[int, EmbeddingTable] = {}
+    minilm_by: dict[tuple[int, str], EmbeddingTable] = {}
 
-    def minilm(h: int) -> EmbeddingTable:
-        if h not in minilm_by:
-            minilm_by[h] = minilm_mean_table(cfg.data, h, cfg.minilm_cache, progress=progress)
-        return minilm_by[h]
+    def minilm(v: tuple[int, str]) -> EmbeddingTable:
+        if v not in minilm_by:
+            minilm_by[v] = minilm_mean_table(cfg.data, v[0], cfg.minilm_cache, progress=progress, service=v[1])
+        return minilm_by[v]
 
-    def seqs(h: int) -> pa.Table:
-        if h not in seqs_by:
-            from userfm.embed import drop_last_events
+    def seqs(v: tuple[int, str]) -> pa.Table:
+        if v not in seqs_by:
+            from userfm.embed import read_history
 
-            seqs_by[h] = drop_last_events(read_sequences(cfg.data, columns=SEQ_COLUMNS), h)
-        return seqs_by[h]
+            seqs_by[v] = read_history(cfg.data, SEQ_COLUMNS, *v)
+        return seqs_by[v]
 
     gt_path = _find_ground_truth(cfg, manifest) if "oracle" in cfg.baselines else None
     truth = json.loads(gt_path.read_text()) if gt_path else None
@@ -1749,7 +1804,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         tables_here = list(cfg.embeddings.items()) + ([(MINILM_MEAN, MINILM_MEAN)] if MINILM_MEAN in cfg.baselines else [])
 
         def table_of(emb_name: str, source: str, seed: int) -> EmbeddingTable:
-            return rand[seed] if source == RANDOM else minilm(td.holdout) if source == MINILM_MEAN else real[emb_name]
+            return rand[seed] if source == RANDOM else minilm(td.view) if source == MINILM_MEAN else real[emb_name]
 
         for emb_name, source in tables_here:
             for head in cfg.heads:
@@ -1798,11 +1853,11 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 s, a, b, info = _sasrec_ranks(td, seen, cfg)
             record("sasrec", None, "sasrec", [s] * len(seeds), [a], [b], sasrec=info)
         if "bag-of-items" in cfg.baselines and not retrieval:
-            s, a, b, info = _bag_of_items_scores(td, items(td.holdout), cfg, seeds[0])  # deterministic: one fit
+            s, a, b, info = _bag_of_items_scores(td, items(td.view), cfg, seeds[0])  # deterministic: one fit
             record("bag-of-items/logreg", None, "logreg", [s] * len(seeds), [a], [b], bag_of_items=info)
         # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
         concat = "concat-tfidf" in cfg.baselines
-        feats = tfidf_features(td, texts(td.holdout), cfg) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
+        feats = tfidf_features(td, texts(td.view), cfg) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
         if feats is not None and "tfidf" in cfg.baselines:
             s, a, b, info = _tfidf_scores(td, feats, cfg, seeds[0])  # deterministic: one fit serves every seed
             record("tfidf/logreg", None, "logreg", [s] * len(seeds), [a], [b], tfidf=info)
@@ -1815,7 +1870,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 record(f"{emb_name}+tfidf/logreg", emb_name, "logreg", [s] * len(seeds), [a], [b], concat=info)
         if "t-trans" in cfg.baselines:
             with _torch_threads(cfg.torch_threads):
-                scores, tr_s, inf_s, info = _ttrans_runs(td, seqs(td.holdout), cfg, seeds)
+                scores, tr_s, inf_s, info = _ttrans_runs(td, seqs(td.view), cfg, seeds)
             record("t-trans", None, "t-trans", scores, tr_s, inf_s, t_trans=info)
         return fitted_models
 
@@ -1844,6 +1899,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 **({"n_items_ranked": sorted({len(td.classes) - len(o) for o in td.outside["test"]})}
                    if td.outside else {})} if retrieval else {}),
             "holdout_last": td.holdout,
+            **({"history": task.history} if task.history_service else {}),
             "users": users_info, "left_out": td.left_out,
             "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
             "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
@@ -1900,10 +1956,12 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             f"{r['model']} {r['test']['value']}" for r in rows if r["task"] == task.name) +
             f" ({task.metric}, {time.perf_counter() - t_task:.1f}s)")
 
-    for h, t in sorted(minilm_by.items()):  # built on demand, one per holdout
-        emb_info[MINILM_MEAN if h == 0 else f"{MINILM_MEAN} (holdout_last={h})"] = {
+    for (h, svc), t in sorted(minilm_by.items()):  # built on demand, one per view
+        what = ", ".join([f"holdout_last={h}"] * bool(h) + [f"history_service={svc}"] * bool(svc))
+        emb_info[f"{MINILM_MEAN} ({what})" if what else MINILM_MEAN] = {
             "source": str(Path(cfg.minilm_cache or Path(cfg.data) / "minilm_cache")), "dim": t.dim, "users": len(t.ids),
-            "holdout_last": h, "model": "all-MiniLM-L6-v2, mean over the user's event texts"}
+            "holdout_last": h, **({"history_service": svc} if svc else {}),
+            "model": "all-MiniLM-L6-v2, mean over the user's event texts"}
     results = {
         "config": to_dict(cfg),
         "dataset": {"path": str(cfg.data), "users": manifest["users"], "services": manifest["services"]},
@@ -2019,7 +2077,9 @@ def format_markdown(results: dict) -> str:
                   f"({t['n_cold']} users), heavy >= {t['heavy_min_events']:g} ({t['n_heavy']} users)."
                   + (f" Held-out last event; full ranking over {t['n_items']:,} items"
                      f"{', seen items masked' if t.get('mask_seen') else ', seen items not masked'}." if "n_items" in t else
-                     " Held-out last event (history without it)." if t.get("holdout_last") else ""), ""]
+                     " Held-out last event (history without it)." if t.get("holdout_last") else "")
+                  + (f" Every model reads the user's {t['history'].split(':', 1)[1]} events only." if t.get("history") else ""),
+                  ""]
         refs = [m for m in (*PAIRED_WITH, t.get("best_yardstick")) if m and any(m in r.get("paired", {}) for r in rows)]
         refs = list(dict.fromkeys(refs))
         if t.get("best_yardstick"):
