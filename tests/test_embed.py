@@ -190,8 +190,9 @@ def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path)
         EmbedConfig(recent=-1)
 
 
-def test_keep_service_and_history_rows_by_hand():
-    from userfm.embed import history_rows, keep_service
+def test_keep_services_and_history_rows_by_hand():
+    from userfm.embed import history_rows
+    from userfm.sequences import keep_services
     from userfm.schema import SEQUENCE_SCHEMA
 
     ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(4)]
@@ -202,7 +203,7 @@ def test_keep_service_and_history_rows_by_hand():
         dict(user_id="b", split="val", scope="all", n_events=2, ts=ts[:2], service=["t", "t"], text=["q", "r"],
              item_id=["9", "8"], category=[None, ["E"]], value=[None, 5.0]),
     ], schema=SEQUENCE_SCHEMA)
-    got = keep_service(rows, "s")
+    got = keep_services(rows, ("s",))
     assert got.column("text").to_pylist() == [["w", "y"], []] and got.column("item_id").to_pylist() == [["1", "3"], []]
     assert got.column("category").to_pylist() == [[["A"], ["C"]], []] and got.column("value").to_pylist() == [[1.0, None], []]
     assert got.column("ts").to_pylist() == [[ts[0], ts[2]], []] and got.column("n_events").to_pylist() == [2, 0]
@@ -212,9 +213,10 @@ def test_keep_service_and_history_rows_by_hand():
     assert cut.column("text").to_pylist() == [["x"], ["q"]] and cut.column("n_events").to_pylist() == [1, 1]
     assert history_rows(rows, 1).column("text").to_pylist() == [["w", "x", "y"], ["q"]]
     # a sliced table (list offsets not starting at 0) keeps the same events
-    assert keep_service(rows.slice(1, 1), "t").column("text").to_pylist() == [["q", "r"]]
+    assert keep_services(rows.slice(1, 1), ("t",)).column("text").to_pylist() == [["q", "r"]]
+    assert keep_services(rows, ("s", "t")).column("text").to_pylist() == rows.column("text").to_pylist()
     with pytest.raises(ValueError, match="needs the sequences' service column"):
-        keep_service(rows.select(["user_id", "text"]), "s")
+        keep_services(rows.select(["user_id", "text"]), ("s",))
 
 
 def test_history_service_embeds_one_services_events(setup, tmp_path):

@@ -133,39 +133,13 @@ def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
                       n_events=lambda col: pc.max_element_wise(pc.subtract(col, n), 0))
 
 
-def keep_service(rows: pa.Table, service: str) -> pa.Table:
-    """Sequence rows with only the events whose ``service`` is ``service`` (per row, order kept).
-
-    Every list column keeps the same entries (one per event); ``n_events`` becomes the count kept. Rows
-    stay (a user with no event of the service keeps an empty history). Needs the ``service`` list column.
-    """
-    if "service" not in rows.column_names:
-        raise ValueError("keep_service needs the sequences' service column")
-    svc = rows.column("service").combine_chunks()
-    keep = pc.fill_null(pc.equal(svc.flatten(), service), False).to_numpy(zero_copy_only=False)
-    off = svc.offsets.to_numpy().astype(np.int64)
-    cum = np.concatenate([[0], np.cumsum(keep)])
-    kept = cum[off[1:] - off[0]] - cum[off[:-1] - off[0]]  # (n,) events of the service per row
-    new_off = pa.array(np.concatenate([[0], np.cumsum(kept)]).astype(np.int32))
-    take = pa.array(np.flatnonzero(keep), pa.int64())
-    cols = {}
-    for name in rows.column_names:
-        col = rows.column(name)
-        if name == "n_events":
-            col = pa.array(kept, col.type)
-        elif pa.types.is_list(col.type):
-            arr = col.combine_chunks()
-            col = pa.ListArray.from_arrays(new_off, arr.flatten().take(take), type=arr.type,
-                                           mask=arr.is_null() if arr.null_count else None)
-        cols[name] = col
-    return pa.table(cols, schema=rows.schema)
-
-
 def history_rows(rows: pa.Table, holdout: int = 0, service: str = "") -> pa.Table:
     """The history a model reads: each row without its last ``holdout`` events, then (``service`` set) only
-    that service's events (:func:`drop_last_events`, :func:`keep_service`)."""
+    that service's events (:func:`drop_last_events`, :func:`userfm.sequences.keep_services`)."""
+    from userfm.sequences import keep_services
+
     rows = drop_last_events(rows, holdout)
-    return keep_service(rows, service) if service else rows
+    return keep_services(rows, (service,)) if service else rows
 
 
 def read_history(data, columns: list[str], holdout: int = 0, service: str = "") -> pa.Table:
@@ -232,7 +206,7 @@ class EmbedActor:
         had = pc.greater(batch.column("n_events"), 0).to_numpy(zero_copy_only=False)
         cut = drop_last_events(batch, self.holdout_last)
         left = pc.greater(cut.column("n_events"), 0).to_numpy(zero_copy_only=False)
-        rows = keep_service(cut, self.history_service) if self.history_service else cut
+        rows = history_rows(cut, 0, self.history_service)
         nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.max_events), self.vectors)
         has = nb["length"] > 0
         dim = self.model.config.embed_dim

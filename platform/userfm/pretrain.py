@@ -347,9 +347,11 @@ def early_stop_state(best: dict | None, step: int, val: float, patience: int) ->
     return new, False, bool(patience) and new["bad"] >= patience
 
 
-def checkpoint_flops(path: Path) -> float | None:
-    """Cumulative training FLOPs recorded in a checkpoint (None for checkpoints that predate it)."""
-    return json.loads((path / "state.json").read_text()).get("flops")
+def checkpoint_state(path: Path) -> tuple[float | None, dict | None]:
+    """(cumulative training FLOPs, the early-stop best-so-far record) a checkpoint recorded; None for either
+    when the checkpoint predates it."""
+    state = json.loads((path / "state.json").read_text())
+    return state.get("flops"), state.get("best")
 
 
 def batch_flops(batch: dict[str, np.ndarray], enc_cfg, n_tokens: int, mini_batch: bool) -> float:
@@ -458,11 +460,11 @@ def train_loop(config: dict) -> None:
     saved_flops, best = None, None
     if restored is not None:
         with restored.as_directory() as d:
-            step, saved_flops = load_checkpoint(Path(d), model, head, opt), checkpoint_flops(Path(d))
-            best = json.loads((Path(d) / "state.json").read_text()).get("best")
+            step = load_checkpoint(Path(d), model, head, opt)
+            saved_flops, best = checkpoint_state(Path(d))
     elif resume_from:
-        step, saved_flops = load_checkpoint(Path(resume_from), model, head, opt), checkpoint_flops(Path(resume_from))
-        best = json.loads((Path(resume_from) / "state.json").read_text()).get("best")
+        step = load_checkpoint(Path(resume_from), model, head, opt)
+        saved_flops, best = checkpoint_state(Path(resume_from))
     head.to(device)
     # gradient_as_bucket_view: DDP's all-reduce buckets are the .grad tensors themselves (no copy in and
     # out of the buckets each step, and one gradient-sized buffer less). broadcast_buffers off: the only
@@ -825,7 +827,6 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
                          item_id_buckets=cfg.item_id_buckets, causal=cfg.objective == "next", **extra)
-    (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     progress(f"[pretrain] vocabularies and tokenizer fitted on {train_rows.num_rows:,} users ({time.perf_counter() - t0:.1f}s)")
 
     t1 = time.perf_counter()
@@ -842,11 +843,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         want = max(1, round(cfg.epochs * steps_per_epoch))
         capped = want > cfg.max_steps
         cfg = replace(cfg, max_steps=min(want, cfg.max_steps), **per_epoch)
-        (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
         progress(f"[pretrain] budget {cfg.epochs:g} epochs x {steps_per_epoch} steps/epoch = {want} steps"
                  + (f", capped at max_steps {cfg.max_steps} ({cfg.max_steps / steps_per_epoch:.1f} epochs)" if capped else "")
                  + (f", validation every {cfg.eval_every} steps" if cfg.eval_every else "")
                  + (f", early stop after {cfg.early_stop} evaluations without a lower val loss" if cfg.early_stop else ""))
+    # once the budget is fixed: the steps an epoch budget came to are what a resume or a reader sees
+    (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     lengths = [datasets["train"].take(min(n_train, 256))]
     key = "length" if cfg.objective != "clue" else "a.length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))

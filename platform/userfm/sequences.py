@@ -260,18 +260,41 @@ def service_rows(sequences: pa.Table) -> pa.Table:
     return _sequences(flat, offsets, max(int(lengths.max(initial=1)), 1), splits, scope)
 
 
+def keep_services(rows: pa.Table, services: tuple[str, ...] | list[str]) -> pa.Table:
+    """Sequence rows with only the events whose ``service`` is one of ``services`` (per row, order kept).
+
+    Every list column keeps the same entries (one per event); ``n_events`` becomes the count kept. Rows
+    stay (a user with no event of those services keeps an empty history). Needs the ``service`` list column;
+    any other columns may be missing.
+    """
+    if "service" not in rows.column_names:
+        raise ValueError("keep_services needs the sequences' service column")
+    svc = rows.column("service").combine_chunks()
+    keep = pc.fill_null(pc.is_in(svc.flatten(), value_set=pa.array(list(services), pa.string())), False)
+    keep = keep.to_numpy(zero_copy_only=False)
+    off = svc.offsets.to_numpy().astype(np.int64)
+    cum = np.concatenate([[0], np.cumsum(keep)])
+    kept = cum[off[1:] - off[0]] - cum[off[:-1] - off[0]]  # (n,) events kept per row
+    new_off = pa.array(np.concatenate([[0], np.cumsum(kept)]).astype(np.int32))
+    take = pa.array(np.flatnonzero(keep), pa.int64())
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        if name == "n_events":
+            col = pa.array(kept, col.type)
+        elif pa.types.is_list(col.type):
+            arr = col.combine_chunks()
+            col = pa.ListArray.from_arrays(new_off, arr.flatten().take(take), type=arr.type,
+                                           mask=arr.is_null() if arr.null_count else None)
+        cols[name] = col
+    return pa.table(cols, schema=rows.schema)
+
+
 def restrict_services(sequences: pa.Table, services: tuple[str, ...] | list[str]) -> pa.Table:
     """Combined ("all") sequence rows -> the same rows holding only events of ``services``.
 
     Event order is kept; ``n_events`` becomes the kept count; users left with no event are dropped.
     This is how an encoder is pretrained on services A, B only, for cross-service transfer to C.
     """
-    sequences, flat, parents, lengths = _flatten_sequences(sequences)
-    keep = np.asarray(pc.fill_null(pc.is_in(flat.column("service"), pa.array(list(services), pa.string())), False)
-                      .to_numpy(zero_copy_only=False), bool)
-    flat, parents = flat.filter(pa.array(keep)), parents[keep]
-    offsets = _group_offsets([pa.array(parents)], flat.num_rows)
-    if flat.num_rows == 0:
-        return SEQUENCE_SCHEMA.empty_table()
-    splits = dict(zip(sequences.column("user_id").to_pylist(), sequences.column("split").to_pylist()))
-    return _sequences(flat, offsets, max(int(lengths.max(initial=1)), 1), splits, None)
+    kept = keep_services(sequences, services)
+    return kept.filter(pc.greater(kept.column("n_events"), 0))
