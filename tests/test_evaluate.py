@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -566,11 +567,23 @@ def test_transfer_task_reads_one_services_history(synth_ds):
     with pytest.raises(EvalError, match=rf"reads {b} events only.*made from every event.*history_service={b}"):
         run_evaluate(_cfg(synth_ds, "tr1", embeddings={"e": str(emb.parent)}, **kw), progress=lambda s: None)
     (emb.parent / "manifest.json").write_text(json.dumps({"kind": "userfm.embeddings", "holdout_last": 2, "history_service": b}))
-    results = run_evaluate(_cfg(synth_ds, "tr2", embeddings={"e": str(emb.parent)}, **kw), progress=lambda s: None)
+    other = root / "held2_b_other"
+    shutil.copytree(emb.parent, other)
+    pq.write_table(pa.table({"user_id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[:, ::-1].ravel()), 8),
+                             "holdout_last": pa.array([2] * len(ids), pa.int64())}), other / "embeddings" / "part-0.parquet")
+    # reference: every other table's rows are paired with the reference table's row of the same head
+    results = run_evaluate(_cfg(synth_ds, "tr2", embeddings={"e": str(emb.parent), "f": str(other)}, reference="e", **kw),
+                           progress=lambda s: None)
     info = results["tasks"][0]
     assert info["history"] == f"service:{b}" and info["users"]["test"] == len(td.ids["test"])
     assert {r["model"]: r["test"]["n"] for r in results["rows"]} == dict.fromkeys(
-        ("e/logreg", "popularity", "popularity-unseen"), len(td.ids["test"]))
+        ("e/logreg", "f/logreg", "popularity", "popularity-unseen"), len(td.ids["test"]))
+    row = {r["model"]: r for r in results["rows"]}
+    assert row["f/logreg"]["paired"]["e/logreg"]["test"]["value"] == pytest.approx(
+        row["f/logreg"]["test"]["value"] - row["e/logreg"]["test"]["value"], abs=1e-6)
+    assert "e/logreg" not in row["e/logreg"]["paired"]
+    with pytest.raises(ValueError, match="reference 'g' must name one of the embedding tables"):
+        _cfg(synth_ds, "tr3", reference="g")
     with pytest.raises(ValueError, match="history must be 'all' or 'service:<name>'"):
         TaskConfig(name="t", table="last_event", target="service", type="multiclass", history="arts")
     with pytest.raises(EvalError, match="history 'service:tv': no service 'tv'"):

@@ -141,6 +141,23 @@ def pretrain_recipe(cfg: DemoConfig) -> tuple[dict, str]:
             f"epochs without a lower validation loss, the best weights exported ({why})")
 
 
+def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: str | Path, holdout_last: int = 0):
+    """The ``PretrainConfig`` the demo pretrains ``objective`` with on ``dataset`` (its recipe, sizes and
+    per-objective choices), for scripts that vary one field of it (e.g. ``services``)."""
+    from userfm.pretrain import PretrainConfig
+
+    recipe, _ = pretrain_recipe(cfg)
+    return PretrainConfig(
+        data=str(dataset), out=str(out), objective=objective,
+        item_encoder="category" if objective == "mlm" else cfg.item_encoder,
+        pooling={"mlm": "cls", "next": "last"}.get(objective, "mean"), batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
+        size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
+        item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next") else 0),
+        cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
+        num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=holdout_last, minilm_cache=cfg.minilm_cache, **recipe,
+    )
+
+
 CROSS_FIT_BELOW = 2_000  # test users of a task below which real data is cross-fitted (intervals of +-0.1 at ~100)
 AUTO_FOLDS = 5
 
@@ -358,7 +375,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     from userfm.ingest import IngestConfig, run_ingest
     from userfm.embed import EmbedConfig, run_embed
     from userfm.evaluate import LAST_EVENT, load_tasks
-    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.pretrain import run_pretrain
 
     raw, dataset = out / "raw", out / "dataset"
     extra = tuple(o for o in cfg.objectives if o != "clue")
@@ -415,20 +432,12 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         print(f"[demo] evaluation: {f'{folds}-fold cross-fitting' if folds else 'the test split'} ({why})")
     # cross-fitting scores the pretraining users too: their held-out last events must not be in pretraining
     pretrain_holdout = max(h for h, _ in plan.passes) if folds and plan and plan.passes else 0
-    recipe, why = pretrain_recipe(cfg)
+    _, why = pretrain_recipe(cfg)
     if objectives:
         print(f"[demo] pretraining budget: {why}")
     pretrained = {}
     for objective in objectives:
-        pcfg = PretrainConfig(
-            data=str(dataset), out=str(out / "pretrain" / objective), objective=objective,
-            item_encoder="category" if objective == "mlm" else cfg.item_encoder,
-            pooling={"mlm": "cls", "next": "last"}.get(objective, "mean"), batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
-            size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
-            item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next") else 0),
-            cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
-            num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=pretrain_holdout, minilm_cache=cfg.minilm_cache, **recipe,
-        )
+        pcfg = pretrain_config(cfg, objective, dataset, out / "pretrain" / objective, pretrain_holdout)
         s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg))
         pretrained[objective] = {
             "model": s["model"], "holdout_last": pretrain_holdout, "budget": why, "max_steps": s["max_steps"],

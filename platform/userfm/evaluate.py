@@ -224,6 +224,8 @@ class EvalConfig:
     #                                 "t-trans", "minilm-mean" (mean MiniLM vector as an embedding table),
     #                                 "concat-tfidf" (each real table + TF-IDF, logistic); see the module docstring
     #                                 (random is an embeddings entry; each runs on the tasks it applies to)
+    reference: str = ""  # an embeddings name: every other table's rows also get a paired difference to its row of the
+    #                      same head (e.g. an encoder pretrained on both services vs on the target service alone)
     seed: int = 0  # first seed; heads and random tables use seed .. seed + seeds - 1
     seeds: int = 3  # head trainings per (task, model), mean reported; deterministic fits (logreg on a real table, tfidf) run once
     bootstrap_samples: int = 1000  # resamples of test users per interval (cost ~ samples x test users)
@@ -321,6 +323,8 @@ class EvalConfig:
             raise ValueError(f"item_knn_last must be a non-empty list of item counts >= 0 (0 = all), got {self.item_knn_last}")
         if self.t_trans_item_encoder not in ("text", "category"):
             raise ValueError(f"t_trans_item_encoder must be 'text' or 'category', got {self.t_trans_item_encoder!r}")
+        if self.reference and (self.reference not in self.embeddings or self.embeddings[self.reference] == RANDOM):
+            raise ValueError(f"reference {self.reference!r} must name one of the embedding tables {sorted(self.embeddings)}")
         for name in self.embeddings:
             if "/" in name or "+" in name or not name:
                 raise ValueError(f"embeddings: name {name!r} must be non-empty and contain no '/' or '+'")
@@ -1931,11 +1935,12 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         task_info[-1]["best_yardstick"] = best
         refs = [m for m in PAIRED_WITH if m in task_scores] + ([best] if best and best not in PAIRED_WITH else [])
         for model, row in task_rows.items():
-            if refs and row["embedding"] is not None and cfg.embeddings.get(row["embedding"]) != RANDOM:
+            if (refs or cfg.reference) and row["embedding"] is not None and cfg.embeddings.get(row["embedding"]) != RANDOM:
+                own = f"{cfg.reference}/{row['head']}" if cfg.reference else None
                 row["paired"] = {ref: {
                     "test": _difference(task.metric, td.y["test"], task_scores[model], task_scores[ref], cfg),
                     "cold": _difference(task.metric, td.y["test"], task_scores[model], task_scores[ref], cfg, cold),
-                } for ref in refs if ref != model}
+                } for ref in refs + ([own] if own in task_scores else []) if ref != model}
         if best is not None:  # every other row against the best yardstick: what a pretrained table must beat
             for model, row in task_rows.items():
                 if model != best:
