@@ -22,6 +22,10 @@ Sets (READMEs in ``../shared/data/<folder>``; nothing is copied into the project
 
 Writes ``OUT/<set>/real.md`` (and the demo's run folder beside it) and ``docs/results/real-<set>.md``.
 The numbers are the run's own ``evaluate/results.json`` rows (nothing is recomputed here).
+
+``--render`` writes the same files from the run folders already in ``OUT`` without running anything: for a
+run stopped part-way (the Amazon set's evaluation takes hours on 2 cores), the tables of every evaluate pass
+that finished (``evaluate/passes/<pass>/results.json``), with the passes that did not listed as such.
 """
 
 from __future__ import annotations
@@ -84,6 +88,65 @@ def tables(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def finished_results(run: Path) -> tuple[dict, list[str] | None]:
+    """The run's evaluation: ``evaluate/results.json`` once the demo merged its passes (second item None), else
+    the tasks and rows of every pass that finished (``evaluate/passes/<pass>/results.json``) and their names."""
+    ev = run / "evaluate"
+    if (ev / "results.json").is_file() and "passes" in (merged := json.loads((ev / "results.json").read_text())):
+        return merged, None
+    parts = sorted((ev / "passes").glob("*/results.json"), key=lambda f: f.stat().st_mtime)
+    if not parts:
+        raise SystemExit(f"[real] {run}: no evaluate pass has finished yet (no {ev / 'passes'}/*/results.json)")
+    loaded = [json.loads(f.read_text()) for f in parts]
+    return ({"seeds": loaded[0]["seeds"], "config": loaded[0]["config"], "tasks": [t for r in loaded for t in r["tasks"]],
+             "rows": [row for r in loaded for row in r["rows"]],
+             "skipped_tasks": [sk for r in loaded for sk in r.get("skipped_tasks", [])]}, [f.parent.name for f in parts])
+
+
+def _pretrain_lines(pretrain: dict) -> list[str]:
+    return [f"{obj.upper()} pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
+            f"{_num(pre.get('val_loss'))})"
+            + (f"; exported the weights of step {pre['exported']['step']} (val loss {_num(pre['exported']['val_loss'])})"
+               f"{', stopped early' if pre.get('early_stopped') else ''}" if pre.get("exported") else "") + "."
+            for obj, pre in pretrain.items()]
+
+
+def _write(name: str, md: str, out: Path) -> str:
+    (out / "real.md").write_text(md)
+    docs = REPO / "docs" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"real-{name}.md").write_text(md)
+    print(md, flush=True)
+    print(f"[real] wrote {out / 'real.md'} and {docs / f'real-{name}.md'}", flush=True)
+    return md
+
+
+def render_set(name: str, args: argparse.Namespace) -> str:
+    """``--render``: the tables of ``OUT/<name>/run`` as it stands (every finished pass), nothing run."""
+    out = Path(args.out) / name
+    run = out / "run"
+    results, passes = finished_results(run)
+    pretrain = {}
+    for f in sorted((run / "pretrain").glob("*/summary.json")):
+        sm = json.loads(f.read_text())
+        pretrain[f.parent.name] = {**{k: sm["final"].get(k) for k in ("step", "loss", "val_loss")},
+                                   "exported": sm.get("exported"), "early_stopped": sm.get("early_stopped")}
+    log = run / "logs" / "demo.log"
+    plan = next((ln for ln in log.read_text().splitlines() if ln.startswith("[demo] tasks from ")), "") if log.is_file() else ""
+    text = [f"# Real data: {name} ({run})", "",
+            f"Rendered with `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}) from the run folder "
+            "as it stood: " + ("the demo finished." if passes is None else
+                               f"evaluate passes finished: {', '.join(passes)}. The run was stopped before its other "
+                               "passes finished: their tasks are not in these tables."), "",
+            *([f"The run's plan: `{plan}`", ""] if plan and passes is not None else []),
+            *_pretrain_lines(pretrain), "",
+            f"Head seeds {len(results['seeds'])}; evaluation "
+            + (f"{results['config']['folds']}-fold cross-fitted" if (results.get("config") or {}).get("folds")
+               else "on the test split") + ".", "",
+            tables(results)]
+    return _write(name, "\n".join(text), out)
+
+
 def run_set(name: str, args: argparse.Namespace) -> str:
     from userfm.demo import DemoConfig, run_demo
 
@@ -104,25 +167,14 @@ def run_set(name: str, args: argparse.Namespace) -> str:
     text = [f"# Real data: {name} ({data.name})", "",
             f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()} "
             f"{platform.processor() or ''}, {os.cpu_count()} CPUs)".replace(" ,", ","), "",
-            *(f"{obj.upper()} pretrained {pre.get('step', '-')} steps (train loss {_num(pre.get('loss'))}, val loss "
-              f"{_num(pre.get('val_loss'))})"
-              + (f"; exported the weights of step {pre['exported']['step']} (val loss {_num(pre['exported']['val_loss'])})"
-                 f"{', stopped early' if pre.get('early_stopped') else ''}" if pre.get("exported") else "") + "."
-              for obj, pre in summary["pretrain"].items()), "",
+            *_pretrain_lines(summary["pretrain"]), "",
             f"Pretraining budget: {next(iter(summary['pretrain'].values()), {}).get('budget', '-')}.", "",
             f"Head seeds {cfg.eval_seeds}; evaluation "
             + (f"{summary['evaluate']['folds']}-fold cross-fitted" if (summary.get("evaluate") or {}).get("folds")
                else "on the test split") + ".", "",
             f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",
             tables(results)]
-    md = "\n".join(text)
-    (out / "real.md").write_text(md)
-    docs = REPO / "docs" / "results"
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / f"real-{name}.md").write_text(md)
-    print(md, flush=True)
-    print(f"[real] wrote {out / 'real.md'} and {docs / f'real-{name}.md'}", flush=True)
-    return md
+    return _write(name, "\n".join(text), out)
 
 
 def main() -> int:
@@ -140,9 +192,11 @@ def main() -> int:
     ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next)")
     ap.add_argument("--minilm-cache", default="runs/real/minilm_cache",
                     help="MiniLM vectors kept between runs, each distinct text encoded once ('' = one per run)")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: write the tables of the run folders already in --out (every finished pass)")
     args = ap.parse_args()
     for name in args.sets:
-        run_set(name, args)
+        (render_set if args.render else run_set)(name, args)
     return 0
 
 
