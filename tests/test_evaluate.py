@@ -104,8 +104,10 @@ def test_shipped_task_files_load():
     assert [t.name for t in ml] == ["gender", "age_bracket", "occupation", "next_genre", "next_item"]
     assert [(t.type, t.metric) for t in ml if t.table == "last_event"] == [("multiclass", "accuracy"), ("retrieval", "hr@10")]
     az = load_tasks(REPO / "experiments/tasks/amazon-arts-office.yaml")
-    assert [(t.holdout, t.users, t.catalog) for t in az if t.type == "retrieval"] == [
-        (1, "all", "all"), (1, "last_service:arts", "service"), (2, "last_service:office", "service")]
+    assert [(t.holdout, t.users, t.catalog, t.history) for t in az if t.type == "retrieval"] == [
+        (1, "all", "all", "all"), (1, "last_service:arts", "service", "all"), (2, "last_service:office", "service", "all"),
+        (2, "last_service:office", "service", "service:arts"), (1, "last_service:arts", "service", "service:office")]
+    assert {t.view for t in az} == {(1, ""), (2, ""), (2, "arts"), (1, "office")}
     held = load_tasks(REPO / "experiments/tasks/synthetic-heldout.yaml")
     assert {t.table for t in held} == {"last_event"} and "retrieval" in {t.type for t in held}
 
