@@ -235,6 +235,14 @@ def test_history_service_embeds_one_services_events(setup, tmp_path):
     assert (m["users_in"], m["users_embedded"], m["history_service"]) == (300, 300 - short - none, svc)
     assert m["skipped_by_reason"] == {k: v for k, v in (("no_events_after_holdout", short), ("no_events_in_service", none)) if v}
     users, emb = read_embeddings(tmp_path / "svc")
+    # the rows carry the history service: a table copied without its manifest still says what it was made from
+    import shutil
+
+    from userfm.evaluate import load_embeddings
+
+    shutil.copytree(tmp_path / "svc" / "embeddings", tmp_path / "bare")
+    assert not (tmp_path / "bare" / "manifest.json").exists()
+    assert (load_embeddings(tmp_path / "bare").history_service, load_embeddings(tmp_path / "svc").history_service) == (svc, svc)
     model, vocabs, tok = userfm.load_encoder(root / "run" / "model")
     kept = kept.filter(pc.greater(kept.column("n_events"), 0))
     with torch.no_grad():

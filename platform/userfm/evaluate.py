@@ -502,9 +502,10 @@ def task_data(data: str | Path, task: TaskConfig, users: pa.Table, tables: dict[
         joined = joined.filter(keep)
     svc = task.history_service
     if svc:  # the model reads one service's events: users with none of them before the label have no input
-        if svc not in load_manifest(data)["services"]:
+        services = load_manifest(data)["services"]
+        if svc not in services:
             raise EvalError(f"task {task.name!r}: history {task.history!r}: no service {svc!r}; "
-                            f"services: {sorted(load_manifest(data)['services'])}")
+                            f"services: {sorted(services)}")
         from userfm.embed import read_history
 
         counts = read_history(data, ["user_id", "n_events"], task.holdout, svc)
@@ -746,25 +747,43 @@ def load_embeddings(path: str | Path, name: str = "") -> EmbeddingTable:
         ids, x = read_embeddings(path)
     except EmbedError as exc:
         raise EvalError(f"embeddings {name!r}: {exc}") from None
-    service = (_embed_manifest(path) or {}).get("history_service") or ""
-    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x, embeddings_holdout(path, name), service)
+    return EmbeddingTable(name, str(path), pa.array(ids, pa.string()), x, embeddings_holdout(path, name),
+                          embeddings_history_service(path, name))
 
 
 def embeddings_holdout(path: str | Path, name: str = "") -> int | None:
     """``holdout_last`` an embedding table was made with: its ``holdout_last`` column (``userfm embed``
     writes one), else the embed ``manifest.json`` next to it (tables from before the column: 0), else None."""
+    found, val = _table_constant(path, "holdout_last", name)
+    if found:
+        return int(val) if val is not None else None
+    info = _embed_manifest(path)
+    return int(info.get("holdout_last", 0)) if info is not None else None
+
+
+def embeddings_history_service(path: str | Path, name: str = "") -> str:
+    """The service whose events alone an embedding table was made from (``userfm embed --set
+    history_service=...``): its ``history_service`` column (written only when set), else the embed
+    ``manifest.json`` next to it, else "" (every event)."""
+    found, val = _table_constant(path, "history_service", name)
+    if found:
+        return val or ""
+    return (_embed_manifest(path) or {}).get("history_service") or ""
+
+
+def _table_constant(path: str | Path, column: str, name: str) -> tuple[bool, object]:
+    """(whether the table has ``column``, its one value); rows disagreeing on it are an error."""
     import pyarrow.dataset as pads
 
     p = Path(path)
     src = p / "embeddings" if (p / "embeddings").is_dir() else p
     ds = pads.dataset(str(src), format="parquet")
-    if "holdout_last" in ds.schema.names:
-        vals = pc.unique(ds.to_table(columns=["holdout_last"]).column(0)).to_pylist()
-        if len(vals) > 1:
-            raise EvalError(f"embeddings {name!r} ({path}): rows made with different holdout_last values {sorted(vals)}")
-        return int(vals[0]) if vals and vals[0] is not None else None
-    info = _embed_manifest(p)
-    return int(info.get("holdout_last", 0)) if info is not None else None
+    if column not in ds.schema.names:
+        return False, None
+    vals = pc.unique(ds.to_table(columns=[column]).column(0)).to_pylist()
+    if len(vals) > 1:
+        raise EvalError(f"embeddings {name!r} ({path}): rows made with different {column} values {sorted(vals, key=str)}")
+    return True, (vals[0] if vals else None)
 
 
 def _embed_manifest(path: str | Path) -> dict | None:
