@@ -1,4 +1,5 @@
-"""The future objective (userfm.future): the per-step cut by hand, the dense all-action loss by hand."""
+"""The future objective (userfm.future): the per-step cut by hand, the dense all-action loss by hand; the next
+and masked-item objectives, which are the same loss over other (state, item) pairs."""
 
 from __future__ import annotations
 
@@ -128,3 +129,57 @@ def test_causal_encoder_state_ignores_later_events_and_last_pooling():
     assert not torch.allclose(h[0, 4:], h2[0, 4:])
     torch.testing.assert_close(z, h[torch.arange(2), torch.tensor([5, 3])])  # the state after each user's last event
     torch.testing.assert_close(z[1], z2[1])  # user 1's padding changed: its embedding did not
+
+
+# ---------------------------------------------------------------------------------------- masked-item (userfm.masked_item)
+
+
+def test_masked_item_loss_is_the_dense_loss_over_masked_positions_by_hand():
+    from userfm.masked_item import masked_item_loss
+
+    rng = np.random.default_rng(2)
+    states = rng.normal(size=(2, 4, 3))
+    items = rng.normal(size=(2, 4, 3))
+    masked = np.array([[False, True, False, True], [True, False, False, False]])
+    keys = np.array([[5, 6, 5, 7], [6, 8, 0, 0]])  # item 6 is masked twice: no negative of itself
+    # pairs (user, t) -> state[u, t] predicts item[u, t] (the masked item itself): (0,1)->6 (0,3)->7 (1,0)->6
+    pairs = [(0, 1), (0, 3), (1, 0)]
+    user = np.stack([states[u, t] for u, t in pairs])
+    targets = np.stack([items[u, t] for u, t in pairs])[:, None]
+    tkeys = np.array([keys[u, t] for u, t in pairs])[:, None]
+    for log_q in (True, False):
+        want, acc = _loss_by_hand(user, targets, np.ones((3, 1), bool), tkeys, 0.3, log_q)
+        got, got_acc = masked_item_loss(torch.tensor(states), torch.tensor(items), torch.tensor(masked),
+                                        torch.tensor(keys), 0.3, log_q)
+        assert float(got) == pytest.approx(want, rel=1e-9) and got_acc == pytest.approx(acc)
+    s = torch.tensor(states, requires_grad=True)
+    empty, acc = masked_item_loss(s, torch.tensor(items), torch.zeros(2, 4, dtype=torch.bool), torch.tensor(keys), 0.3)
+    assert float(empty.detach()) == 0.0 and acc == 0.0 and empty.requires_grad
+
+
+def test_masked_item_objective_hides_the_masked_items_and_scores_their_unmasked_vectors():
+    """pretext_loss('masked-item'): the encoder's states at the masked positions (which show only [MASK],
+    service and position) against the item vectors of the unmasked events, through the objective's head."""
+    from userfm.encoders import EncoderConfig, UserEncoder
+    from userfm.masked_item import masked_item_loss
+    from userfm.objectives import ObjectiveConfig, build_head, pretext_loss
+
+    torch.manual_seed(0)
+    enc = UserEncoder(EncoderConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, max_events=8, dropout=0.0,
+                                    item_id_buckets=64)).eval()
+    b, l = 2, 5
+    batch = {"service": torch.ones(b, l, dtype=torch.long), "category": torch.randint(1, 50, (b, l, 4)),
+             "time": torch.randint(1, 5, (b, l, 5)), "text_hash": torch.randint(1, 10**6, (b, l)),
+             "length": torch.tensor([5, 3]), "masked": torch.tensor([[False, True, False, False, True],
+                                                                     [True, False, False, False, False]])}
+    cfg = ObjectiveConfig("masked-item", temperature=0.2)
+    head = build_head(cfg, enc.config)
+    loss, metrics = pretext_loss(enc, head, batch, cfg)
+    h, _ = enc.hidden(batch)
+    want, _ = masked_item_loss(head(h[:, 1:]), enc.item_vectors(batch), batch["masked"], batch["text_hash"], 0.2)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6) and "masked-item/top1" in metrics
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["category"][0, 1] = torch.randint(1, 50, (4,))  # a masked event's item: the input does not show it
+    changed["text_hash"][0, 1] += 1
+    torch.testing.assert_close(enc.hidden(changed)[0], h)
+    assert float(pretext_loss(enc, head, changed, cfg)[0]) != pytest.approx(float(loss), rel=1e-6)  # the target moved

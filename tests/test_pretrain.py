@@ -45,11 +45,12 @@ def quick(root: Path, name: str, **kw) -> PretrainConfig:
 @pytest.mark.parametrize("objective, item_encoder", [pytest.param("mlm", "category", marks=pytest.mark.slow),
                                                      pytest.param("simclr", "text", marks=pytest.mark.slow),
                                                      ("clue", "text"), pytest.param("future", "text", marks=pytest.mark.slow),
-                                                     pytest.param("next", "text", marks=pytest.mark.slow)])
+                                                     pytest.param("next", "text", marks=pytest.mark.slow),
+                                                     pytest.param("masked-item", "text", marks=pytest.mark.slow)])
 def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
     # the clue run also fits the item co-occurrence table (checked in the export test below)
     cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4,
-                cooc_dim=8 if objective in ("clue", "future") else 0, item_id_buckets=64 if objective in ("future", "next") else 0,
+                cooc_dim=8 if objective in ("clue", "future") else 0, item_id_buckets=64 if objective in ("future", "next", "masked-item") else 0,
                 pooling="last" if objective == "next" else "mean")
     summary = run_pretrain(cfg, progress=lambda s: None)
     r = rows(Path(cfg.out))

@@ -152,7 +152,7 @@ def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: s
         item_encoder="category" if objective == "mlm" else cfg.item_encoder,
         pooling={"mlm": "cls", "next": "last"}.get(objective, "mean"), batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
         size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
-        item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next") else 0),
+        item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next", "masked-item") else 0),
         cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
         num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=holdout_last, minilm_cache=cfg.minilm_cache, **recipe,
     )

@@ -30,7 +30,7 @@ from userfm.encoders import EncoderConfig
 from userfm.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
 
-OBJECTIVES = ("mlm", "simclr", "clue", "future", "next")
+OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
 ITEM_KEYS = ("service", "category", "text_hash", "tokens", "text_vector")  # what "replace an item" swaps
 TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
@@ -41,7 +41,7 @@ class ObjectiveConfig:
     """Pretext task settings (one per pretraining run; field names are Tune keys)."""
 
     objective: str = "clue"  # "mlm" | "simclr" | "clue"
-    mask_rate: float = 0.15  # mlm: fraction of each user's events masked (at least one)
+    mask_rate: float = 0.15  # mlm / masked-item: fraction of each user's events masked (at least one)
     temperature: float = 0.07  # simclr/clue: softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # simclr/clue: learn log(1/t), CLIP-style
     crop_min_fraction: float = 0.6  # simclr: crop window length ~ U[this, 1] x the user's time span
@@ -57,7 +57,7 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective in ("future", "next") and self.mini_batch_size:
+        if self.objective in ("future", "next", "masked-item") and self.mini_batch_size:
             raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
         if self.future_window < 1:
             raise ValueError(f"future_window must be >= 1, got {self.future_window}")
@@ -394,7 +394,7 @@ def build_head(cfg: ObjectiveConfig, encoder_cfg: EncoderConfig) -> nn.Module:
         return MLMHead(encoder_cfg)
     if cfg.objective == "future":
         return FutureHead(encoder_cfg.embed_dim, encoder_cfg.d_model, cfg.temperature, cfg.learnable_temperature)
-    if cfg.objective == "next":  # every state predicts the next item (d_model -> the item-vector space)
+    if cfg.objective in ("next", "masked-item"):  # every (next / masked) state predicts an item (d_model -> item space)
         return FutureHead(encoder_cfg.d_model, encoder_cfg.d_model, cfg.temperature, cfg.learnable_temperature)
     return ContrastiveHead(encoder_cfg.embed_dim, cfg.proj_dim, cfg.temperature, cfg.learnable_temperature)
 
@@ -428,7 +428,7 @@ def loss_and_backward(
     Returns:
         (loss detached, metrics dict of floats).
     """
-    if cfg.objective in ("mlm", "future", "next") or cfg.mini_batch_size <= 0:
+    if cfg.objective in ("mlm", "future", "next", "masked-item") or cfg.mini_batch_size <= 0:
         loss, metrics = pretext_loss(model, head, batch, cfg, time_fields)
         loss.backward()
         average_grads(head)
@@ -484,6 +484,12 @@ def pretext_loss(
         z, h, valid, items = model(batch, return_hidden=True, items=batch)  # h: (B, 1+L, d), items: (B, L, d)
         loss, acc = next_loss(head(h[:, 1:]), items, batch["length"], batch["text_hash"], head.temperature())
         return loss + 0.0 * z.sum(), {"temperature": float(head.temperature().detach()), "next/top1": acc}
+    if cfg.objective == "masked-item":  # the state at each masked event -> the item that was there (BERT4Rec)
+        from userfm.masked_item import masked_item_loss
+
+        z, h, valid, items = model(batch, return_hidden=True, items=batch)  # items: from the unmasked features
+        loss, acc = masked_item_loss(head(h[:, 1:]), items, batch["masked"], batch["text_hash"], head.temperature())
+        return loss + 0.0 * z.sum(), {"temperature": float(head.temperature().detach()), "masked-item/top1": acc}
     a, b = _model_views(batch)
     n = len(a["length"])
     z = model(_concat_torch([a, b]))  # (2n, d)

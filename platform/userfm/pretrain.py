@@ -37,7 +37,7 @@ import numpy as np
 from userfm.errors import UserfmError
 from userfm.features import CALENDAR_FIELDS
 
-OBJECTIVES = ("mlm", "simclr", "clue", "future", "next")
+OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -50,7 +50,8 @@ class PretrainConfig:
     data: str = ""  # sequence dataset folder (from `userfm ingest`)
     out: str = "runs/pretrain"  # run folder: metrics, checkpoints, exported model
     objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.future) |
-    #                          next (SASRec-style next item, causal encoder, pooling "last": userfm.next_event)
+    #                          next (SASRec-style next item, causal encoder, pooling "last": userfm.next_event) |
+    #                          masked-item (BERT4Rec masked item prediction: userfm.masked_item)
     item_encoder: str = "text"  # category | text (BPE + item transformer) | minilm (frozen vectors)
     size: str = "tiny"  # named encoder size: tiny | small | base | large
     out_dim: int = 0  # user embedding size; 0 = the model width
@@ -76,7 +77,7 @@ class PretrainConfig:
     temperature: float = 0.1  # contrastive softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # learn the temperature (CLIP-style)
     proj_dim: int = 0  # simclr/clue: SimCLR projection MLP (embed_dim -> embed_dim -> proj_dim) under the loss; embeddings are taken before it; 0 = none
-    mask_rate: float = 0.15  # mlm: fraction of events masked
+    mask_rate: float = 0.15  # mlm / masked-item: fraction of events masked
     future_window: int = 16  # future: events after each step's random cut that the user embedding predicts
     single_service: str = "time_split"  # clue: users of one service: time_split | skip
     clue_crop: float = 1.0  # clue: each step, each view keeps a random time window of U[clue_crop, 1] x its span; 1 = whole views (fixed pairs)
@@ -133,7 +134,7 @@ class PretrainConfig:
         from userfm.features import FeatureConfig
 
         FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
-        if self.objective in ("future", "next") and self.mini_batch_size:
+        if self.objective in ("future", "next", "masked-item") and self.mini_batch_size:
             raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
         if (self.objective == "next") != (self.pooling == "last"):
             raise ValueError(f"objective next reads the state after the last event: it needs pooling 'last' (and only it "
@@ -245,7 +246,7 @@ def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.G
     """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views, future's cut."""
     from userfm.objectives import crop_views, mask_events, simclr_views
 
-    if cfg.objective == "mlm":
+    if cfg.objective in ("mlm", "masked-item"):
         return mask_events(nb, cfg.mask_rate, rng)
     if cfg.objective == "simclr":
         return simclr_views(nb, _objective_config(cfg), rng)
@@ -486,7 +487,7 @@ def train_loop(config: dict) -> None:
     peak = cfg.peak_flops or measure_peak_flops(cfg.threads_per_worker)
     steps_per_epoch = config["steps_per_epoch"]
     events_per_sample = config["events_per_sample"]
-    views = 1 if cfg.objective == "mlm" else 2
+    views = 1 if cfg.objective in ("mlm", "next", "masked-item") else 2
     flops_sample = flops_per_sample(enc_cfg, n_events=max(1, round(events_per_sample)), n_tokens=cfg.max_text_tokens) * views
     if cfg.mini_batch_size:
         flops_sample *= 4 / 3  # GradCache: one extra forward

@@ -73,7 +73,7 @@ class SweepConfig:
     epochs: float = 0.0  # default passes over the training users; > 0 sets the steps instead of max_steps
     out_dim: int = 0  # default user embedding size (0 = model width)
     # pretraining settings shared by every trial (PretrainConfig fields of the same name)
-    objective: str = "clue"  # mlm | simclr | clue
+    objective: str = "clue"  # userfm.pretrain.OBJECTIVES: mlm | simclr | clue | future | next | masked-item
     item_encoder: str = "text"  # category | text | minilm
     pooling: str = "mean"  # cls | mean
     max_events: int = 16  # most recent events per user
