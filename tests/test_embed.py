@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.embed import EmbedConfig, EmbedError, drop_last_events, model_identity, read_embeddings, run_embed
+from userfm.embed import EmbedConfig, EmbedError, model_identity, read_embeddings, run_embed
+from userfm.sequences import drop_last_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -191,7 +192,7 @@ def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path)
 
 
 def test_keep_services_and_history_rows_by_hand():
-    from userfm.embed import history_rows
+    from userfm.sequences import history_rows
     from userfm.sequences import keep_services
     from userfm.schema import SEQUENCE_SCHEMA
 
@@ -221,7 +222,7 @@ def test_keep_services_and_history_rows_by_hand():
 
 def test_history_service_embeds_one_services_events(setup, tmp_path):
     import userfm
-    from userfm.embed import history_rows
+    from userfm.sequences import history_rows
     from userfm.features import make_batch, to_torch
 
     root, rows = setup

@@ -233,7 +233,7 @@ def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray
     n = len(cached_hashes(cache))
     assert n > 0 and VectorCache.load(cache).lookup(cached_hashes(cache)[:3]).shape == (3, 384)
     assert any(f"{n:,} to encode" in m for m in messages)
-    from userfm.pretrain import build_minilm_cache
+    from userfm.minilm import build_minilm_cache
 
     again = build_minilm_cache(str(tmp_path / "ds"), str(cache), progress=lambda s: None)
     assert again == {"texts": n, "encoded": 0}  # second build reuses every vector

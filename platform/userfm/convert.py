@@ -34,7 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from userfm.errors import UserfmError
+from userfm.convert_common import (
+    ENCODINGS,
+    ConvertError,
+    Converted,
+    concat_rejected,
+    empty_rejected,
+    read_text,
+    split_rejects,
+)
 from userfm.schema import CATEGORY_TYPE, EVENT_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION, TS_TYPE, check_events
 
 FORMATS = ("movielens", "online-retail", "amazon-reviews", "recbole")  # recbole: userfm/recbole.py
@@ -43,11 +51,6 @@ EVENTS_FILE = "events.parquet"
 ATTRIBUTES_FILE = "attributes.parquet"
 REJECTED_FILE = "rejected.parquet"
 MANIFEST_FILE = "convert_manifest.json"
-
-# Tried in order. Latin-1 decodes any byte string, so it is the last resort; a latin-1 file almost
-# never happens to be valid UTF-8, so "UTF-8 first" also reads the old latin-1 MovieLens files right
-# (and still reads copies someone re-saved as UTF-8, which "latin-1 always" would turn into mojibake).
-ENCODINGS = ("utf-8", "latin-1")
 
 # MovieLens ML-1M README: users.dat age and occupation codes.
 ML1M_AGES = {
@@ -74,27 +77,6 @@ RETAIL_REQUIRED = ("InvoiceNo", "StockCode", "Description", "Quantity", "Invoice
 AMAZON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 REVIEW_SNIPPET_CHARS = 200  # fallback text when a review has no summary/title
 MAX_JSON_RECORD_CHARS = 16 << 20  # a "record" this long is a broken file, not a review
-
-
-class ConvertError(UserfmError, ValueError):
-    """Bad input: the message names the file (and the field or row when it applies)."""
-
-
-@dataclasses.dataclass
-class _Converted:
-    """What one format converter hands to ``_write``."""
-
-    variant: str
-    events: pa.Table  # canonical columns, not yet sorted
-    rejected: pd.DataFrame  # columns of QUARANTINE_SCHEMA
-    rows_read: int  # event-bearing rows/records read (dimension tables such as movies are not counted)
-    source_files: list[str]
-    encodings: dict[str, str]  # file -> encoding it was decoded with
-    attributes: pd.DataFrame | None = None  # user_id + label columns
-    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # format-specific counters
-    time: str = "real"  # what ts is: "real", "ordinal" (positions) or "none" (file order); manifest "time"
-    time_note: str = "ts is when the event happened (UTC), from the source's own timestamps"
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # format-specific facts (manifest "details")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +134,7 @@ def convert(
     return _write(fmt, result, Path(out))
 
 
-def _write(fmt: str, res: _Converted, out: Path) -> dict:
+def _write(fmt: str, res: Converted, out: Path) -> dict:
     events = res.events
     for name in ("user_id", "ts", "service", "text"):
         if events.column(name).null_count:  # a converter bug, not bad input
@@ -208,20 +190,6 @@ def _write(fmt: str, res: _Converted, out: Path) -> dict:
 # Shared helpers
 
 
-def _read_text(path: Path) -> tuple[str, str]:
-    """The file's text and the encoding that decoded it; ConvertError naming the file if unreadable."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConvertError(f"{path}: cannot read: {exc}") from exc
-    for enc in ENCODINGS:
-        try:
-            return data.decode(enc), enc
-        except UnicodeDecodeError:
-            continue
-    raise AssertionError("latin-1 decodes every byte string")
-
-
 def _read_delimited(path: Path, sep: str, names: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, str]:
     """Read a delimited file as strings ("" for empty), trying ``ENCODINGS`` in order.
 
@@ -241,7 +209,7 @@ def _read_delimited(path: Path, sep: str, names: tuple[str, ...] | None = None) 
         if sep == "::":
             # pandas only parses multi-character separators with its slow Python engine; "::" never
             # occurs inside a field, so swap it for a control character and keep the C engine.
-            text, enc = _read_text(path)
+            text, enc = read_text(path)
             kwargs["sep"] = "\x1f"
             frame = pd.read_csv(io.StringIO(text.replace("::", "\x1f")), **kwargs)
         else:
@@ -282,56 +250,6 @@ def _ts_from_seconds(secs: pd.Series) -> pa.Array:
     """Unix seconds (float, already validated) -> UTC microsecond timestamps."""
     micros = np.round(secs.to_numpy(dtype=np.float64) * 1e6).astype(np.int64)
     return pa.array(micros).cast(TS_TYPE)
-
-
-def _rows_as_json(frame: pd.DataFrame) -> list[str]:
-    """Each row as the JSON object it was read as (the ``raw`` column of rejected.parquet).
-
-    A Python loop, but over rejected rows only. ``DataFrame.to_json`` would be faster but writes "/"
-    as "\\/", which makes every date in Online Retail's raw rows harder to read.
-    """
-    clean = frame.astype(object).where(frame.notna(), None)
-    return [json.dumps(r, ensure_ascii=False, default=str) for r in clean.to_dict("records")]
-
-
-def _split_rejects(
-    raw: pd.DataFrame, checks: list[tuple[str, pd.Series, str, pd.Series]], source: str
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Apply row checks in order (a row gets the first reason that fails); return (keep mask, rejected).
-
-    Args:
-        raw: the rows as read, used for the JSON ``raw`` column.
-        checks: (reason, bad mask, field name, field values) aligned with ``raw``; the detail of a
-            rejected row reads "field='value'" and is only built for rejected rows.
-    """
-    reason = np.full(len(raw), None, dtype=object)
-    detail = np.full(len(raw), None, dtype=object)
-    for name, bad, field, values in checks:
-        hit = bad.to_numpy(dtype=bool) & (reason == None)  # noqa: E711 (elementwise on an object array)
-        reason[hit] = name
-        detail[hit] = [f"{field}={_plain(v)!r}" for v in values.to_numpy(dtype=object)[hit]]
-    keep = reason == None  # noqa: E711
-    rejected = pd.DataFrame(
-        {"source": source, "reason": reason[~keep], "detail": detail[~keep], "raw": _rows_as_json(raw[~keep])},
-        columns=QUARANTINE_SCHEMA.names,
-    )
-    return keep, rejected
-
-
-def _plain(v: Any) -> Any:
-    """NaN/NaT -> None and numpy scalars -> Python, so details read "CustomerID=None", not "nan"."""
-    if v is None or (not isinstance(v, str) and pd.isna(v)):
-        return None
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _empty_rejected() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=object) for c in QUARANTINE_SCHEMA.names})
-
-
-def _concat_rejected(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    parts = [p for p in parts if len(p)]
-    return pd.concat(parts, ignore_index=True) if parts else _empty_rejected()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,7 +308,7 @@ def _movielens_rows(
     else:
         checks.append(("missing_tag", frame["tag"].str.strip() == "", "tag", frame["tag"]))
     checks.append(("bad_timestamp", secs.isna(), "timestamp", frame["ts"]))
-    keep, rejected = _split_rejects(frame, checks, str(source))
+    keep, rejected = split_rejects(frame, checks, str(source))
     kept = frame[keep].assign(user=user[keep], item=item[keep])
     if value_col == "rating":
         kept = kept.assign(rating=rating[keep])
@@ -436,7 +354,7 @@ def _age_bracket(age: pd.Series) -> pd.Series:
     return pd.cut(age, bins=bins, right=False, labels=list(ML1M_AGES.values())).astype(object)
 
 
-def _convert_movielens(src: Path) -> _Converted:
+def _convert_movielens(src: Path) -> Converted:
     folder = src if src.is_dir() else src.parent
     encodings: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -527,10 +445,10 @@ def _convert_movielens(src: Path) -> _Converted:
     rows_read = sum(len(frame) for frame, *_ in parts)
     counts["events_with_unknown_movie"] = unknown
     counts["movies"] = len(movies.index)
-    return _Converted(
+    return Converted(
         variant=variant,
         events=pa.concat_tables(tables),
-        rejected=_concat_rejected(rejects),
+        rejected=concat_rejected(rejects),
         rows_read=rows_read,
         source_files=[str(folder / n) for n in encodings],
         encodings={str(folder / n): e for n, e in encodings.items()},
@@ -589,7 +507,7 @@ def _retail_dates(col: pd.Series) -> pd.Series:
     return parsed.dt.tz_localize("UTC") if parsed.dt.tz is None else parsed.dt.tz_convert("UTC")
 
 
-def _convert_online_retail(src: Path) -> _Converted:
+def _convert_online_retail(src: Path) -> Converted:
     path = _single_file(src, (".csv", ".xlsx", ".xlsm", ".xls"), "Online Retail")
     raw, encoding = _read_retail(path)
 
@@ -607,7 +525,7 @@ def _convert_online_retail(src: Path) -> _Converted:
         ("bad_quantity", qty.isna(), "Quantity", raw["Quantity"]),
         ("missing_item", (stock == "") & (desc == ""), "StockCode", raw["StockCode"]),
     ]
-    keep, rejected = _split_rejects(raw, checks, str(path))
+    keep, rejected = split_rejects(raw, checks, str(path))
 
     stock, desc, customer = stock[keep], desc[keep], customer[keep]
     no_desc = desc == ""
@@ -638,7 +556,7 @@ def _convert_online_retail(src: Path) -> _Converted:
         attributes = tally.drop_duplicates("user_id")[["user_id", "country"]].reset_index(drop=True)
         attributes = attributes.astype({"user_id": str, "country": str})
 
-    return _Converted(
+    return Converted(
         variant="online-retail-" + ("xlsx" if encoding == "xlsx" else "csv"),
         events=events,
         rejected=rejected,
@@ -801,7 +719,7 @@ def _review_event(rec: dict, service: str) -> tuple[dict | None, str | None, str
     return row, None, None
 
 
-def _convert_amazon(src: Path, service: str) -> _Converted:
+def _convert_amazon(src: Path, service: str) -> Converted:
     if not isinstance(service, str) or not service.strip():
         raise ConvertError(f"service must be a non-empty string, got {service!r}")
     if src.is_file():
@@ -851,10 +769,10 @@ def _convert_amazon(src: Path, service: str) -> _Converted:
             "value": pa.array(columns["value"], pa.float64()),
         }
     )
-    return _Converted(
+    return Converted(
         variant="amazon-reviews",
         events=events,
-        rejected=pd.DataFrame(rejects, columns=QUARANTINE_SCHEMA.names) if rejects else _empty_rejected(),
+        rejected=pd.DataFrame(rejects, columns=QUARANTINE_SCHEMA.names) if rejects else empty_rejected(),
         rows_read=rows_read,
         source_files=[str(p) for p in files],
         encodings=encodings,

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from userfm.config import to_dict
 from userfm.errors import UserfmError
+from userfm.sequences import cut_lists, drop_last_events, history_rows
 
 
 SEQUENCE_COLUMNS = ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
@@ -96,52 +97,6 @@ def model_identity(model_dir: str | Path) -> dict:
     return {"model_id": name, "model_version": _digest(p / "model.safetensors"), "config_hash": _digest(p / "config.json")}
 
 
-def _cut_lists(rows: pa.Table, cut, n_events) -> pa.Table:
-    """Every list column of ``rows`` cut, per row, to its entries ``[start, end)``.
-
-    ``cut(lengths) -> (starts, ends)`` maps a column's (n,) row lengths to (n,) int arrays with
-    0 <= start <= end <= length; ``n_events(column) -> column`` rewrites that column if the table has it. Null
-    lists stay null. Pure Arrow/numpy: one ``take`` per list column, no copy of the kept values beyond it.
-    """
-    cols = {}
-    for name in rows.column_names:
-        col = rows.column(name)
-        if name == "n_events":
-            col = n_events(col)
-        elif pa.types.is_list(col.type):
-            arr = col.combine_chunks()
-            off = arr.offsets.to_numpy()
-            starts, ends = cut(np.diff(off))
-            keep = ends - starts
-            new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
-            idx = np.repeat(off[:-1] + starts - new_off[:-1], keep) + np.arange(new_off[-1])
-            col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type,
-                                           mask=arr.is_null() if arr.null_count else None)
-        cols[name] = col
-    return pa.table(cols, schema=rows.schema)
-
-
-def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
-    """Sequence rows without each user's last ``n`` events (lists are time-sorted, oldest first).
-
-    Every list column loses its last ``n`` entries per row (fewer when the row is shorter); ``n_events``
-    drops by the same amount, never below 0.
-    """
-    if n <= 0:
-        return rows
-    return _cut_lists(rows, lambda lengths: (0, np.maximum(lengths - n, 0)),
-                      n_events=lambda col: pc.max_element_wise(pc.subtract(col, n), 0))
-
-
-def history_rows(rows: pa.Table, holdout: int = 0, service: str = "") -> pa.Table:
-    """The history a model reads: each row without its last ``holdout`` events, then (``service`` set) only
-    that service's events (:func:`drop_last_events`, :func:`userfm.sequences.keep_services`)."""
-    from userfm.sequences import keep_services
-
-    rows = drop_last_events(rows, holdout)
-    return keep_services(rows, (service,)) if service else rows
-
-
 def read_history(data, columns: list[str], holdout: int = 0, service: str = "") -> pa.Table:
     """``columns`` of a dataset's combined sequences (scope "all"), cut to :func:`history_rows`."""
     from userfm.dataset import read_sequences
@@ -172,7 +127,7 @@ def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
         i = int(np.flatnonzero((ends < 0) | (ends > lengths))[0])
         raise ValueError(f"ends[{i}] = {ends[i]} is outside row {i}'s 0..{lengths[i]} events")
     starts = np.maximum(ends - width, 0)
-    return _cut_lists(rows, lambda _: (starts, ends), n_events=lambda _: pa.array(ends - starts, pa.int64()))
+    return cut_lists(rows, lambda _: (starts, ends), n_events=lambda _: pa.array(ends - starts, pa.int64()))
 
 
 class EmbedActor:
@@ -291,7 +246,7 @@ def minilm_vectors(model: str, data: str, cache: str = "", progress=print) -> st
     enc_cfg = json.loads((Path(model) / "config.json").read_text())
     if enc_cfg.get("item_encoder") != "minilm":
         return None
-    from userfm.pretrain import build_minilm_cache
+    from userfm.minilm import build_minilm_cache
 
     vectors_dir = cache or str(Path(data) / "minilm_cache")
     build_minilm_cache(data, vectors_dir, progress)

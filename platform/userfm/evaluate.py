@@ -32,6 +32,10 @@ its embedding table is the only input of a small head trained per task. For ever
                          hstacked with the TF-IDF matrix, logistic regression (ridge), C and the TF-IDF block's
                          weight chosen on val (row ``E+tfidf/logreg``; ``concat_tfidf_weights``): the "general
                          user feature + service-specific feature" of the papers (opt-in)
+               "concat-minilm" for every real embedding table E: E hstacked with the minilm-mean table (users
+                         in both), fed to the same heads as a table (rows ``E+minilm-mean/<head>``): does the
+                         encoder add anything to the mean of the item vectors it reads? (the ablation of a
+                         residual path from the input; opt-in, needs what minilm-mean needs)
 
 Users come with the dataset's user-disjoint train/val/test split (ingest hashes the user id): heads fit
 on train, select on val, and every number reported is on test: the mean over ``seeds`` of the task's
@@ -106,9 +110,10 @@ ALLOWED_METRICS = {"binary": ("auc", "accuracy", "macro_f1", "log_loss"),
                    "multiclass": ("accuracy", "macro_f1", "log_loss"), "regression": ("rmse",),
                    "retrieval": ("hr@10", "ndcg@10")}
 HEADS = ("mlp", "logreg")
-BASELINES = ("tfidf", "oracle", "t-trans", "popularity", "minilm-mean", "concat-tfidf", "bag-of-items", "item-knn",
-             "sasrec")
+BASELINES = ("tfidf", "oracle", "t-trans", "popularity", "minilm-mean", "concat-tfidf", "concat-minilm", "bag-of-items",
+             "item-knn", "sasrec")
 MINILM_MEAN = "minilm-mean"  # the baseline name, and its embedding / model-name prefix
+CONCAT_MINILM = "concat-minilm"  # the baseline name, and the source of its tables (E+minilm-mean)
 # Rows every real embedding row is compared with (paired), when they ran: the yardsticks that need no pretraining
 # (popularity and item-knn: retrieval tasks; tfidf and bag-of-items: the others) and T-Trans.
 PAIRED_WITH = ("tfidf/logreg", "bag-of-items/logreg", "t-trans", "popularity", "popularity-unseen", "item-knn", "sasrec")
@@ -681,7 +686,7 @@ def item_histories(data: str | Path, keep_null: bool = False, holdout: int = 0,
     t = read_sequences(data, columns=["user_id", "item_id"] + (["service"] if service else []))
     catalog = pc.unique(t.column("item_id").combine_chunks().flatten().drop_null()).sort()
     if holdout or service:
-        from userfm.embed import history_rows
+        from userfm.sequences import history_rows
 
         t = history_rows(t, holdout, service)
     items = t.column("item_id").combine_chunks()
@@ -784,6 +789,18 @@ def _table_constant(path: str | Path, column: str, name: str) -> tuple[bool, obj
     if len(vals) > 1:
         raise EvalError(f"embeddings {name!r} ({path}): rows made with different {column} values {sorted(vals, key=str)}")
     return True, (vals[0] if vals else None)
+
+
+def concat_tables(a: EmbeddingTable, b: EmbeddingTable, name: str) -> EmbeddingTable:
+    """[a | b] for the users of ``a`` that ``b`` has too (in ``a``'s order): (n, Da + Db). The two tables must
+    read the same history (holdout and history service), as every table of one task does."""
+    if a.history_service != b.history_service or None not in (a.holdout_last, b.holdout_last) and a.holdout_last != b.holdout_last:
+        raise EvalError(f"{name}: tables {a.name!r} and {b.name!r} read different histories: "
+                        f"{(a.holdout_last, a.history_service)} vs {(b.holdout_last, b.history_service)}")
+    keep = pc.is_in(a.ids, value_set=b.ids).to_numpy(zero_copy_only=False)
+    ids = a.ids.filter(pa.array(keep))
+    x = np.hstack([a.x[keep], b.lookup(np.asarray(ids.to_pylist(), dtype=object))]).astype(np.float32)
+    return EmbeddingTable(name, f"{a.source} + {b.source}", ids, x, a.holdout_last, a.history_service)
 
 
 def _embed_manifest(path: str | Path) -> dict | None:
@@ -1825,8 +1842,15 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
 
         # every embedding table, then the mean-MiniLM one: the same heads, seeds and users
         tables_here = list(cfg.embeddings.items()) + ([(MINILM_MEAN, MINILM_MEAN)] if MINILM_MEAN in cfg.baselines else [])
+        if CONCAT_MINILM in cfg.baselines:  # every real table + the mean MiniLM vector (after every plain table)
+            tables_here += [(f"{e}+{MINILM_MEAN}", CONCAT_MINILM) for e, src in cfg.embeddings.items() if src != RANDOM]
+        concats: dict[str, EmbeddingTable] = {}
 
         def table_of(emb_name: str, source: str, seed: int) -> EmbeddingTable:
+            if source == CONCAT_MINILM:
+                if emb_name not in concats:
+                    concats[emb_name] = concat_tables(real[emb_name.split("+")[0]], minilm(td.view), emb_name)
+                return concats[emb_name]
             return rand[seed] if source == RANDOM else minilm(td.view) if source == MINILM_MEAN else real[emb_name]
 
         for emb_name, source in tables_here:

@@ -180,3 +180,35 @@ class VectorCache:
         if strict and (~hit & (flat != 0)).any():
             raise KeyError(f"{int((~hit & (flat != 0)).sum())} text hashes are not in the MiniLM cache")
         return out.reshape(*h.shape, self.dim)
+
+
+def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
+    """Encode every distinct event text of the dataset once with frozen MiniLM, as a Ray Data job.
+
+    Texts already in the cache are skipped; new vectors are appended as a new Parquet part.
+    """
+    import pyarrow.compute as pc
+    import ray
+
+    from userfm.dataset import read_sequences
+    from userfm.features import text_hash
+
+    texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
+    hashes = text_hash(texts)
+    have = set(cached_hashes(cache_dir).tolist()) if Path(cache_dir).exists() else set()
+    todo = [t for t, h in zip(texts, hashes) if int(h) not in have]
+    progress(f"[pretrain] MiniLM cache: {len(texts):,} distinct texts, {len(texts) - len(todo):,} cached, {len(todo):,} to encode")
+    if todo:
+        ds = ray.data.from_arrow(pa.table({"text": todo}))
+        # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
+        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
+                            fn_constructor_kwargs={"threads": -1})
+        # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
+        # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
+        parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        # written aside, then renamed: a run reading a cache shared with this one never sees half a part
+        name = f"part-{int(time.time() * 1000)}-{os.getpid()}.parquet"
+        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f".{name}")
+        os.replace(Path(cache_dir) / f".{name}", Path(cache_dir) / name)
+    return {"texts": len(texts), "encoded": len(todo)}

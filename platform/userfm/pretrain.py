@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -205,7 +204,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
     vocabs, tok, vectors = _resources(vocabs_json, tokenizer_json, vectors_dir)
     batch = batch.filter(pc.equal(batch.column("split"), split))
     if holdout_last:
-        from userfm.embed import drop_last_events
+        from userfm.sequences import drop_last_events
 
         batch = drop_last_events(batch, holdout_last)
     if services:
@@ -630,7 +629,7 @@ def _read_rows(path: str, split: str, train_users: int = 0):
 
 def _train_rows(cfg: PretrainConfig):
     """The training users' sequences the vocabularies and tokenizer are fitted on (held-out events dropped)."""
-    from userfm.embed import drop_last_events
+    from userfm.sequences import drop_last_events
 
     return drop_last_events(_read_rows(cfg.data, "train", cfg.train_users), cfg.holdout_last)
 
@@ -659,42 +658,6 @@ def _fit_resources(cfg: PretrainConfig, train_rows) -> tuple[Any, Any]:
         texts = [t for lst in train_rows.column("text").to_pylist() for t in (lst or [])]
         tok = TextTokenizer.fit(texts, vocab_size=cfg.text_vocab)
     return vocabs, tok
-
-
-def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
-    """Encode every distinct event text of the dataset once with frozen MiniLM, as a Ray Data job.
-
-    Texts already in the cache are skipped; new vectors are appended as a new Parquet part.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray
-
-    from userfm.dataset import read_sequences
-    from userfm.features import text_hash
-    from userfm.minilm import MiniLMEncoder, cached_hashes, to_table
-
-    texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
-    hashes = text_hash(texts)
-    have = set(cached_hashes(cache_dir).tolist()) if Path(cache_dir).exists() else set()
-    todo = [t for t, h in zip(texts, hashes) if int(h) not in have]
-    progress(f"[pretrain] MiniLM cache: {len(texts):,} distinct texts, {len(texts) - len(todo):,} cached, {len(todo):,} to encode")
-    if todo:
-        import pyarrow.parquet as pq
-
-        ds = ray.data.from_arrow(pa.table({"text": todo}))
-        # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
-        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
-                            fn_constructor_kwargs={"threads": -1})
-        # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
-        # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
-        parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        # written aside, then renamed: a run reading a cache shared with this one never sees half a part
-        name = f"part-{int(time.time() * 1000)}-{os.getpid()}.parquet"
-        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f".{name}")
-        os.replace(Path(cache_dir) / f".{name}", Path(cache_dir) / name)
-    return {"texts": len(texts), "encoded": len(todo)}
 
 
 def _only_users(batch, ids):
@@ -812,6 +775,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     extra: dict[str, Any] = {}
     if cfg.item_encoder == "minilm":
         vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
+        from userfm.minilm import build_minilm_cache
+
         build_minilm_cache(cfg.data, vectors_dir, progress)
         extra["text_vector_dim"] = 384
     cooc = None

@@ -35,15 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-# convert.py imports this module lazily, inside convert(), so this import is not a cycle at load time.
-from userfm.convert import (
-    ConvertError,
-    _Converted,
-    _concat_rejected,
-    _read_text,
-    _rows_as_json,
-    _split_rejects,
-)
+from userfm.convert_common import ConvertError, Converted, concat_rejected, read_text, rows_as_json, split_rejects
 from userfm.schema import CATEGORY_TYPE, QUARANTINE_SCHEMA, TS_TYPE
 
 TYPES = ("token", "token_seq", "float", "float_seq")
@@ -109,8 +101,8 @@ class _Items:
 # Entry point
 
 
-def convert_recbole(src: Path, opts: Options) -> _Converted:
-    """Read the RecBole data set at SRC (a folder, or one of its files) into a ``_Converted``."""
+def convert_recbole(src: Path, opts: Options) -> Converted:
+    """Read the RecBole data set at SRC (a folder, or one of its files) into a ``Converted``."""
     if opts.time not in TIME_MODES:
         raise ConvertError(f"time must be one of {', '.join(TIME_MODES)}; got {opts.time!r}")
     if opts.service is not None and opts.service_field is not None:
@@ -221,7 +213,7 @@ def _parse_header(line: str, path: Path) -> dict[str, str]:
 
 def _read_table(path: Path, required: tuple[str, ...]) -> _Table:
     """Read one atomic file; ConvertError for a bad header or a missing required field."""
-    text, encoding = _read_text(path)
+    text, encoding = read_text(path)
     lines = text.split("\n")  # not splitlines(): it also splits on \x0b, \x1c, \u2028... inside titles
     types = _parse_header(lines[0], path)
     for name in required:
@@ -267,7 +259,7 @@ def _bad_floats(col: pd.Series, seq: bool) -> pd.Series:
 
 
 def _row_checks(table: _Table, ids: tuple[str, ...]) -> list[tuple[str, pd.Series, str, pd.Series]]:
-    """The ``_split_rejects`` checks every data row gets: ids present, float fields numeric."""
+    """The ``split_rejects`` checks every data row gets: ids present, float fields numeric."""
     frame = table.frame
     checks = [(f"missing_{f}", frame[f] == "", f, frame[f]) for f in ids]
     for name, typ in table.types.items():
@@ -277,8 +269,8 @@ def _row_checks(table: _Table, ids: tuple[str, ...]) -> list[tuple[str, pd.Serie
 
 
 def _reject(table: _Table, checks: list) -> tuple[np.ndarray, pd.DataFrame]:
-    """``_split_rejects`` with the line number in front of each detail ("line 7: timestamp='x'")."""
-    keep, rejected = _split_rejects(table.frame, checks, str(table.path))
+    """``split_rejects`` with the line number in front of each detail ("line 7: timestamp='x'")."""
+    keep, rejected = split_rejects(table.frame, checks, str(table.path))
     lines = table.lineno[~keep]
     rejected["detail"] = [f"line {n}: {d}" for n, d in zip(lines, rejected["detail"])]
     return keep, rejected
@@ -452,7 +444,7 @@ def _looks_ordinal(user: np.ndarray, secs: np.ndarray) -> bool:
     return bool(((g["min"] == 0) & (g["max"] == g["size"] - 1) & (g["nunique"] == g["size"])).all())
 
 
-def _convert_atomic(path: Path, items: _Items | None, service: str, opts: Options) -> _Converted:
+def _convert_atomic(path: Path, items: _Items | None, service: str, opts: Options) -> Converted:
     table = _read_table(path, ("user_id", "item_id"))
     frame, types = table.frame, table.types
     for f in ("timestamp", "rating"):
@@ -508,10 +500,10 @@ def _convert_atomic(path: Path, items: _Items | None, service: str, opts: Option
     counts.update(_item_counts(item, cols, keep, items))
     kept = pd.DataFrame({"u": user[keep], "i": item[keep], "t": micros[keep]})
     counts["duplicate_events"] = int(kept.duplicated().sum())  # same user, item and time: kept, logs repeat
-    return _Converted(
+    return Converted(
         variant="recbole-atomic",
         events=events,
-        rejected=_concat_rejected([table.bad_count, rejected]),
+        rejected=concat_rejected([table.bad_count, rejected]),
         rows_read=len(frame) + len(table.bad_count),
         source_files=[str(path)],
         encodings={str(path): table.encoding},
@@ -617,7 +609,7 @@ def _rebuild(rows: list[_Row], cap: int) -> tuple[list[str], list[_Row], dict[in
     return seq, origin, status
 
 
-def _convert_presplit(paths: dict[str, Path], items: _Items | None, service: str, opts: Options) -> _Converted:
+def _convert_presplit(paths: dict[str, Path], items: _Items | None, service: str, opts: Options) -> Converted:
     if opts.time == "real":
         first = next(iter(paths.values()))
         raise ConvertError(f"{first}: pre-split sequences have positions, not times: time 'real' cannot apply")
@@ -660,7 +652,7 @@ def _convert_presplit(paths: dict[str, Path], items: _Items | None, service: str
             if status[r.order] == "inconsistent":
                 bad_rows[r.split].append((r, u, len(seq)))
     for split, bad in bad_rows.items():
-        raw = _rows_as_json(tables[split].frame.iloc[[r.frame_row for r, _, _ in bad]])
+        raw = rows_as_json(tables[split].frame.iloc[[r.frame_row for r, _, _ in bad]])
         rejected_parts.append(pd.DataFrame({
             "source": str(paths[split]),
             "reason": "inconsistent_sequence",
@@ -706,10 +698,10 @@ def _convert_presplit(paths: dict[str, Path], items: _Items | None, service: str
         raise RuntimeError(f"recbole pre-split: file rows {file_rows} != target {as_target} + subsumed "
                            f"{tally['subsumed']} + rejected {rows_rejected}")
     counts.update(_item_counts(item, cols, keep, items))
-    return _Converted(
+    return Converted(
         variant="recbole-presplit",
         events=events,
-        rejected=_concat_rejected(rejected_parts),
+        rejected=concat_rejected(rejected_parts),
         rows_read=len(item) + rows_rejected,
         source_files=[str(p) for p in paths.values()],
         encodings={str(p): t.encoding for p, t in zip(paths.values(), tables.values())},

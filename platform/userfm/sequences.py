@@ -298,3 +298,47 @@ def restrict_services(sequences: pa.Table, services: tuple[str, ...] | list[str]
     """
     kept = keep_services(sequences, services)
     return kept.filter(pc.greater(kept.column("n_events"), 0))
+
+
+def cut_lists(rows: pa.Table, cut, n_events) -> pa.Table:
+    """Every list column of ``rows`` cut, per row, to its entries ``[start, end)``.
+
+    ``cut(lengths) -> (starts, ends)`` maps a column's (n,) row lengths to (n,) int arrays with
+    0 <= start <= end <= length; ``n_events(column) -> column`` rewrites that column if the table has it. Null
+    lists stay null. Pure Arrow/numpy: one ``take`` per list column, no copy of the kept values beyond it.
+    """
+    cols = {}
+    for name in rows.column_names:
+        col = rows.column(name)
+        if name == "n_events":
+            col = n_events(col)
+        elif pa.types.is_list(col.type):
+            arr = col.combine_chunks()
+            off = arr.offsets.to_numpy()
+            starts, ends = cut(np.diff(off))
+            keep = ends - starts
+            new_off = np.concatenate([[0], np.cumsum(keep)]).astype(np.int32)
+            idx = np.repeat(off[:-1] + starts - new_off[:-1], keep) + np.arange(new_off[-1])
+            col = pa.ListArray.from_arrays(pa.array(new_off), arr.values.take(pa.array(idx, pa.int64())), type=arr.type,
+                                           mask=arr.is_null() if arr.null_count else None)
+        cols[name] = col
+    return pa.table(cols, schema=rows.schema)
+
+
+def drop_last_events(rows: pa.Table, n: int) -> pa.Table:
+    """Sequence rows without each user's last ``n`` events (lists are time-sorted, oldest first).
+
+    Every list column loses its last ``n`` entries per row (fewer when the row is shorter); ``n_events``
+    drops by the same amount, never below 0.
+    """
+    if n <= 0:
+        return rows
+    return cut_lists(rows, lambda lengths: (0, np.maximum(lengths - n, 0)),
+                      n_events=lambda col: pc.max_element_wise(pc.subtract(col, n), 0))
+
+
+def history_rows(rows: pa.Table, holdout: int = 0, service: str = "") -> pa.Table:
+    """The history a model reads: each row without its last ``holdout`` events, then (``service`` set) only
+    that service's events (:func:`drop_last_events`, :func:`keep_services`)."""
+    rows = drop_last_events(rows, holdout)
+    return keep_services(rows, (service,)) if service else rows
