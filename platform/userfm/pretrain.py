@@ -56,7 +56,7 @@ class PretrainConfig:
     out_dim: int = 0  # user embedding size; 0 = the model width
     pooling: str = "mean"  # cls | mean | last (next needs last)
     dropout: float = 0.1  # dropout probability. 0 trained 1.20x faster on a 2-vCPU CPU box (train_throughput --ref-dropout 0)
-    #                       and gave the same downstream metrics on the demo, but a worse validation loss (README "Pretraining")
+    #                       and gave the same downstream metrics on the demo, but a worse validation loss (docs/pretraining.md)
     max_events: int = 64  # most recent events per user fed to the encoder
     max_text_tokens: int = 16  # BPE tokens per event text (text item encoder)
     text_vocab: int = 2048  # BPE vocabulary size to fit (text item encoder)
@@ -101,7 +101,7 @@ class PretrainConfig:
     item_id_buckets: int = 0  # > 0: the encoder adds a learned embedding per hashed item identity (EncoderConfig.item_id_buckets)
     cooc_dim: int = 32  # > 0: fit item co-occurrence vectors of this size on the training users (userfm.cooc) and add
     #                     them to each event's input, so items whose titles share their words can be told apart by
-    #                     who takes them (demo data: CLUE age_bracket 0.350 -> 0.478, README "Item co-occurrence"); 0 = off
+    #                     who takes them (demo data: CLUE age_bracket 0.350 -> 0.478, docs/pretraining.md, "Item co-occurrence vectors"); 0 = off
     cooc_min_users: int = 2  # items taken by fewer training users get no co-occurrence vector
     time_fields: tuple[str, ...] = CALENDAR_FIELDS  # calendar fields each event embeds
     #                     (FeatureConfig.time_fields; "recency" also valid). Absolute date fields let a time-split CLUE pair
