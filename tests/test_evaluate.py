@@ -889,6 +889,43 @@ def test_minilm_mean_rows_use_the_mean_vectors(strong, synth_ds):
         assert M.compute("accuracy", td.y["test"], saved.predict_proba(x_test)) == pytest.approx(row["per_seed"][0], abs=1e-6)
 
 
+def test_concat_tables_by_hand():
+    from userfm.evaluate import EmbeddingTable, concat_tables
+
+    a = EmbeddingTable("a", "a", pa.array(["u3", "u1", "u2"]), np.arange(6, dtype=np.float32).reshape(3, 2), 1)
+    b = EmbeddingTable("m", "m", pa.array(["u1", "u2", "u9"]), np.array([[10.0], [20.0], [90.0]], np.float32), 1)
+    c = concat_tables(a, b, "a+m")  # u3 has no b row: left out; a's order kept
+    assert c.ids.to_pylist() == ["u1", "u2"] and (c.holdout_last, c.history_service) == (1, "")
+    np.testing.assert_array_equal(c.x, [[2, 3, 10], [4, 5, 20]])
+    with pytest.raises(EvalError, match="read different histories"):
+        concat_tables(a, EmbeddingTable("m", "m", b.ids, b.x, 0), "a+m")
+
+
+def test_concat_minilm_rows_read_the_table_beside_the_mean_vectors(synth_ds):
+    """``concat-minilm``: row ``leaky+minilm-mean/<head>`` is a head on [leaky | mean MiniLM vector] (its saved
+    head reproduces the row from features built by hand); the plain tables' rows are unchanged by it."""
+    from userfm.minilm import build_cache
+
+    cache = synth_ds["root"] / "fake_minilm_cache_concat"
+    build_cache(_distinct_texts(synth_ds["ds"]), cache, encoder=FakeMiniLM())
+    cfg = _cfg(synth_ds, "concat_minilm", only_tasks=("segment",), baselines=(MINILM, "concat-minilm"), heads=("logreg",),
+               minilm_cache=str(cache), seeds=1, logreg_c=(1.0,), logreg_max_iter=200)
+    results = run_evaluate(cfg, progress=lambda s: None)
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"leaky/logreg", "random/logreg", "minilm-mean/logreg", "leaky+minilm-mean/logreg"}
+    td = task_data(synth_ds["ds"], TaskConfig(name="segment", table="attributes", target="segment", type="multiclass"),
+                   user_table(synth_ds["ds"]))
+    seq = read_sequences(synth_ds["ds"], columns=["user_id", "text"]).to_pylist()
+    mean = {r["user_id"]: _fake_vectors(r["text"]).mean(axis=0) for r in seq}
+    leaky = load_embeddings(synth_ds["leaky"])
+    x_test = np.hstack([leaky.lookup(td.ids["test"]), np.stack([mean[u] for u in td.ids["test"]])])
+    row = rows["leaky+minilm-mean/logreg"]
+    saved = load_head(Path(cfg.out) / row["heads"][0])
+    assert saved.meta["input_dim"] == leaky.dim + 384 and row["test"]["n"] == len(td.ids["test"])
+    assert M.compute("accuracy", td.y["test"], saved.predict_proba(x_test)) == pytest.approx(row["per_seed"][0], abs=1e-6)
+    assert "minilm-mean/logreg" in row["paired"]  # paired with the best yardstick, as every real table's row
+
+
 def test_concat_features_and_row_by_hand(strong, synth_ds):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression

@@ -272,7 +272,7 @@ class EvalConfig:
     retrieval_item_factors: int = 0  # retrieval heads: > 0 factorizes the output layer through fixed item co-occurrence
     #                         vectors of this size (PPMI + SVD of the training users' histories, userfm.cooc), its bias
     #                         starting at the popularity ranking; 0 = one free output per item. Off: on MovieLens
-    #                         latest-small (32) it moved HR@10 within the intervals (README "MovieLens")
+    #                         latest-small (32) it moved HR@10 within the intervals (docs/evaluation.md, the MovieLens paragraph)
     item_knn_last: tuple[int, ...] = (1, 3, 10, 0)  # item-knn: most recent items read (0 = all), best val HR@10 wins
     sasrec_max_len: int = 50  # sasrec: most recent items read
     sasrec_dim: int = 64  # sasrec: embedding and hidden size
