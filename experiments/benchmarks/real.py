@@ -112,6 +112,7 @@ def _pretrain_lines(pretrain: dict) -> list[str]:
 
 
 def _write(name: str, md: str, out: Path) -> str:
+    """``OUT/<set>/real.md`` and ``docs/results/real-<name>.md`` (``name``: the set, or ``--name``)."""
     (out / "real.md").write_text(md)
     docs = REPO / "docs" / "results"
     docs.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,7 @@ def render_set(name: str, args: argparse.Namespace) -> str:
             + (f"{results['config']['folds']}-fold cross-fitted" if (results.get("config") or {}).get("folds")
                else "on the test split") + ".", "",
             tables(results)]
-    return _write(name, "\n".join(text), out)
+    return _write(args.name or name, "\n".join(text), out)
 
 
 def run_set(name: str, args: argparse.Namespace) -> str:
@@ -159,7 +160,8 @@ def run_set(name: str, args: argparse.Namespace) -> str:
                      baselines=DemoConfig.baselines + ("sasrec",), objectives=tuple(args.objectives),
                      minilm_cache=str(Path(args.minilm_cache).resolve()) if args.minilm_cache else "",
                      **({"pretrain_steps": args.steps} if args.steps else {}),
-                     **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {})})
+                     **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {}),
+                        **({"tasks": str(Path(args.tasks).resolve())} if args.tasks else {})})
     t0 = time.perf_counter()
     summary = run_demo(cfg, num_cpus=args.num_cpus)
     wall = time.perf_counter() - t0
@@ -174,7 +176,7 @@ def run_set(name: str, args: argparse.Namespace) -> str:
                else "on the test split") + ".", "",
             f"Wall time {wall:.0f} s; stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()), "",
             tables(results)]
-    return _write(name, "\n".join(text), out)
+    return _write(args.name or name, "\n".join(text), out)
 
 
 def main() -> int:
@@ -192,9 +194,17 @@ def main() -> int:
     ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next)")
     ap.add_argument("--minilm-cache", default="runs/real/minilm_cache",
                     help="MiniLM vectors kept between runs, each distinct text encoded once ('' = one per run)")
+    ap.add_argument("--tasks", default=None,
+                    help="a task file to evaluate instead of the set's own (e.g. some of its tasks; one set at a time)")
+    ap.add_argument("--name", default=None,
+                    help="write docs/results/real-NAME.md instead of real-<set>.md (one set at a time)")
     ap.add_argument("--render", action="store_true",
                     help="run nothing: write the tables of the run folders already in --out (every finished pass)")
     args = ap.parse_args()
+    if (args.tasks or args.name) and len(args.sets) != 1:
+        ap.error("--tasks and --name apply to one set: give --sets with one name")
+    if args.tasks and not Path(args.tasks).is_file():
+        ap.error(f"--tasks: no file {args.tasks}")
     for name in args.sets:
         (render_set if args.render else run_set)(name, args)
     return 0
