@@ -7,7 +7,7 @@ import datetime as dt
 import numpy as np
 import pyarrow as pa
 
-from userfm.schema import SEQUENCE_SCHEMA
+from userfm.data.schema import SEQUENCE_SCHEMA
 
 T0 = dt.datetime(2023, 5, 17, 13, 0, tzinfo=dt.timezone.utc)  # a Wednesday, 13:00 UTC
 SERVICES = ("shopping", "search", "news")

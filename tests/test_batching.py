@@ -7,10 +7,10 @@ import pyarrow as pa
 import torch
 
 from seqrows import event_rows
-from userfm.encoders import UserEncoder, config_for
-from userfm.features import FeatureConfig, batch_lengths, bucket_by_length, fit_vocabs, make_batch, pad_events, to_torch, trim_events
-from userfm.schema import SEQUENCE_SCHEMA
-from userfm.sequences import restrict_services
+from userfm.models.encoders import UserEncoder, config_for
+from userfm.models.features import FeatureConfig, batch_lengths, bucket_by_length, fit_vocabs, make_batch, pad_events, to_torch, trim_events
+from userfm.data.schema import SEQUENCE_SCHEMA
+from userfm.data.sequences import restrict_services
 
 
 def _rows(n=8, seed=0):

@@ -54,8 +54,8 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_shipped_configs_load_into_their_dataclasses():
     from pathlib import Path
 
-    from userfm.ingest import IngestConfig
-    from userfm.synth import SynthConfig
+    from userfm.data.ingest import IngestConfig
+    from userfm.data.synth import SynthConfig
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     ingest = load_config(IngestConfig, root / "ingest" / "default.yaml", ["out=x"])
@@ -68,7 +68,7 @@ def test_shipped_configs_load_into_their_dataclasses():
 def test_shipped_pretrain_configs_load(name):
     from pathlib import Path
 
-    from userfm.pretrain import PretrainConfig
+    from userfm.train.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "experiments" / "pretrain" / f"{name}.yaml")
     assert cfg.objective == ("clue" if name == "gpu-cluster" else name)

@@ -1,4 +1,4 @@
-"""Tests for userfm.convert: each test writes a tiny copy of a real format and checks exact values."""
+"""Tests for userfm.data.convert: each test writes a tiny copy of a real format and checks exact values."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from userfm.convert import FORMATS, ConvertError, convert
-from userfm.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
+from userfm.data.convert import FORMATS, ConvertError, convert
+from userfm.data.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
 
 UTC = dt.timezone.utc
 ML100K_GENRES = (

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from userfm.cli import main
-from userfm.convert import FORMATS, ConvertError, convert
-from userfm.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
+from userfm.data.convert import FORMATS, ConvertError, convert
+from userfm.data.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
 
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=UTC)  # the order-only clock: inside ingest's valid range

@@ -1,4 +1,4 @@
-"""Item co-occurrence vectors (userfm.cooc) and the encoder's frozen table: PPMI by hand, what the SVD
+"""Item co-occurrence vectors (userfm.models.cooc) and the encoder's frozen table: PPMI by hand, what the SVD
 vectors separate, the lookup, save/load and the parameter formula."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from userfm.cooc import CoocConfig, fit_item_vectors, ppmi, user_item_matrix
-from userfm.encoders import EncoderConfig, UserEncoder, expected_num_params, load_encoder, num_params, save_encoder
-from userfm.features import text_hash
+from userfm.models.cooc import CoocConfig, fit_item_vectors, ppmi, user_item_matrix
+from userfm.models.encoders import EncoderConfig, UserEncoder, expected_num_params, load_encoder, num_params, save_encoder
+from userfm.models.features import text_hash
 
 
 def rows(histories: list[list[str]]) -> pa.Table:

@@ -214,7 +214,7 @@ def _check_run(out: Path, printed: str, n_stages: int, users: dict[str, dict[str
 
 def test_split_of_the_tiny_users():
     """The expectations above assume these splits (ingest hashes the user id; fractions 0.8/0.1/0.1)."""
-    from userfm.sequences import assign_split
+    from userfm.data.sequences import assign_split
 
     ids = [str(i) for i in range(1, 13)]
     got = dict(zip(ids, assign_split(ids, (0.8, 0.1, 0.1))))
@@ -270,7 +270,7 @@ def test_movielens_1m_converts_like_100k(tmp_path):
     age is a bracket code, so only the "age" column differs)."""
     import pyarrow.parquet as pq
 
-    from userfm.convert import convert
+    from userfm.data.convert import convert
 
     got = {}
     for layout in ("100k", "1m"):
@@ -295,9 +295,9 @@ OTHER = {  # format -> (writer, task -> users, task -> kind, skipped)
 def test_plan_other_sources(fmt, tmp_path, ray_local):
     """Which tasks of experiments/tasks/<format>.yaml the demo runs on each source's tiny copy, on
     which table, with how many users (what the demo decides after ingest, before pretraining)."""
-    from userfm.convert import convert
+    from userfm.data.convert import convert
     from userfm.demo import _default_tasks, _plan_tasks
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.ingest import IngestConfig, run_ingest
 
     if fmt == "movielens-1m":
         fmt, src = "movielens", write_movielens(tmp_path / "src", "1m")
@@ -339,9 +339,9 @@ def test_plan_recbole(ordered, tmp_path, ray_local):
     """experiments/tasks/recbole.yaml on both shared layouts: positions as time (Amazon) run next_service and
     next_item and skip age_group (no .user file); no timestamp (Tenrec) runs age_group and skips the last-event
     tasks, whose "last" event would be arbitrary. Splits: users 1-12 -> train 8 / val 1 / test 3."""
-    from userfm.convert import convert
+    from userfm.data.convert import convert
     from userfm.demo import _default_tasks, _plan_tasks
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.ingest import IngestConfig, run_ingest
 
     src = _write_recbole(tmp_path / "src", ordered)
     m = convert("recbole", src, tmp_path / "raw", service_field="domain")
@@ -380,9 +380,9 @@ def test_plan_amazon_tasks(tmp_path, ray_local):
     Office target, Arts target): the Arts tasks read the last event, the Office tasks the 2nd last, in a pass
     of its own (holdout 2); the category tasks read category word 3 (Arts) and 5 (Office); the transfer tasks
     read one service's history, each in a pass of its own."""
-    from userfm.convert import convert
+    from userfm.data.convert import convert
     from userfm.demo import _plan_tasks, embeddings_key, pass_name
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.ingest import IngestConfig, run_ingest
 
     src = _write_amazon(tmp_path / "src")
     convert("recbole", src, tmp_path / "raw", service_field="domain")
@@ -402,7 +402,7 @@ def test_plan_skips_what_the_data_cannot_support(tmp_path, ray_local):
     """Canonical events with one service and no categories: next_service (one class) and next_category
     (no labels at all) are skipped with the evaluator's reasons; next_item still runs."""
     from userfm.demo import _default_tasks, _plan_tasks
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.ingest import IngestConfig, run_ingest
 
     src = tmp_path / "src"
     src.mkdir()

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import ortho_group
 
-from userfm.drift import DriftConfig, DriftError, compare, overlap_at_k, procrustes, run_drift
+from userfm.eval.drift import DriftConfig, DriftError, compare, overlap_at_k, procrustes, run_drift
 
 pytestmark = pytest.mark.timeout(300)
 QUIET = dict(progress=lambda s: None)
@@ -117,7 +117,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 def test_cli_exits_1_over_a_threshold_and_writes_the_markdown_and_the_report_section(tmp_path, capsys):
     from userfm.cli import main
-    from userfm.report import ReportConfig, run_report
+    from userfm.report.page import ReportConfig, run_report
 
     x, b, _ = _noised(eps=0.5)
     old, new = _write(tmp_path / "old.parquet", _ids(40), x), _write(tmp_path / "new.parquet", _ids(40), b)
@@ -147,9 +147,9 @@ def test_cli_exits_1_over_a_threshold_and_writes_the_markdown_and_the_report_sec
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, ray_local):
     """A 300-user dataset with attributes, an old table whose vectors carry the segment label, a logistic head."""
-    from userfm.evaluate import EvalConfig, TaskConfig, fit_logreg, save_head, task_data, user_table
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
+    from userfm.eval.evaluate import EvalConfig, TaskConfig, fit_logreg, save_head, task_data, user_table
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("drift")
     generate(SynthConfig(n_users=300, events_per_user=5, seed=4), root / "raw")
@@ -177,7 +177,7 @@ def labelled(tmp_path_factory, ray_local):
 
 
 def test_old_heads_on_a_rotated_table_as_is_and_aligned(labelled):
-    from userfm.evaluate import load_head
+    from userfm.eval.evaluate import load_head
 
     root = labelled["root"]
     r = run_drift(DriftConfig(old=labelled["old"], new=labelled["new"], data=str(root / "ds"), heads=(str(root / "heads"),),

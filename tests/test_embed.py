@@ -12,20 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.embed import EmbedConfig, EmbedError, model_identity, read_embeddings, run_embed
-from userfm.sequences import drop_last_events
+from userfm.infer.embed import EmbedConfig, EmbedError, model_identity, read_embeddings, run_embed
+from userfm.data.sequences import drop_last_events
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_local):
-    from userfm.dataset import read_sequences
-    from userfm.encoders import UserEncoder, config_for, save_encoder
-    from userfm.features import FeatureConfig, fit_vocabs
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
-    from userfm.tokenizer import TextTokenizer
+    from userfm.data.dataset import read_sequences
+    from userfm.models.encoders import UserEncoder, config_for, save_encoder
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
+    from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("embed")
     generate(SynthConfig(n_users=300, events_per_user=15, seed=5), root / "raw")
@@ -41,7 +41,7 @@ def setup(tmp_path_factory, ray_local):
 
 def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup):
     import userfm
-    from userfm.features import make_batch, to_torch
+    from userfm.models.features import make_batch, to_torch
 
     root, rows = setup
     m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb"), batch_size=64, actors=2, cpus_per_actor=0.5), progress=lambda s: None)
@@ -105,7 +105,7 @@ def test_bad_inputs(setup, tmp_path):
 
 
 def test_drop_last_events_by_hand():
-    from userfm.schema import SEQUENCE_SCHEMA
+    from userfm.data.schema import SEQUENCE_SCHEMA
 
     ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(3)]
     rows = pa.Table.from_pylist([
@@ -128,8 +128,8 @@ def test_drop_last_events_by_hand():
 
 
 def test_event_windows_by_hand():
-    from userfm.embed import event_windows
-    from userfm.schema import SEQUENCE_SCHEMA
+    from userfm.infer.embed import event_windows
+    from userfm.data.schema import SEQUENCE_SCHEMA
 
     ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(4)]
     rows = pa.Table.from_pylist([
@@ -157,7 +157,7 @@ def test_event_windows_by_hand():
 
 def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path):
     import userfm
-    from userfm.features import make_batch, to_torch
+    from userfm.models.features import make_batch, to_torch
 
     root, rows = setup
     m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(tmp_path / "loo"), holdout_last=1),
@@ -192,9 +192,9 @@ def test_holdout_last_embeds_the_history_without_its_last_event(setup, tmp_path)
 
 
 def test_keep_services_and_history_rows_by_hand():
-    from userfm.sequences import history_rows
-    from userfm.sequences import keep_services
-    from userfm.schema import SEQUENCE_SCHEMA
+    from userfm.data.sequences import history_rows
+    from userfm.data.sequences import keep_services
+    from userfm.data.schema import SEQUENCE_SCHEMA
 
     ts = [pa.scalar(i * 1_000_000, pa.timestamp("us", tz="UTC")).as_py() for i in range(4)]
     rows = pa.Table.from_pylist([
@@ -222,8 +222,8 @@ def test_keep_services_and_history_rows_by_hand():
 
 def test_history_service_embeds_one_services_events(setup, tmp_path):
     import userfm
-    from userfm.sequences import history_rows
-    from userfm.features import make_batch, to_torch
+    from userfm.data.sequences import history_rows
+    from userfm.models.features import make_batch, to_torch
 
     root, rows = setup
     svc = sorted({s for lst in rows.column("service").to_pylist() for s in lst})[0]
@@ -239,7 +239,7 @@ def test_history_service_embeds_one_services_events(setup, tmp_path):
     # the rows carry the history service: a table copied without its manifest still says what it was made from
     import shutil
 
-    from userfm.evaluate import load_embeddings
+    from userfm.eval.evaluate import load_embeddings
 
     shutil.copytree(tmp_path / "svc" / "embeddings", tmp_path / "bare")
     assert not (tmp_path / "bare" / "manifest.json").exists()

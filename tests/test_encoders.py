@@ -11,7 +11,7 @@ import pytest
 import torch
 from seqrows import all_scope, event_rows, table
 
-from userfm.encoders import (
+from userfm.models.encoders import (
     ITEM_ENCODERS,
     SIZES,
     EncoderConfig,
@@ -24,8 +24,8 @@ from userfm.encoders import (
     save_encoder,
     tiny,
 )
-from userfm.features import concat_batches, fit_vocabs, make_batch, to_torch
-from userfm.tokenizer import TextTokenizer
+from userfm.models.features import concat_batches, fit_vocabs, make_batch, to_torch
+from userfm.models.tokenizer import TextTokenizer
 
 VEC = 8  # frozen text vector size in tests (MiniLM's is 384)
 
@@ -206,7 +206,7 @@ def test_encoder_without_calendar_fields_ignores_event_dates(corpus):
     """time_fields=() (PretrainConfig.time_fields for data rated in sessions): the batch carries no time ids,
     the encoder has no time embeddings, and moving every event to another date leaves the embedding unchanged,
     while the default fields change it (the date is what a time-split CLUE pair could be matched by)."""
-    from userfm.features import FeatureConfig
+    from userfm.models.features import FeatureConfig
 
     tab, _, tok = corpus
     vocabs = fit_vocabs(tab, FeatureConfig(time_fields=()))

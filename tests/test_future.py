@@ -1,4 +1,4 @@
-"""The future objective (userfm.future): the per-step cut by hand, the dense all-action loss by hand; the next
+"""The future objective (userfm.objectives.future): the per-step cut by hand, the dense all-action loss by hand; the next
 and masked-item objectives, which are the same loss over other (state, item) pairs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from userfm.future import future_loss, future_views
+from userfm.objectives.future import future_loss, future_views
 
 
 def _batch():
@@ -90,11 +90,11 @@ def test_future_loss_gradients_and_empty_batch():
     assert float(empty.detach()) == 0.0 and acc == 0.0 and empty.requires_grad
 
 
-# ---------------------------------------------------------------------------------------- next (userfm.next_event)
+# ---------------------------------------------------------------------------------------- next (userfm.objectives.next_event)
 
 
 def test_next_loss_is_the_dense_loss_over_position_pairs_by_hand():
-    from userfm.next_event import next_loss
+    from userfm.objectives.next_event import next_loss
 
     rng = np.random.default_rng(1)
     states = rng.normal(size=(2, 4, 3))
@@ -112,7 +112,7 @@ def test_next_loss_is_the_dense_loss_over_position_pairs_by_hand():
 
 
 def test_causal_encoder_state_ignores_later_events_and_last_pooling():
-    from userfm.encoders import EncoderConfig, UserEncoder
+    from userfm.models.encoders import EncoderConfig, UserEncoder
 
     torch.manual_seed(0)
     enc = UserEncoder(EncoderConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, max_events=8, dropout=0.0, causal=True,
@@ -131,11 +131,11 @@ def test_causal_encoder_state_ignores_later_events_and_last_pooling():
     torch.testing.assert_close(z[1], z2[1])  # user 1's padding changed: its embedding did not
 
 
-# ---------------------------------------------------------------------------------------- masked-item (userfm.masked_item)
+# ---------------------------------------------------------------------------------------- masked-item (userfm.objectives.masked_item)
 
 
 def test_masked_item_loss_is_the_dense_loss_over_masked_positions_by_hand():
-    from userfm.masked_item import masked_item_loss
+    from userfm.objectives.masked_item import masked_item_loss
 
     rng = np.random.default_rng(2)
     states = rng.normal(size=(2, 4, 3))
@@ -160,9 +160,9 @@ def test_masked_item_loss_is_the_dense_loss_over_masked_positions_by_hand():
 def test_masked_item_objective_hides_the_masked_items_and_scores_their_unmasked_vectors():
     """pretext_loss('masked-item'): the encoder's states at the masked positions (which show only [MASK],
     service and position) against the item vectors of the unmasked events, through the objective's head."""
-    from userfm.encoders import EncoderConfig, UserEncoder
-    from userfm.masked_item import masked_item_loss
-    from userfm.objectives import ObjectiveConfig, build_head, pretext_loss
+    from userfm.models.encoders import EncoderConfig, UserEncoder
+    from userfm.objectives.masked_item import masked_item_loss
+    from userfm.objectives.pretext import ObjectiveConfig, build_head, pretext_loss
 
     torch.manual_seed(0)
     enc = UserEncoder(EncoderConfig(d_model=16, n_heads=2, d_ff=32, n_layers=2, max_events=8, dropout=0.0,

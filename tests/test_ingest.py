@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from userfm.dataset import load_manifest, read_attributes, read_sequences, summarize
-from userfm.ingest import IngestConfig, IngestError, expand_inputs, run_ingest
-from userfm.schema import EVENT_SCHEMA
-from userfm.sequences import assign_split
+from userfm.data.dataset import load_manifest, read_attributes, read_sequences, summarize
+from userfm.data.ingest import IngestConfig, IngestError, expand_inputs, run_ingest
+from userfm.data.schema import EVENT_SCHEMA
+from userfm.data.sequences import assign_split
 
 pytestmark = pytest.mark.timeout(240)
 UTC = dt.timezone.utc
@@ -171,7 +171,7 @@ def test_source_time_reads_the_convert_manifests(tmp_path):
     mixed inputs get the weakest (none < ordinal < real)."""
     import json
 
-    from userfm.ingest import source_time
+    from userfm.data.ingest import source_time
 
     for name, kind in (("a", "ordinal"), ("b", "none"), ("c", "real")):
         (tmp_path / name).mkdir()

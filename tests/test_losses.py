@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from userfm.losses import Temperature, gather_with_grad, grad_cache, info_nce, nt_xent, symmetric_info_nce
+from userfm.objectives.losses import Temperature, gather_with_grad, grad_cache, info_nce, nt_xent, symmetric_info_nce
 
 # Unit vectors, so normalisation is a no-op and the logits below are exact dot products.
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from userfm import metrics as M
+from userfm.eval import metrics as M
 
 
 def test_hr_and_ndcg_at_10_three_users_by_hand():

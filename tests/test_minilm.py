@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from userfm.features import text_hash
-from userfm.minilm import CACHE_SCHEMA, VECTOR_DIM, MiniLMEncoder, VectorCache, build_cache
+from userfm.models.features import text_hash
+from userfm.models.minilm import CACHE_SCHEMA, VECTOR_DIM, MiniLMEncoder, VectorCache, build_cache
 
 TEXTS = ["red running shoes", "", "한국어 책 🙂", "long title " * 400, "red running shoes", "blue phone case"]
 
@@ -79,8 +79,8 @@ def test_encoder_is_a_map_batches_callable(encoder):
 def test_batches_carry_cached_vectors_through_augmentation(encoder, tmp_path):
     from seqrows import all_scope, event_rows, table
 
-    from userfm.features import fit_vocabs
-    from userfm.objectives import ObjectiveConfig, simclr_batch, split_views
+    from userfm.models.features import fit_vocabs
+    from userfm.objectives.pretext import ObjectiveConfig, simclr_batch, split_views
 
     tab = all_scope(table(event_rows(5, seed=2)))
     build_cache(sum(tab.column("text").to_pylist(), []), tmp_path, encoder=encoder)

@@ -136,9 +136,9 @@ def test_ingest_pretrain_embed_serve_on_a_two_node_cluster(tmp_path):
 
         # the exported model loads without Ray and reproduces the table embedded on the cluster
         import userfm
-        from userfm.dataset import read_sequences
-        from userfm.embed import read_embeddings
-        from userfm.features import make_batch, to_torch
+        from userfm.data.dataset import read_sequences
+        from userfm.infer.embed import read_embeddings
+        from userfm.models.features import make_batch, to_torch
 
         model, vocabs, tok = userfm.load_encoder(run_dir / "model")
         rows = read_sequences(ds)

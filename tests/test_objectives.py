@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from seqrows import all_scope, event_rows, table
 
-from userfm.encoders import UserEncoder, tiny
-from userfm.features import IGNORE_INDEX, fit_vocabs, make_batch, to_torch
-from userfm.losses import grad_cache, symmetric_info_nce
-from userfm.objectives import (
+from userfm.models.encoders import UserEncoder, tiny
+from userfm.models.features import IGNORE_INDEX, fit_vocabs, make_batch, to_torch
+from userfm.objectives.losses import grad_cache, symmetric_info_nce
+from userfm.objectives.pretext import (
     MLMHead,
     ObjectiveConfig,
     augment,
@@ -28,7 +28,7 @@ from userfm.objectives import (
     simclr_batch,
     split_views,
 )
-from userfm.tokenizer import TextTokenizer
+from userfm.models.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def test_projection_head_loss_by_hand_and_embeddings_taken_before_it(corpus):
 
 
 def test_crop_views_keeps_a_contiguous_time_window_of_each_view(corpus):
-    from userfm.objectives import crop_views
+    from userfm.objectives.pretext import crop_views
 
     tab, vocabs, tok = corpus
     batch = clue_batch(tab, vocabs, tok)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from userfm.pretrain import PretrainConfig, PretrainError, early_stop_state, lr_at, run_pretrain
+from userfm.train.pretrain import PretrainConfig, PretrainError, early_stop_state, lr_at, run_pretrain
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_local):
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("pretrain")
     generate(SynthConfig(n_users=600, events_per_user=20, seed=3), root / "raw")
@@ -116,7 +116,7 @@ def test_epoch_budget_and_early_stop_export_the_best(dataset):
 def test_val_split_smaller_than_a_batch_still_gives_a_validation_loss(dataset):
     """~60 val users over 2 ranks fill no batch of 64: the partial batch is evaluated (MovieLens latest-small's
     73 val users at the demo's batch 64 used to log no validation loss at all)."""
-    from userfm.dataset import read_sequences
+    from userfm.data.dataset import read_sequences
 
     n_val = read_sequences(dataset / "ds", split="val", columns=["user_id"]).num_rows
     assert n_val < 2 * 64
@@ -138,10 +138,10 @@ def test_export_loads_without_ray_and_gives_identical_embeddings(dataset):
     from safetensors.torch import load_file
 
     import userfm
-    from userfm.dataset import read_sequences
-    from userfm.encoders import EncoderConfig, UserEncoder
-    from userfm.features import make_batch, to_torch
-    from userfm.pretrain import latest_checkpoint
+    from userfm.data.dataset import read_sequences
+    from userfm.models.encoders import EncoderConfig, UserEncoder
+    from userfm.models.features import make_batch, to_torch
+    from userfm.train.pretrain import latest_checkpoint
 
     out = dataset / "run-clue"
     model, vocabs, tok = userfm.load_encoder(out / "model")
@@ -155,7 +155,7 @@ def test_export_loads_without_ray_and_gives_identical_embeddings(dataset):
         assert torch.equal(model(batch), ref(batch))
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (out / "model").iterdir())
     # the co-occurrence table travelled with the weights: exactly the one fitted on the training users
-    from userfm.cooc import CoocConfig, fit_item_vectors
+    from userfm.models.cooc import CoocConfig, fit_item_vectors
 
     hashes, vectors = fit_item_vectors(read_sequences(dataset / "ds", split="train"), CoocConfig(dim=8, max_events=32))
     assert model.config.cooc_items == len(hashes) > 100 and model.config.cooc_dim == 8
@@ -219,9 +219,9 @@ def test_lr_schedule_by_hand():
 
 def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray_local):
     """The frozen-MiniLM path: cache built by a Ray Data job, read back by the workers, reused."""
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.minilm import VectorCache, cached_hashes
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.models.minilm import VectorCache, cached_hashes
+    from userfm.data.synth import SynthConfig, generate
 
     generate(SynthConfig(n_users=80, events_per_user=6, seed=9), tmp_path / "raw")
     run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events"),), out=str(tmp_path / "ds")), progress=lambda s: None)
@@ -233,7 +233,7 @@ def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray
     n = len(cached_hashes(cache))
     assert n > 0 and VectorCache.load(cache).lookup(cached_hashes(cache)[:3]).shape == (3, 384)
     assert any(f"{n:,} to encode" in m for m in messages)
-    from userfm.minilm import build_minilm_cache
+    from userfm.models.minilm import build_minilm_cache
 
     again = build_minilm_cache(str(tmp_path / "ds"), str(cache), progress=lambda s: None)
     assert again == {"texts": n, "encoded": 0}  # second build reuses every vector
@@ -242,8 +242,8 @@ def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray
 def test_holdout_last_drops_each_users_last_event_before_featurizing(dataset):
     """holdout_last=1: pretraining sees every history without its last event (what a leave-one-out
     evaluation holds out); users with one event drop out; vocabularies are fitted without them too."""
-    from userfm.dataset import read_sequences
-    from userfm.pretrain import _fit_resources, _train_rows, featurize
+    from userfm.data.dataset import read_sequences
+    from userfm.train.pretrain import _fit_resources, _train_rows, featurize
 
     cfg = quick(dataset, "unused-holdout", objective="mlm", item_encoder="category", holdout_last=1)
     rows_ = read_sequences(cfg.data)
@@ -274,8 +274,8 @@ def test_order_only_datasets_drop_the_calendar_fields(tmp_path):
     fields, and pretraining says so; real time keeps the configured ones."""
     import json
 
-    from userfm.pretrain import PretrainConfig, order_only_time_fields
-    from userfm.schema import SCHEMA_VERSION
+    from userfm.train.pretrain import PretrainConfig, order_only_time_fields
+    from userfm.data.schema import SCHEMA_VERSION
 
     said = []
     for kind, expect in (("real", PretrainConfig.time_fields), ("ordinal", ()), ("none", ())):

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.refresh import RefreshConfig, RefreshError, changed_rows, merge_by_user, run_refresh, sequence_stats
-from userfm.schema import EVENT_SCHEMA
+from userfm.infer.refresh import RefreshConfig, RefreshError, changed_rows, merge_by_user, run_refresh, sequence_stats
+from userfm.data.schema import EVENT_SCHEMA
 
 pytestmark = pytest.mark.timeout(420)
 UTC = dt.timezone.utc
@@ -59,13 +59,13 @@ def _window(root, raw, old_events: pa.Table) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ray_local):
     """200 synthetic users ingested and embedded with an untrained tiny encoder; a window; one refresh."""
-    from userfm.dataset import read_sequences
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.encoders import UserEncoder, config_for, save_encoder
-    from userfm.features import FeatureConfig, fit_vocabs
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
-    from userfm.tokenizer import TextTokenizer
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.models.encoders import UserEncoder, config_for, save_encoder
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
+    from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("refresh")
     raw = root / "raw"
@@ -147,8 +147,8 @@ def test_counts_add_up_exactly(world):
 
 def test_unchanged_rows_are_byte_identical_and_only_changed_and_new_users_are_re_embedded(world):
     import userfm
-    from userfm.dataset import read_sequences
-    from userfm.features import make_batch, to_torch
+    from userfm.data.dataset import read_sequences
+    from userfm.models.features import make_batch, to_torch
 
     root, exp = world["root"], world["expected"]
     old, new = _vectors(root / "emb" / "embeddings"), _vectors(root / "v2" / "embeddings" / "embeddings")
@@ -178,7 +178,7 @@ def test_refreshed_dataset_equals_a_full_ingest_of_old_and_new_logs(world, tmp_p
     """Same partition files (content and row order) and same counts as ingesting everything at once."""
     from dataclasses import replace
 
-    from userfm.ingest import run_ingest
+    from userfm.data.ingest import run_ingest
 
     root = world["root"]
     cfg = replace(world["ingest_cfg"], inputs=(str(world["raw"] / "events"), str(root / "window")), out=str(tmp_path / "full"))
@@ -234,8 +234,8 @@ def test_inputs_that_do_not_belong_together_are_refused(world, tmp_path):
 
 
 def test_serve_reloads_the_refreshed_table_and_answers_every_request_during_the_swap(world):
-    from userfm import serve
-    from userfm.serve import ServeConfig
+    from userfm.serve.app import app as serve
+    from userfm.serve.app import ServeConfig
 
     root, exp = world["root"], world["expected"]
     old, new = _vectors(root / "emb" / "embeddings"), _vectors(root / "v2" / "embeddings" / "embeddings")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from userfm.report import (ReportConfig, ReportError, cluster_keywords, knn_agreement, mode_by_row, read_metrics,
+from userfm.report.page import (ReportConfig, ReportError, cluster_keywords, knn_agreement, mode_by_row, read_metrics,
                            run_report)
 
 pytestmark = pytest.mark.timeout(240)
@@ -31,10 +31,10 @@ def _write_embeddings(path: Path, ids: list[str], x: np.ndarray) -> None:
 def run(tmp_path_factory, ray_local):
     """A small demo-like run: 300 synthetic users + 3 bad rows, hand-written metrics, 2 embedding tables,
     an evaluation of 2 tasks, and one sweep figure."""
-    from userfm.dataset import read_attributes
-    from userfm.evaluate import EvalConfig, run_evaluate
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.dataset import read_attributes
+    from userfm.eval.evaluate import EvalConfig, run_evaluate
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("report")
     run = root / "run"
@@ -140,7 +140,7 @@ def test_evaluation_numbers_equal_results_json(run):
 
 
 def test_data_section_shows_the_manifest_counts(run):
-    from userfm.dataset import load_manifest
+    from userfm.data.dataset import load_manifest
 
     root, _, _ = run
     html = _html(root)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from userfm.encoders import EncoderConfig, UserEncoder, expected_num_params, flops_per_sample
-from userfm.scaling import PF_DAY, best_per_group, compute_frontier, correlation, fit_power_law, pf_days
+from userfm.models.encoders import EncoderConfig, UserEncoder, expected_num_params, flops_per_sample
+from userfm.train.scaling import PF_DAY, best_per_group, compute_frontier, correlation, fit_power_law, pf_days
 
 # d 4, f 8, one user layer + one item layer, 2 events of 3 tokens, 2-d output projection
 _CFG = EncoderConfig(item_encoder="text", d_model=4, n_layers=1, n_heads=1, d_ff=8, dropout=0.0, max_events=2,

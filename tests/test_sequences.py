@@ -10,8 +10,8 @@ import sys
 import pyarrow as pa
 import pytest
 
-from userfm.schema import EVENT_SCHEMA, SEQUENCE_SCHEMA
-from userfm.sequences import assign_split, build_partition, partition_of, split_fraction
+from userfm.data.schema import EVENT_SCHEMA, SEQUENCE_SCHEMA
+from userfm.data.sequences import assign_split, build_partition, partition_of, split_fraction
 
 UTC = dt.timezone.utc
 
@@ -94,7 +94,7 @@ def test_split_fractions_and_disjointness():
 def test_partition_hash_is_stable_across_processes():
     ids = ["u0000001", "u0000002", "alice", "bob", "42", "éva"]
     here = partition_of(pa.array(ids), 7).tolist()
-    code = f"import pyarrow as pa; from userfm.sequences import partition_of; print(partition_of(pa.array({ids!r}), 7).tolist())"
+    code = f"import pyarrow as pa; from userfm.data.sequences import partition_of; print(partition_of(pa.array({ids!r}), 7).tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"})
     assert here == eval(other.stdout) == [1, 3, 1, 6, 6, 3]
     # rows of one user always go to the same partition, whatever else is in the block
@@ -105,7 +105,7 @@ def test_fast_order_equals_full_sort_on_tie_heavy_data():
     import numpy as np
     import pyarrow.compute as pc
 
-    from userfm.sequences import _event_order
+    from userfm.data.sequences import _event_order
 
     rng = np.random.default_rng(0)
     n = 3000
@@ -135,7 +135,7 @@ def test_fast_order_equals_full_sort_on_tie_heavy_data():
 
 
 def test_service_rows_from_combined_rows_equal_the_by_service_output():
-    from userfm.sequences import service_rows
+    from userfm.data.sequences import service_rows
 
     res = build_partition(EVENTS, max_events=10, fractions=(1.0, 0.0, 0.0))
     got = service_rows(res.sequences).sort_by([("user_id", "ascending"), ("scope", "ascending")])

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.serve import ServeConfig, ServeError, events_from_sequence, events_to_rows, lookup, plan, resolve_heads
+from userfm.serve.app import ServeConfig, ServeError, events_from_sequence, events_to_rows, lookup, plan, resolve_heads
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -24,7 +24,7 @@ ADMIN = {"x-api-key": "4dmin"}
 
 
 def _fit_head(kind, x, y, task, classes, emb_dir, out):
-    from userfm.evaluate import EvalConfig, TaskConfig, fit_logreg, fit_mlp, save_head
+    from userfm.eval.evaluate import EvalConfig, TaskConfig, fit_logreg, fit_mlp, save_head
 
     t = TaskConfig(**task)
     cfg = EvalConfig(mlp_hidden=16, mlp_max_epochs=5, logreg_c=(1.0,))
@@ -38,13 +38,13 @@ def _fit_head(kind, x, y, task, classes, emb_dir, out):
 def world(tmp_path_factory, ray_local):
     """Tiny synthetic dataset, two untrained encoders (two versions), their `userfm embed` tables and
     heads saved the way `userfm evaluate` saves them."""
-    from userfm.dataset import read_sequences
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.encoders import UserEncoder, config_for, save_encoder
-    from userfm.features import FeatureConfig, fit_vocabs
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
-    from userfm.tokenizer import TextTokenizer
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.models.encoders import UserEncoder, config_for, save_encoder
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
+    from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("serve")
     generate(SynthConfig(n_users=N_USERS, events_per_user=15, seed=3), root / "raw")
@@ -60,7 +60,7 @@ def world(tmp_path_factory, ray_local):
                           actors=1, cpus_per_actor=0.5), progress=lambda s: None)
     # Two more tables written directly with embed's EmbedActor (no second Ray Data run): one from the
     # other encoder version, one of the same encoder with other vectors (every user's 5 latest events).
-    from userfm.embed import EmbedActor, model_identity
+    from userfm.infer.embed import EmbedActor, model_identity
 
     short = rows
     for c in ("ts", "service", "text", "item_id", "category", "value"):
@@ -70,7 +70,7 @@ def world(tmp_path_factory, ray_local):
         (root / out / "embeddings").mkdir(parents=True)
         pq.write_table(actor(seqs).drop_columns(["reason"]), root / out / "embeddings" / "part-00000.parquet")
 
-    from userfm.embed import read_embeddings
+    from userfm.infer.embed import read_embeddings
 
     ids, x = read_embeddings(root / "emb-enc")
     attrs = pq.read_table(root / "raw" / "attributes.parquet").to_pylist()
@@ -96,7 +96,7 @@ def world(tmp_path_factory, ray_local):
 @pytest.fixture(scope="module")
 def app(world):
     """The app served on a free port of 127.0.0.1: encoder, table, a classification and a regression head."""
-    from userfm import serve
+    from userfm.serve.app import app as serve
 
     root = world["root"]
     for name, key in (("key", "s3cret"), ("admin-key", "4dmin")):
@@ -144,7 +144,7 @@ def test_events_to_rows_rebuilds_the_stored_sequence_in_order(world):
 
 def test_plan_reads_versions_and_refuses_mismatches(world):
     root = world["root"]
-    from userfm.embed import model_identity
+    from userfm.infer.embed import model_identity
 
     v1 = model_identity(root / "enc" / "model")["model_version"]
     v2 = model_identity(root / "enc2" / "model")["model_version"]
@@ -173,7 +173,7 @@ def test_plan_reads_versions_and_refuses_mismatches(world):
 
 
 def test_lookup_takes_rows_and_identity_from_the_one_table_it_is_given():
-    from userfm.serve import _StoredTable
+    from userfm.serve.app import _StoredTable
 
     x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], np.float32)
     meta = {"model_id": "m", "model_version": "v1", "table_version": "t1", "source": "s"}
@@ -190,7 +190,7 @@ def test_batch_wait_applies_only_while_other_requests_are_in_flight():
     in flight wait batch_wait_s for a batch to fill. The count falls back after errors too."""
     import asyncio
 
-    from userfm.serve import _IdleNoWait
+    from userfm.serve.app import _IdleNoWait
 
     class FakeBatch:  # stands in for a @serve.batch method: records the wait each item is enqueued with
         def __init__(self):
@@ -243,7 +243,7 @@ def test_serve_config_rejects_bad_timing_knobs():
 def test_a_port_in_use_is_refused_not_shared():
     import socket
 
-    from userfm.serve import _check_port
+    from userfm.serve.app import _check_port
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,7 +256,7 @@ def test_a_port_in_use_is_refused_not_shared():
 
 
 def test_healthz_reports_models_and_versions(app):
-    from userfm.embed import model_identity
+    from userfm.infer.embed import model_identity
 
     r = app["client"].get("/healthz")
     assert r.status_code == 200, r.text
@@ -316,7 +316,7 @@ def test_stored_embedding_and_similar_users(app):
 
 
 def test_predict_by_user_ids_and_by_events_equals_the_loaded_heads(app):
-    from userfm.evaluate import load_head
+    from userfm.eval.evaluate import load_head
 
     c = app["client"]
     age = load_head(app["root"] / "eval" / "heads" / "age" / "t-mlp" / "seed0")
@@ -407,7 +407,7 @@ def test_without_ingress_table_lookups_go_to_the_store_with_the_same_answers(app
 
     from ray import serve as ray_serve
 
-    from userfm import serve
+    from userfm.serve.app import app as serve
 
     cfg = replace(app["cfg"], ingress_table=False, app_name="userfm-store", route_prefix="/store",
                   heads={"age": app["cfg"].heads["age"]})
@@ -432,7 +432,7 @@ def test_without_ingress_table_lookups_go_to_the_store_with_the_same_answers(app
 def test_reload_switches_the_table_version_and_refuses_another_encoder(app):
     c = app["client"]
     root, uid = app["root"], app["ids"][11]
-    from userfm.embed import read_embeddings
+    from userfm.infer.embed import read_embeddings
 
     before = c.get("/healthz").json()["embeddings"]
     short_ids, short_x = read_embeddings(root / "emb-short")
@@ -463,7 +463,7 @@ def test_ingress_copy_follows_a_reload_made_on_the_store_itself(app):
     from ray import serve
 
     c, root, uid = app["client"], app["root"], app["ids"][13]
-    from userfm.embed import read_embeddings
+    from userfm.infer.embed import read_embeddings
 
     short_ids, short_x = read_embeddings(root / "emb-short")
     store = serve.get_deployment_handle("EmbeddingStore", app_name=app["cfg"].app_name)
@@ -486,8 +486,8 @@ def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
     import threading
     import time
 
-    from userfm.embed import read_embeddings
-    from userfm.evaluate import load_head
+    from userfm.infer.embed import read_embeddings
+    from userfm.eval.evaluate import load_head
 
     c, root = app["client"], app["root"]
     age = load_head(root / "eval" / "heads" / "age" / "t-mlp" / "seed0")
@@ -608,7 +608,7 @@ def test_fuzz_every_route_with_keys_on_and_off(app, capsys):
     the server still healthy. Prints the counts per route and status (pytest -s)."""
     import dataclasses
 
-    from userfm import serve
+    from userfm.serve.app import app as serve
 
     keyed = _fuzz(app, 2400, [{}, KEY, ADMIN, {"x-api-key": "wrong"}])  # ~15 % of generated paths cannot be sent
     assert httpx.get(f"{app['base']}/healthz", timeout=60).status_code == 200
@@ -725,7 +725,7 @@ def _key(path, text="k3y", mode=0o600):
 
 
 def test_key_files_and_exposure_rules(tmp_path):
-    from userfm.serve import auth_summary, check_exposure, is_loopback, read_key_file
+    from userfm.serve.app import auth_summary, check_exposure, is_loopback, read_key_file
 
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "0.0.0.0", "10.0.0.5", "::")] == [
         True, True, True, True, False, False, False]
@@ -754,7 +754,7 @@ def test_key_files_and_exposure_rules(tmp_path):
 def test_reload_targets_stay_under_the_root(tmp_path):
     """Relative and absolute paths inside the root pass (resolved); `..`, absolute paths outside, symlinks that
     lead out and URIs without an allowed prefix are refused with the rule, never the server's paths."""
-    from userfm.serve import reload_target
+    from userfm.serve.app import reload_target
 
     root = tmp_path / "emb"
     (root / "v2").mkdir(parents=True)
@@ -787,7 +787,7 @@ def test_guard_without_admin_key_turns_admin_routes_off():
 
     from fastapi.testclient import TestClient
 
-    from userfm.serve import make_api
+    from userfm.serve.app import make_api
 
     for api_key in ("", "r3ad"):
         ing = SimpleNamespace(cfg=ServeConfig(), plan={}, api_key=api_key, admin_key="", heads={}, store=None, table=None)
@@ -800,7 +800,7 @@ def test_guard_without_admin_key_turns_admin_routes_off():
 
 
 def test_minilm_cache_comes_from_the_pretraining_run(tmp_path):
-    from userfm.serve import resolve_minilm_cache
+    from userfm.serve.app import resolve_minilm_cache
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

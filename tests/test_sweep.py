@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from userfm.config import load_config
-from userfm.pretrain import first_users
-from userfm.sequences import split_fraction
-from userfm.sweep import COLUMNS, SweepConfig, SweepError, grid_points, trial_key
+from userfm.train.pretrain import first_users
+from userfm.data.sequences import split_fraction
+from userfm.train.sweep import COLUMNS, SweepConfig, SweepError, grid_points, trial_key
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "scaling" / "smoke.yaml"
 FIGURES = ["fig_batch_size.png", "fig_data_length.png", "fig_epochs.png", "fig_loss_vs_compute.png",
@@ -64,9 +64,9 @@ def test_first_users_is_a_nested_subset_by_hash():
 @pytest.mark.timeout(600)
 def test_smoke_sweep_stops_resumes_without_rerun_and_reports(ray_local, tmp_path):
     from userfm.cli import main
-    from userfm.encoders import EncoderConfig, expected_num_params
-    from userfm.scaling import PF_DAY
-    from userfm.sweep import run_sweep
+    from userfm.models.encoders import EncoderConfig, expected_num_params
+    from userfm.train.scaling import PF_DAY
+    from userfm.train.sweep import run_sweep
 
     import pandas as pd
 

@@ -1,4 +1,4 @@
-"""Tests for userfm.synth: the synthetic multi-service log generator and its known answers."""
+"""Tests for userfm.data.synth: the synthetic multi-service log generator and its known answers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from userfm.config import ConfigError, load_config
-from userfm.schema import EVENT_SCHEMA
-from userfm.synth import (
+from userfm.data.schema import EVENT_SCHEMA
+from userfm.data.synth import (
     DEPARTMENTS,
     NEWS_SECTIONS,
     TOPICS,

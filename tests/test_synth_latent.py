@@ -1,4 +1,4 @@
-"""Tests for the default "latent" story of userfm.synth: attributes live in timing, order and repeats.
+"""Tests for the default "latent" story of userfm.data.synth: attributes live in timing, order and repeats.
 
 Each channel is checked against the number the generative story predicts (computed here from the
 written latent table), and the oracle is recomputed with scipy's densities, independently of synth.py.
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from userfm.synth import (
+from userfm.data.synth import (
     AGE_BRACKETS,
     DEPARTMENTS,
     LIFESTYLE_HOURS,
@@ -69,7 +69,7 @@ def test_latent_is_the_default_and_segment_is_a_lifestyle(data):
 
 def test_hours_follow_the_lifestyle_on_every_service(events):
     # P(hour = h) for a user of lifestyle L on service s = t * LIFE[L][h] + (1 - t) * SERVICE[s][h].
-    from userfm.synth import HOUR_PROFILE
+    from userfm.data.synth import HOUR_PROFILE
 
     t = CFG.time_signal
     for life in LIFESTYLES:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from seqrows import T0, all_scope, event_rows, table
 
-from userfm.features import (
+from userfm.models.features import (
     IGNORE_INDEX,
     LEVEL_SEP,
     N_SPECIAL,
@@ -21,8 +21,8 @@ from userfm.features import (
     make_batch,
     text_hash,
 )
-from userfm.schema import SEQUENCE_SCHEMA
-from userfm.tokenizer import BOS_ID, UNK_ID as TOK_UNK, TextTokenizer
+from userfm.data.schema import SEQUENCE_SCHEMA
+from userfm.models.tokenizer import BOS_ID, UNK_ID as TOK_UNK, TextTokenizer
 
 CORPUS = ["red running shoes", "blue phone case", "한국어 책", "café au lait", "laptop bag"] * 20
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from userfm.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
-from userfm.validate import REASONS, Rules, parse_json_lines, validate_batch
+from userfm.data.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA
+from userfm.data.validate import REASONS, Rules, parse_json_lines, validate_batch
 
 UTC = dt.timezone.utc
 GOOD = {"user_id": "u1", "ts": "2024-01-02T03:04:05Z", "service": "shopping", "text": "red shoes", "value": "9.5"}
@@ -151,7 +151,7 @@ _messy_row = st.fixed_dictionaries(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(_messy_row, min_size=0, max_size=30))
 def test_accounting_holds_for_messy_rows(rows):
-    from userfm.sequences import build_partition
+    from userfm.data.sequences import build_partition
 
     table = pa.table({k: pa.array([r[k] for r in rows], pa.string()) for k in _MESSY_FIELDS})
     res = validate_batch(table, Rules(services=("shopping", "news"), max_text_chars=30, long_text="reject"))

@@ -1,4 +1,4 @@
-"""The no-pretraining yardsticks: bag-of-items (userfm.bag_of_items) and item-kNN (userfm.item_knn), by hand."""
+"""The no-pretraining yardsticks: bag-of-items (userfm.eval.bag_of_items) and item-kNN (userfm.eval.item_knn), by hand."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from userfm.bag_of_items import bag_of_items
-from userfm.evaluate import EvalConfig, TaskConfig, TaskData, _item_knn_ranks, _popularity_ranks
-from userfm.item_knn import TIE_BREAK, item_cosine, knn_scorer
+from userfm.eval.bag_of_items import bag_of_items
+from userfm.eval.evaluate import EvalConfig, TaskConfig, TaskData, _item_knn_ranks, _popularity_ranks
+from userfm.eval.item_knn import TIE_BREAK, item_cosine, knn_scorer
 
 
 def test_bag_of_items_is_the_binary_matrix_of_training_items():
@@ -102,7 +102,7 @@ def test_item_knn_picks_the_last_items_on_val_and_ranks_by_hand():
 
 
 def test_pad_sequences_keeps_the_last_items_left_padded():
-    from userfm.sasrec import pad_sequences
+    from userfm.eval.sasrec import pad_sequences
 
     got = pad_sequences([np.array([4, 5, 6]), np.array([], np.int64), np.array([0, 1, 2, 3, 7])], 4)
     np.testing.assert_array_equal(got, [[0, 5, 6, 7], [0, 0, 0, 0], [2, 3, 4, 8]])  # ids + 1, 0 = padding
@@ -113,7 +113,7 @@ def test_sasrec_is_causal_and_learns_a_deterministic_next_item():
     (chance HR@5 is 5/30). The state at position t must not change when later items do (causal mask)."""
     import torch
 
-    from userfm.sasrec import SASRecConfig, _model, fit_sasrec, sasrec_scorer
+    from userfm.eval.sasrec import SASRecConfig, _model, fit_sasrec, sasrec_scorer
 
     rng = np.random.default_rng(0)
 

@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from userfm.demo import DemoConfig, _default_tasks
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import LAST_EVENT, EvalConfig, load_tasks, run_evaluate
-    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.eval.evaluate import LAST_EVENT, EvalConfig, load_tasks, run_evaluate
+    from userfm.train.pretrain import PretrainConfig, run_pretrain
 
     run = Path(args.run)
     saved = run / "pretrain" / "clue" / "config.json"

@@ -31,7 +31,7 @@ def plain_loop(model_dir: Path, data: Path, batch_size: int) -> tuple[float, int
     import torch
 
     import userfm
-    from userfm.features import make_batch, to_torch
+    from userfm.models.features import make_batch, to_torch
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -52,8 +52,8 @@ def cpu_per_batch(model_dir: Path, data: Path, batch_size: int) -> tuple[float, 
     import torch
 
     import userfm
-    from userfm.embed import EmbedActor
-    from userfm.features import make_batch, to_torch
+    from userfm.infer.embed import EmbedActor
+    from userfm.models.features import make_batch, to_torch
 
     torch.set_num_threads(1)
     model, vocabs, tok = userfm.load_encoder(model_dir)
@@ -85,14 +85,14 @@ def main() -> None:
 
     import torch
 
-    from userfm.dataset import read_sequences
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.encoders import UserEncoder, config_for, save_encoder
-    from userfm.features import FeatureConfig, fit_vocabs
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.models.encoders import UserEncoder, config_for, save_encoder
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.runtime import init_ray
-    from userfm.synth import SynthConfig, generate
-    from userfm.tokenizer import TextTokenizer
+    from userfm.data.synth import SynthConfig, generate
+    from userfm.models.tokenizer import TextTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="userfm-bench-embed-"))
     try:

@@ -3,7 +3,7 @@ estimated FLOPs per sample, and the MiniLM cache build rate.
 
     .venv/bin/python experiments/benchmarks/encoders.py [--sizes tiny,small,base] [--batch 16] ...
 
-FLOPs per sample (``userfm.encoders.flops_per_sample``, Kaplan et al. 2020): training = 3 x forward,
+FLOPs per sample (``userfm.models.encoders.flops_per_sample``, Kaplan et al. 2020): training = 3 x forward,
 forward per user = 2 * N_user * T + 2 * n_layers * T^2 * d with T = events + 1 ([CLS]), plus for the
 text item encoder events * (2 * N_item * K + 2 * item_layers * K^2 * d) with K tokens per event, plus
 2 * 384 * d * events for a frozen-vector projection. N = non-embedding parameters.
@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from userfm.encoders import ITEM_ENCODERS, SIZES, UserEncoder, config_for, expected_num_params, flops_per_sample
-from userfm.losses import symmetric_info_nce
+from userfm.models.encoders import ITEM_ENCODERS, SIZES, UserEncoder, config_for, expected_num_params, flops_per_sample
+from userfm.objectives.losses import symmetric_info_nce
 
 
 def synthetic_batch(cfg, batch: int, events: int, tokens: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def bench_encoder(size: str, item: str, batch: int, events: int, tokens: int, st
 
 
 def bench_minilm(n_texts: int) -> dict:
-    from userfm.minilm import MiniLMEncoder, build_cache
+    from userfm.models.minilm import MiniLMEncoder, build_cache
 
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(2000)] + ["red", "running", "shoes", "phone", "case", "한국어", "café"]

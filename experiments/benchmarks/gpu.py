@@ -49,10 +49,10 @@ def plain_steps(cfg, enc_cfg, rows, device, steps: int, warmup: int) -> tuple[fl
     import torch
 
     import train_throughput as tt
-    from userfm.encoders import UserEncoder
-    from userfm.features import trim_events
-    from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import _objective_config, _to_device, batch_flops, lr_at, make_optimizer, step_inputs, step_seed
+    from userfm.models.encoders import UserEncoder
+    from userfm.models.features import trim_events
+    from userfm.objectives.pretext import build_head, loss_and_backward
+    from userfm.train.pretrain import _objective_config, _to_device, batch_flops, lr_at, make_optimizer, step_inputs, step_seed
 
     torch.manual_seed(cfg.seed)
     ocfg = _objective_config(cfg)
@@ -92,7 +92,7 @@ def embed_plain(model_dir: str, data: str, device, batch_size: int) -> float:
     import torch
 
     import userfm
-    from userfm.features import make_batch, to_torch
+    from userfm.models.features import make_batch, to_torch
 
     t0 = time.perf_counter()
     model, vocabs, tok = userfm.load_encoder(model_dir, device=str(device))
@@ -132,8 +132,8 @@ def main() -> int:
     import ray
 
     import train_throughput as tt
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.pretrain import PretrainConfig, measure_peak_flops, run_pretrain
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.train.pretrain import PretrainConfig, measure_peak_flops, run_pretrain
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-gpu-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed after)")
     args = ap.parse_args()
 
-    from userfm.ingest import IngestConfig, run_ingest
+    from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.runtime import init_ray
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.synth import SynthConfig, generate
 
     cpus = os.cpu_count() or 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-bench-ingest-"))

@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from real import tables
-    from userfm.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
 
     run = Path(args.run).resolve()
     out_root = Path(args.out) if args.out else run / "input_ablation"

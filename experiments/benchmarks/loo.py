@@ -34,7 +34,7 @@ K = 10
 
 def _split_users(users: list[str], val_share: float = 0.1) -> np.ndarray:
     """True for the users whose second-to-last item early-stops the heads (a salted hash: stable, spread)."""
-    from userfm.evaluate import label_rank
+    from userfm.eval.evaluate import label_rank
 
     rank = label_rank(np.asarray(users, dtype=object))
     return rank < np.quantile(rank, val_share)
@@ -48,7 +48,7 @@ def _embed(run: Path, objective: str, holdout: int, out: Path) -> Path:
     have = run / embeddings_key(holdout) / objective
     if have.is_dir():
         return have
-    from userfm.embed import EmbedConfig, run_embed
+    from userfm.infer.embed import EmbedConfig, run_embed
 
     dest = out / f"emb{holdout}" / objective
     if not dest.is_dir():
@@ -69,10 +69,10 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="also write docs/results/loo-<name>.md")
     args = ap.parse_args()
 
-    from userfm import metrics as M
-    from userfm.evaluate import EvalConfig, TaskConfig, _fmt, _fmt_diff, fit_retrieval, item_histories, load_embeddings, retrieval_ranks
-    from userfm.item_knn import item_cosine, knn_scorer
-    from userfm.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
+    from userfm.eval import metrics as M
+    from userfm.eval.evaluate import EvalConfig, TaskConfig, _fmt, _fmt_diff, fit_retrieval, item_histories, load_embeddings, retrieval_ranks
+    from userfm.eval.item_knn import item_cosine, knn_scorer
+    from userfm.eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
 
     run = Path(args.run)
     data = run / "dataset"

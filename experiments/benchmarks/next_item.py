@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from scipy import sparse
 
-    from userfm import metrics as M
-    from userfm.evaluate import embeddings_holdout, fold_of, item_histories, load_embeddings
+    from userfm.eval import metrics as M
+    from userfm.eval.evaluate import embeddings_holdout, fold_of, item_histories, load_embeddings
 
     t0 = time.perf_counter()
     catalog, hist = item_histories(args.data)
@@ -173,11 +173,11 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
     import torch
 
     import userfm
-    from userfm.dataset import read_sequences
-    from userfm.embed import event_windows, minilm_vectors
-    from userfm.encoders import UserEncoder
-    from userfm.features import make_batch, to_torch
-    from userfm.objectives import _with_vectors
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.embed import event_windows, minilm_vectors
+    from userfm.models.encoders import UserEncoder
+    from userfm.models.features import make_batch, to_torch
+    from userfm.objectives.pretext import _with_vectors
 
     seqs = read_sequences(args.data)
     at = {u: i for i, u in enumerate(seqs.column("user_id").to_pylist())}
@@ -201,7 +201,7 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
         vectors = None
         vdir = minilm_vectors(path, args.data, progress=lambda s: None)
         if vdir:
-            from userfm.minilm import VectorCache
+            from userfm.models.minilm import VectorCache
 
             vectors = VectorCache.load(vdir)
         models = [(False, model)]

@@ -2,7 +2,7 @@
 
 Same encoder, same head, same requests, in the same run, 127.0.0.1 only, bounded request counts:
 
-  serve  `userfm.serve.start` on an embedded 2-CPU Ray: Ingress -> Encoder (@serve.batch) / EmbeddingStore
+  serve  `userfm.serve.app.start` on an embedded 2-CPU Ray: Ingress -> Encoder (@serve.batch) / EmbeddingStore
          -> Head, one replica each (1 torch thread in the encoder)
   bare   one uvicorn process with a FastAPI app that loads the same encoder and head and computes each
          request on its own (no batching; sync routes in uvicorn's thread pool, 1 torch thread): what a
@@ -44,9 +44,9 @@ def bare_app(model: str, embeddings: str, head_dir: str, head_name: str):
     import torch
     from fastapi import FastAPI, HTTPException
 
-    from userfm.embed import EmbedActor, model_identity, read_embeddings
-    from userfm.evaluate import load_head
-    from userfm.serve import events_to_rows
+    from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
+    from userfm.eval.evaluate import load_head
+    from userfm.serve.app import events_to_rows
 
     torch.set_num_threads(1)
     actor = EmbedActor(model, model_identity(model), threads=1)
@@ -111,9 +111,9 @@ def breakdown(base: str, routes: dict, n: int, model: str, head_dir: str, embedd
     import httpx
     import numpy as np
 
-    from userfm.embed import EmbedActor, model_identity, read_embeddings
-    from userfm.evaluate import load_head
-    from userfm.serve import events_to_rows
+    from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
+    from userfm.eval.evaluate import load_head
+    from userfm.serve.app import events_to_rows
 
     actor = EmbedActor(model, model_identity(model), threads=1)
     head = load_head(head_dir)
@@ -240,10 +240,10 @@ def main() -> None:
 
     import httpx
 
-    from userfm import serve
+    from userfm.serve.app import app as serve
     from userfm.config import load_config
-    from userfm.dataset import read_sequences
-    from userfm.serve import ServeConfig, _free_port, events_from_sequence
+    from userfm.data.dataset import read_sequences
+    from userfm.serve.app import ServeConfig, _free_port, events_from_sequence
 
     levels = [int(c) for c in args.concurrency.split(",")]
     requests = {c: args.requests * (1 if c == 1 else 2 if c <= 8 else 4) for c in levels}

@@ -6,7 +6,7 @@ user's history to predict ``age_bracket`` from three views of the same events:
 - ``tfidf-1``: TF-IDF of word unigrams;
 - ``tfidf-12``: TF-IDF of word unigrams + bigrams (what ``userfm evaluate``'s TF-IDF baseline uses);
 - ``items``: TF-IDF of whole item identities (service + full text), i.e. a model that sees which items;
-- ``cooc``: the mean of the user's item co-occurrence vectors (``userfm.cooc``, 32-d PPMI-SVD fitted on
+- ``cooc``: the mean of the user's item co-occurrence vectors (``userfm.models.cooc``, 32-d PPMI-SVD fitted on
   the training users' histories, no labels): what the encoder's ``cooc_dim`` input can carry.
 
 C is chosen on a validation split (60/20/20 user split, seed 0); accuracy is on the test split with a
@@ -31,8 +31,8 @@ def _cooc_means(ev, users, tr, va, te):
     import pyarrow as pa
     from sklearn.preprocessing import normalize
 
-    from userfm.cooc import CoocConfig, fit_item_vectors, user_item_matrix
-    from userfm.minilm import VectorCache
+    from userfm.models.cooc import CoocConfig, fit_item_vectors, user_item_matrix
+    from userfm.models.minilm import VectorCache
 
     hist = ev.groupby("user_id")["text"].apply(list).loc[users]
     rows = pa.table({"text": pa.array(hist.tolist(), pa.list_(pa.string()))})
@@ -47,8 +47,8 @@ def run(users: int, item_signal: float, seed: int, target: str = "age_bracket") 
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from userfm.metrics import accuracy, bootstrap_interval
-    from userfm.synth import SynthConfig, generate_tables
+    from userfm.eval.metrics import accuracy, bootstrap_interval
+    from userfm.data.synth import SynthConfig, generate_tables
 
     d = generate_tables(SynthConfig(n_users=users, seed=seed, item_signal=item_signal))
     ev = d["events"].to_pandas()

@@ -100,10 +100,10 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import train_throughput as tt
-    from userfm.encoders import UserEncoder
-    from userfm.features import to_torch, trim_events
-    from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import (PretrainConfig, _objective_config, batch_flops, lr_at, make_optimizer, measure_peak_flops,
+    from userfm.models.encoders import UserEncoder
+    from userfm.models.features import to_torch, trim_events
+    from userfm.objectives.pretext import build_head, loss_and_backward
+    from userfm.train.pretrain import (PretrainConfig, _objective_config, batch_flops, lr_at, make_optimizer, measure_peak_flops,
                                  step_inputs, step_seed)
 
     work = Path(tempfile.mkdtemp(prefix="userfm-prof-"))

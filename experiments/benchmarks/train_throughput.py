@@ -67,8 +67,8 @@ COMPILED = "a*"  # the plain loop with the encoder under torch.compile (--ref-co
 
 def make_dataset(work: Path, n_users: int, events_per_user: float, seed: int) -> str:
     """Synthetic logs -> ingested sequence dataset (on the already-started Ray)."""
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import SynthConfig, generate
 
     quiet = lambda _msg: None  # noqa: E731
     generate(SynthConfig(n_users=n_users, events_per_user=events_per_user, seed=seed), work / "synth", quiet)
@@ -78,9 +78,9 @@ def make_dataset(work: Path, n_users: int, events_per_user: float, seed: int) ->
 
 def featurized_train(cfg):
     """What ``run_pretrain`` feeds the workers, built in-process: (vocabs, tokenizer, enc_cfg, rows)."""
-    from userfm.dataset import read_sequences
-    from userfm.encoders import config_for
-    from userfm.pretrain import _fit_resources, featurize
+    from userfm.data.dataset import read_sequences
+    from userfm.models.encoders import config_for
+    from userfm.train.pretrain import _fit_resources, featurize
 
     train = read_sequences(cfg.data, split="train")
     vocabs, tok = _fit_resources(cfg, train)
@@ -96,7 +96,7 @@ def featurized_train(cfg):
 
 def flops_per_row(cfg, enc_cfg, rows) -> tuple[float, float]:
     """(model FLOPs per sample over real events, FLOPs per sample as computed: views padded to max_events)."""
-    from userfm.encoders import flops_per_sample
+    from userfm.models.encoders import flops_per_sample
 
     keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
     cache: dict[int, float] = {}
@@ -114,8 +114,8 @@ def flops_per_row(cfg, enc_cfg, rows) -> tuple[float, float]:
 def _batches(cfg, rows, epoch: int, bucketed: bool):
     """One epoch of index batches as the worker sees them: a seeded shuffle (the local-shuffle
     stand-in), then (``bucketed``) ``bucket_by_length`` over ``cfg.bucket_batches`` batches."""
-    from userfm.features import batch_lengths, bucket_by_length
-    from userfm.pretrain import step_seed
+    from userfm.models.features import batch_lengths, bucket_by_length
+    from userfm.train.pretrain import step_seed
 
     n = len(next(iter(rows.values())))
     order = np.random.default_rng(cfg.seed + epoch).permutation(n)
@@ -130,7 +130,7 @@ def _batches(cfg, rows, epoch: int, bucketed: bool):
 def padding_stats(cfg, rows) -> dict[str, float]:
     """Real events / computed events: padded to max_events; random batches trimmed to their longest
     view; length-bucketed batches (as the training loop makes them), trimmed."""
-    from userfm.features import batch_lengths
+    from userfm.models.features import batch_lengths
 
     keys = ["length"] if cfg.objective == "mlm" else ["a.length", "b.length"]
     real = float(np.mean([np.mean(rows[k]) for k in keys]))
@@ -227,14 +227,14 @@ def settle(timeout: float = 20.0) -> None:
 
 
 def _peak_worker(q, seconds: float) -> None:
-    from userfm.pretrain import measure_peak_flops
+    from userfm.train.pretrain import measure_peak_flops
 
     q.put(measure_peak_flops(1, seconds=seconds))
 
 
 def measure_peaks(seconds: float = 2.0) -> tuple[float, float]:
     """(1-thread fp32 matmul FLOP/s alone, mean per-process FLOP/s with two 1-thread processes at once)."""
-    from userfm.pretrain import measure_peak_flops
+    from userfm.train.pretrain import measure_peak_flops
 
     alone = max(measure_peak_flops(1, seconds=seconds) for _ in range(2))
     ctx = mp.get_context("spawn")
@@ -261,10 +261,10 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     """
     import torch
 
-    from userfm.encoders import UserEncoder
-    from userfm.features import to_torch, trim_events
-    from userfm.objectives import build_head, loss_and_backward
-    from userfm.pretrain import _objective_config, lr_at, make_optimizer, step_inputs, step_seed
+    from userfm.models.encoders import UserEncoder
+    from userfm.models.features import to_torch, trim_events
+    from userfm.objectives.pretext import build_head, loss_and_backward
+    from userfm.train.pretrain import _objective_config, lr_at, make_optimizer, step_inputs, step_seed
 
     import torch.distributed as dist
 
@@ -350,7 +350,7 @@ def plain_ddp(cfg, enc_cfg, rows, steps: int, log_every: int, world: int = 2) ->
 
 def ray_run(cfg, work: Path, tag: str) -> dict:
     """(b)/(c) ``run_pretrain``; samples/s (all workers) from metrics.jsonl after the first interval."""
-    from userfm.pretrain import run_pretrain
+    from userfm.train.pretrain import run_pretrain
 
     out = work / f"run-{tag}"
     shutil.rmtree(out, ignore_errors=True)
@@ -409,8 +409,8 @@ def main() -> None:
     import ray
     import torch
 
-    from userfm.encoders import UserEncoder, expected_num_params
-    from userfm.pretrain import PretrainConfig
+    from userfm.models.encoders import UserEncoder, expected_num_params
+    from userfm.train.pretrain import PretrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-tput-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -505,7 +505,7 @@ def main() -> None:
               f"{100 * eff['trimmed']:.0f} % with random batches trimmed to their longest view (heavy tail: "
               f"most batches hold a long user); {100 * eff['bucketed']:.0f} % with length-bucketed batches, trimmed")
         if args.precision == "bf16":
-            from userfm.pretrain import measure_peak_flops
+            from userfm.train.pretrain import measure_peak_flops
 
             bf16_peak = measure_peak_flops(1, dtype=torch.bfloat16)
             print(f"precision bf16 (autocast): bf16 matmul peak, 1 thread: {bf16_peak / 1e9:.1f} GFLOP/s "

@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil
 
-    from userfm.convert import convert
+    from userfm.data.convert import convert
     from userfm.demo import DemoConfig, pretrain_config
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import EvalConfig, load_tasks, run_evaluate
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.pretrain import run_pretrain
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.train.pretrain import run_pretrain
     from userfm.runtime import init_ray
 
     out = Path(args.out).resolve()

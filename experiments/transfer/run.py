@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil
 
-    from userfm.dataset import load_manifest
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import EvalConfig, load_tasks, run_evaluate
-    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.data.dataset import load_manifest
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.train.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 
     out = Path(args.out)

@@ -38,7 +38,7 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.synth import SynthConfig, generate
+    from userfm.data.synth import SynthConfig, generate
 
     cfg = load_config(
         SynthConfig, args.config, args.overrides,
@@ -52,7 +52,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from userfm.convert import convert
+    from userfm.data.convert import convert
 
     manifest = convert(args.format, args.src, args.out, service=args.service, service_field=args.service_field,
                        category_field=args.category_field, time=args.time)
@@ -62,7 +62,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _ingest_config(args: argparse.Namespace):
     from userfm.config import load_config
-    from userfm.ingest import IngestConfig
+    from userfm.data.ingest import IngestConfig
 
     return load_config(
         IngestConfig, args.config, args.overrides,
@@ -72,8 +72,8 @@ def _ingest_config(args: argparse.Namespace):
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from userfm.dataset import format_summary, summarize
-    from userfm.ingest import run_ingest
+    from userfm.data.dataset import format_summary, summarize
+    from userfm.data.ingest import run_ingest
     from userfm.runtime import init_ray
 
     cfg = _ingest_config(args)
@@ -85,7 +85,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.pretrain import PretrainConfig, run_pretrain
+    from userfm.train.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 
     cfg = load_config(PretrainConfig, args.config, args.overrides, data=args.data, out=args.out)
@@ -96,7 +96,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.embed import EmbedConfig, run_embed
+    from userfm.infer.embed import EmbedConfig, run_embed
     from userfm.runtime import init_ray
 
     cfg = load_config(
@@ -110,7 +110,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.refresh import RefreshConfig, run_refresh
+    from userfm.infer.refresh import RefreshConfig, run_refresh
     from userfm.runtime import init_ray
 
     cfg = load_config(
@@ -126,7 +126,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.drift import DriftConfig, format_markdown, run_drift
+    from userfm.eval.drift import DriftConfig, format_markdown, run_drift
 
     cfg = load_config(
         DriftConfig, args.config, args.overrides, old=args.old, new=args.new, out=args.out, data=args.data,
@@ -143,7 +143,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.evaluate import EvalConfig, run_evaluate
+    from userfm.eval.evaluate import EvalConfig, run_evaluate
 
     embeddings = None
     if args.embedding:
@@ -160,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from userfm.dataset import format_summary, summarize
+    from userfm.data.dataset import format_summary, summarize
 
     s = summarize(args.dataset)
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.report import ReportConfig, run_report
+    from userfm.report.page import ReportConfig, run_report
 
     cfg = load_config(ReportConfig, args.config, args.overrides, run=args.run, out=args.out,
                       sweeps=tuple(args.sweep) or None)
@@ -196,7 +196,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.sweep import SweepConfig, grid_points, run_report, run_sweep
+    from userfm.train.sweep import SweepConfig, grid_points, run_report, run_sweep
 
     if args.report:
         if args.report[0] != "report" or len(args.report) != 2:
@@ -218,7 +218,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.serve import ServeConfig, serve_forever
+    from userfm.serve.app import ServeConfig, serve_forever
 
     cfg = load_config(ServeConfig, args.config, args.overrides, model=args.model, embeddings=args.embeddings,
                       host=args.host, port=args.port, api_key_file=args.api_key_file, admin_key_file=args.admin_key_file,

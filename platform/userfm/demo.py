@@ -56,7 +56,7 @@ class DemoConfig:
     clue_crop: float = 0.5  # clue: each step, each service view keeps a random time window of U[clue_crop, 1] of its span
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
-    objectives: tuple[str, ...] = ()  # also pretrain these next to CLUE (e.g. future: userfm.future), each embedded,
+    objectives: tuple[str, ...] = ()  # also pretrain these next to CLUE (e.g. future: userfm.objectives.future), each embedded,
     #                      evaluated and compared with the yardsticks like CLUE; CLUE stays the served model
     item_id_buckets: int = 0  # > 0: encoders add a learned embedding per hashed item identity (PretrainConfig.item_id_buckets)
     cooc_dim: int = 32  # item co-occurrence vectors fitted on the training users and fed to the encoders (PretrainConfig.cooc_dim); 0 = off
@@ -91,7 +91,7 @@ class DemoConfig:
             raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
-        from userfm.pretrain import OBJECTIVES
+        from userfm.train.pretrain import OBJECTIVES
 
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad:
@@ -102,7 +102,7 @@ class DemoConfig:
 
 def time_fields_for(cfg: DemoConfig, objective: str) -> tuple[str, ...]:
     """The calendar fields ``objective`` embeds in this demo (see ``DemoConfig.time_fields``)."""
-    from userfm.pretrain import PretrainConfig
+    from userfm.train.pretrain import PretrainConfig
 
     if cfg.time_fields is not None:
         return tuple(cfg.time_fields)
@@ -144,7 +144,7 @@ def pretrain_recipe(cfg: DemoConfig) -> tuple[dict, str]:
 def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: str | Path, holdout_last: int = 0):
     """The ``PretrainConfig`` the demo pretrains ``objective`` with on ``dataset`` (its recipe, sizes and
     per-objective choices), for scripts that vary one field of it (e.g. ``services``)."""
-    from userfm.pretrain import PretrainConfig
+    from userfm.train.pretrain import PretrainConfig
 
     recipe, _ = pretrain_recipe(cfg)
     return PretrainConfig(
@@ -212,8 +212,8 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
     of one category; no item ids) is skipped with the evaluator's own reason instead of stopping the demo.
     A dataset without order (its manifest's ``time`` is "none", carried from the convert manifest by ingest)
     skips every last_event task: a user's "last" event is then an arbitrary one."""
-    from userfm.dataset import load_manifest, read_attributes
-    from userfm.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
+    from userfm.data.dataset import load_manifest, read_attributes
+    from userfm.eval.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
 
     manifest = load_manifest(dataset)
     ingested = [a["name"] for a in manifest.get("attributes", [])]
@@ -371,11 +371,11 @@ def _start_ray(address: str | None, num_cpus: int | None, logs: Path | None) -> 
 def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str | None, num_cpus: int | None) -> dict:
     """The stages of ``run_demo`` into the (new, empty but for logs/) run folder ``out``; ``details``:
     where each stage's own output goes (None: the console)."""
-    from userfm.dataset import format_summary, summarize
-    from userfm.ingest import IngestConfig, run_ingest
-    from userfm.embed import EmbedConfig, run_embed
-    from userfm.evaluate import LAST_EVENT, load_tasks
-    from userfm.pretrain import run_pretrain
+    from userfm.data.dataset import format_summary, summarize
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.eval.evaluate import LAST_EVENT, load_tasks
+    from userfm.train.pretrain import run_pretrain
 
     raw, dataset = out / "raw", out / "dataset"
     extra = tuple(o for o in cfg.objectives if o != "clue")
@@ -391,7 +391,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
-        from userfm.synth import SynthConfig, generate
+        from userfm.data.synth import SynthConfig, generate
 
         scfg = SynthConfig(n_users=cfg.n_users, events_per_user=cfg.events_per_user, seed=cfg.seed)
         stages.run("synthesize multi-service logs", lambda: generate(scfg, raw, progress=print))
@@ -401,7 +401,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         stages.run("use canonical events", lambda: None)
         inputs = (cfg.data,)
     else:
-        from userfm.convert import convert
+        from userfm.data.convert import convert
 
         options = {"service_field": cfg.service_field} if cfg.format == "recbole" else {}
         converted = stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw, **options))
@@ -470,7 +470,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     report = None
     if cfg.report:
-        from userfm.report import ReportConfig, run_report
+        from userfm.report.page import ReportConfig, run_report
 
         # demo_summary.json so far, so the report's run section has the stage timings
         (out / "demo_summary.json").write_text(json.dumps({"config": to_dict(cfg), "timings_s": stages.timings}, indent=2))
@@ -512,7 +512,7 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
                     folds: int) -> dict:
     """``userfm evaluate`` once per pass of the plan (full-history tables; held-out tables for the
     last_event tasks), all into ``out``; returns (and writes) the merged results."""
-    from userfm.evaluate import EvalConfig, format_markdown, run_evaluate
+    from userfm.eval.evaluate import EvalConfig, format_markdown, run_evaluate
 
     baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
     parts = []
@@ -540,7 +540,7 @@ def _serve_head(results: dict | None, heads_dir: Path) -> str | None:
     """The task whose CLUE U-MLP head (seed 0) the serve stage deploys: ``segment`` on synthetic data,
     else the first classification task on a user-attribute table, else the first classification task
     (a next-event head answers "what comes next" from the full history), else any; None without heads."""
-    from userfm.evaluate import LAST_EVENT
+    from userfm.eval.evaluate import LAST_EVENT
 
     if results is None:
         return None
@@ -578,8 +578,8 @@ def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, re
     """Start the Serve app for the CLUE encoder (its embeddings, one of its evaluation heads), call every
     route once with a real test user, shut Serve down. Returns (the summary's ``serve`` entry, the
     answers as (method, path, status, body) for the console)."""
-    from userfm.dataset import read_sequences
-    from userfm.serve import ServeConfig, events_from_sequence, smoke_calls, start, stop
+    from userfm.data.dataset import read_sequences
+    from userfm.serve.app import ServeConfig, events_from_sequence, smoke_calls, start, stop
 
     # one head deployment (each is a replica process)
     heads_dir = out / "evaluate" / "heads"

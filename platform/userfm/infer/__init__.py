@@ -1,0 +1,1 @@
+"""Inference: frozen embedding tables from an exported encoder (``embed``) and their refresh on new logs."""

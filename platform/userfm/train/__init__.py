@@ -1,0 +1,1 @@
+"""Training: Ray Train pretraining (``pretrain``), early stopping, Ray Tune scaling sweeps and the power-law fits."""
