@@ -147,7 +147,9 @@ def test_cli_exits_1_over_a_threshold_and_writes_the_markdown_and_the_report_sec
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, ray_local):
     """A 300-user dataset with attributes, an old table whose vectors carry the segment label, a logistic head."""
-    from userfm.eval.evaluate import EvalConfig, TaskConfig, fit_logreg, save_head, task_data, user_table
+    from userfm.eval.heads import fit_logreg, save_head
+    from userfm.eval.task_data import task_data, user_table
+    from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.data.synth import SynthConfig, generate
 
@@ -177,7 +179,7 @@ def labelled(tmp_path_factory, ray_local):
 
 
 def test_old_heads_on_a_rotated_table_as_is_and_aligned(labelled):
-    from userfm.eval.evaluate import load_head
+    from userfm.eval.heads import load_head
 
     root = labelled["root"]
     r = run_drift(DriftConfig(old=labelled["old"], new=labelled["new"], data=str(root / "ds"), heads=(str(root / "heads"),),

@@ -239,7 +239,7 @@ def test_history_service_embeds_one_services_events(setup, tmp_path):
     # the rows carry the history service: a table copied without its manifest still says what it was made from
     import shutil
 
-    from userfm.eval.evaluate import load_embeddings
+    from userfm.eval.embeddings import load_embeddings
 
     shutil.copytree(tmp_path / "svc" / "embeddings", tmp_path / "bare")
     assert not (tmp_path / "bare" / "manifest.json").exists()

@@ -17,30 +17,12 @@ from userfm.eval import metrics as M
 from userfm.config import ConfigError
 from userfm.data.dataset import load_manifest, read_attributes, read_sequences
 from userfm.models.cooc import catalog_vectors
-from userfm.eval.evaluate import (
-    EvalConfig,
-    EvalError,
-    TaskConfig,
-    concat_features,
-    fit_logreg,
-    fit_mlp,
-    fit_retrieval,
-    item_histories,
-    item_services,
-    last_event_table,
-    load_embeddings,
-    load_head,
-    load_tasks,
-    minilm_mean_table,
-    random_embeddings,
-    retrieval_ranks,
-    run_evaluate,
-    save_head,
-    task_data,
-    tfidf_features,
-    user_table,
-    user_texts,
-)
+from userfm.eval.baselines import concat_features, minilm_mean_table, tfidf_features, user_texts
+from userfm.eval.embeddings import load_embeddings, random_embeddings
+from userfm.eval.evaluate import run_evaluate
+from userfm.eval.heads import fit_logreg, fit_mlp, fit_retrieval, load_head, retrieval_ranks, save_head
+from userfm.eval.task_data import item_histories, item_services, last_event_table, task_data, user_table
+from userfm.eval.tasks import EvalConfig, EvalError, TaskConfig, load_tasks
 from userfm.models.features import text_hash
 
 pytestmark = pytest.mark.timeout(240)
@@ -244,7 +226,7 @@ def test_small_training_sets_get_at_least_mlp_min_steps_batches_per_epoch():
     shrinks to ceil(n / mlp_min_steps); every row is seen once per epoch."""
     import torch
 
-    from userfm.eval.evaluate import _early_stopped_fit, mlp_batch
+    from userfm.eval.heads import _early_stopped_fit, mlp_batch
 
     cfg = EvalConfig()
     assert (mlp_batch(200, cfg), mlp_batch(2048, cfg), mlp_batch(2049, cfg), mlp_batch(8000, cfg), mlp_batch(3, cfg)) == (25, 256, 256, 256, 1)
@@ -530,7 +512,7 @@ def test_transfer_task_reads_one_services_history(synth_ds):
     users with none are left out with a reason; an embedding table of every event is refused, one embedded
     from B's events only (its manifest says so) is scored."""
     from userfm.eval.bag_of_items import user_items
-    from userfm.eval.evaluate import user_texts
+    from userfm.eval.baselines import user_texts
 
     root, ds = synth_ds["root"], synth_ds["ds"]
     seq = {r["user_id"]: r for r in read_sequences(ds, columns=["user_id", "n_events", "item_id", "service", "text"]).to_pylist()}
@@ -668,7 +650,7 @@ def test_factorized_head_ranks_items_no_training_user_held_out():
 
 
 def test_target_mass_is_the_soft_targets_summed():
-    from userfm.eval.evaluate import _soft_targets, _target_mass
+    from userfm.eval.heads import _soft_targets, _target_mass
 
     y, hist = np.array([0, 2, 2, 1]), [np.array([1, 1, 3]), np.array([], np.int64), np.array([0]), np.array([2, 3])]
     for w in (0.0, 0.5):
@@ -890,7 +872,7 @@ def test_minilm_mean_rows_use_the_mean_vectors(strong, synth_ds):
 
 
 def test_concat_tables_by_hand():
-    from userfm.eval.evaluate import EmbeddingTable, concat_tables
+    from userfm.eval.embeddings import EmbeddingTable, concat_tables
 
     a = EmbeddingTable("a", "a", pa.array(["u3", "u1", "u2"]), np.arange(6, dtype=np.float32).reshape(3, 2), 1)
     b = EmbeddingTable("m", "m", pa.array(["u1", "u2", "u9"]), np.array([[10.0], [20.0], [90.0]], np.float32), 1)
@@ -1001,7 +983,7 @@ def test_fair_baseline_config_errors():
 def test_cross_fit_scores_every_labelled_user_once_popularity_by_hand(synth_ds, heldout):
     """folds=3: fold f (user-id hash) is test, f+1 val, the rest train; every labelled user is scored once,
     and popularity's counts come from each fold's own training users (recomputed here by hand)."""
-    from userfm.eval.evaluate import fold_of
+    from userfm.eval.task_data import fold_of
 
     cfg = dataclasses.replace(heldout[1], out=str(synth_ds["root"] / "crossfit"), folds=3, heads=("logreg",),
                               only_tasks=("last_service", "next_item"), embeddings={"loo": str(synth_ds["root"] / "loo.parquet")})
@@ -1081,7 +1063,7 @@ def test_cross_fit_refuses_encoders_pretrained_on_the_held_out_events(synth_ds, 
 
 def test_cross_fit_fold_with_one_training_class_is_a_clear_error(synth_ds):
     """A fold whose training users share one class cannot fit a classifier: the error names the fold."""
-    from userfm.eval.evaluate import fold_of
+    from userfm.eval.task_data import fold_of
 
     users = user_table(synth_ds["ds"])
     ids = np.asarray(users.column("user_id").to_pylist(), dtype=object)
@@ -1101,7 +1083,7 @@ def test_cross_fit_fold_with_one_training_class_is_a_clear_error(synth_ds):
 def _check_budget_split(full_ids, full_y, ids, n):
     """ids: exactly n users of full_ids; per class within 1 of n x its share; within each class, the first
     by label_rank."""
-    from userfm.eval.evaluate import label_rank
+    from userfm.eval.task_data import label_rank
 
     assert len(ids) == n and len(set(ids)) == n and set(ids) <= set(full_ids)
     y_of = dict(zip(full_ids, full_y))
@@ -1116,7 +1098,7 @@ def test_label_budget_keeps_the_first_users_by_salted_hash_and_leaves_test_alone
     """labels=n: train = n training users, the first by label_rank within each class in the classes'
     proportions; val = the same share of val users (rounded); test and classes unchanged; budgets nested;
     every dropped user counted."""
-    from userfm.eval.evaluate import label_rank
+    from userfm.eval.task_data import label_rank
 
     users = user_table(synth_ds["ds"])
     task = TaskConfig(name="seg", table="attributes", target="segment", type="multiclass")
@@ -1146,7 +1128,7 @@ def test_label_budget_keeps_the_first_users_by_salted_hash_and_leaves_test_alone
 
 
 def test_budget_pick_quotas_by_hand():
-    from userfm.eval.evaluate import budget_pick
+    from userfm.eval.task_data import budget_pick
 
     idx = np.arange(10) + 100
     rank = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])

@@ -32,7 +32,8 @@ def run(tmp_path_factory, ray_local):
     """A small demo-like run: 300 synthetic users + 3 bad rows, hand-written metrics, 2 embedding tables,
     an evaluation of 2 tasks, and one sweep figure."""
     from userfm.data.dataset import read_attributes
-    from userfm.eval.evaluate import EvalConfig, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.data.synth import SynthConfig, generate
 

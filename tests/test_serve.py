@@ -24,7 +24,8 @@ ADMIN = {"x-api-key": "4dmin"}
 
 
 def _fit_head(kind, x, y, task, classes, emb_dir, out):
-    from userfm.eval.evaluate import EvalConfig, TaskConfig, fit_logreg, fit_mlp, save_head
+    from userfm.eval.heads import fit_logreg, fit_mlp, save_head
+    from userfm.eval.tasks import EvalConfig, TaskConfig
 
     t = TaskConfig(**task)
     cfg = EvalConfig(mlp_hidden=16, mlp_max_epochs=5, logreg_c=(1.0,))
@@ -316,7 +317,7 @@ def test_stored_embedding_and_similar_users(app):
 
 
 def test_predict_by_user_ids_and_by_events_equals_the_loaded_heads(app):
-    from userfm.eval.evaluate import load_head
+    from userfm.eval.heads import load_head
 
     c = app["client"]
     age = load_head(app["root"] / "eval" / "heads" / "age" / "t-mlp" / "seed0")
@@ -487,7 +488,7 @@ def test_predictions_during_reloads_come_from_one_table_never_a_mix(app):
     import time
 
     from userfm.infer.embed import read_embeddings
-    from userfm.eval.evaluate import load_head
+    from userfm.eval.heads import load_head
 
     c, root = app["client"], app["root"]
     age = load_head(root / "eval" / "heads" / "age" / "t-mlp" / "seed0")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from userfm.eval.bag_of_items import bag_of_items
-from userfm.eval.evaluate import EvalConfig, TaskConfig, TaskData, _item_knn_ranks, _popularity_ranks
+from userfm.eval.baselines import _item_knn_ranks, _popularity_ranks
+from userfm.eval.task_data import TaskData
+from userfm.eval.tasks import EvalConfig, TaskConfig
 from userfm.eval.item_knn import TIE_BREAK, item_cosine, knn_scorer
 
 

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from userfm.demo import DemoConfig, _default_tasks
     from userfm.infer.embed import EmbedConfig, run_embed
-    from userfm.eval.evaluate import LAST_EVENT, EvalConfig, load_tasks, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import LAST_EVENT, EvalConfig, load_tasks
     from userfm.train.pretrain import PretrainConfig, run_pretrain
 
     run = Path(args.run)

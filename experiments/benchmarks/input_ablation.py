@@ -56,7 +56,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from real import tables
-    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig, load_tasks
 
     run = Path(args.run).resolve()
     out_root = Path(args.out) if args.out else run / "input_ablation"

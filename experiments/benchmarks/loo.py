@@ -34,7 +34,7 @@ K = 10
 
 def _split_users(users: list[str], val_share: float = 0.1) -> np.ndarray:
     """True for the users whose second-to-last item early-stops the heads (a salted hash: stable, spread)."""
-    from userfm.eval.evaluate import label_rank
+    from userfm.eval.task_data import label_rank
 
     rank = label_rank(np.asarray(users, dtype=object))
     return rank < np.quantile(rank, val_share)
@@ -70,7 +70,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from userfm.eval import metrics as M
-    from userfm.eval.evaluate import EvalConfig, TaskConfig, _fmt, _fmt_diff, fit_retrieval, item_histories, load_embeddings, retrieval_ranks
+    from userfm.eval.embeddings import load_embeddings
+    from userfm.eval.heads import fit_retrieval, retrieval_ranks
+    from userfm.eval.render import _fmt, _fmt_diff
+    from userfm.eval.task_data import item_histories
+    from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.eval.item_knn import item_cosine, knn_scorer
     from userfm.eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
 

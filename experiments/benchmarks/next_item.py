@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     from scipy import sparse
 
     from userfm.eval import metrics as M
-    from userfm.eval.evaluate import embeddings_holdout, fold_of, item_histories, load_embeddings
+    from userfm.eval.embeddings import embeddings_holdout, load_embeddings
+    from userfm.eval.task_data import fold_of, item_histories
 
     t0 = time.perf_counter()
     catalog, hist = item_histories(args.data)

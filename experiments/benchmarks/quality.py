@@ -83,7 +83,8 @@ def run(args: argparse.Namespace, out: Path, **data) -> tuple[dict, dict]:
     pass over the same dataset and tables (T-Trans on every task would take hours on 2 cores).
     Returns (demo summary, {(task, model): row} over both passes)."""
     from userfm.demo import DemoConfig, _default_tasks, run_demo
-    from userfm.eval.evaluate import EvalConfig, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig
 
     cfg = DemoConfig(out=str(out), compare=not args.clue_only, eval_seeds=args.seeds, report=False, serve=False,
                      n_users=args.users, seed=args.seed, baselines=("tfidf", "oracle", "popularity", "minilm-mean", "concat-tfidf"),
@@ -114,7 +115,9 @@ def label_curve(args: argparse.Namespace, out: Path, summary: dict, tasks: list[
     """One evaluate pass per label budget over the demo's dataset and CLUE table: CLUE and random (U-MLP and
     logistic heads), TF-IDF, mean-MiniLM and T-Trans on ``tasks``. Returns (markdown table, {budget: rows})."""
     from userfm.demo import DemoConfig, _default_tasks
-    from userfm.eval.evaluate import EvalConfig, _fmt, _fmt_diff, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.render import _fmt, _fmt_diff
+    from userfm.eval.tasks import EvalConfig
 
     clue = summary["pretrain"]["clue"]["embeddings"]
     lines = ["### Label budget: heads and baselines on N labelled users (encoder pretrained on all training users, unlabelled)", "",

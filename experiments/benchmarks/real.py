@@ -57,7 +57,7 @@ def _num(v) -> str:
 def tables(results: dict) -> str:
     """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
     interval and its paired difference to the task's best yardstick."""
-    from userfm.eval.evaluate import _fmt, _fmt_diff
+    from userfm.eval.render import _fmt, _fmt_diff
 
     out = []
     for task in results["tasks"]:

@@ -45,7 +45,7 @@ def bare_app(model: str, embeddings: str, head_dir: str, head_name: str):
     from fastapi import FastAPI, HTTPException
 
     from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
-    from userfm.eval.evaluate import load_head
+    from userfm.eval.heads import load_head
     from userfm.serve.app import events_to_rows
 
     torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def breakdown(base: str, routes: dict, n: int, model: str, head_dir: str, embedd
     import numpy as np
 
     from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
-    from userfm.eval.evaluate import load_head
+    from userfm.eval.heads import load_head
     from userfm.serve.app import events_to_rows
 
     actor = EmbedActor(model, model_identity(model), threads=1)

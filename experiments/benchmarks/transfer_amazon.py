@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from userfm.data.convert import convert
     from userfm.demo import DemoConfig, pretrain_config
     from userfm.infer.embed import EmbedConfig, run_embed
-    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig, load_tasks
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.train.pretrain import run_pretrain
     from userfm.runtime import init_ray

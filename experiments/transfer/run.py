@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from userfm.data.dataset import load_manifest
     from userfm.infer.embed import EmbedConfig, run_embed
-    from userfm.eval.evaluate import EvalConfig, load_tasks, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig, load_tasks
     from userfm.train.pretrain import PretrainConfig, run_pretrain
     from userfm.runtime import init_ray
 

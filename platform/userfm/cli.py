@@ -143,7 +143,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.eval.evaluate import EvalConfig, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig
 
     embeddings = None
     if args.embedding:

@@ -213,7 +213,8 @@ def _plan_tasks(tasks: Path, dataset: Path) -> _TaskPlan:
     A dataset without order (its manifest's ``time`` is "none", carried from the convert manifest by ingest)
     skips every last_event task: a user's "last" event is then an arbitrary one."""
     from userfm.data.dataset import load_manifest, read_attributes
-    from userfm.eval.evaluate import LAST_EVENT, EvalError, last_event_table, load_tasks, task_data, user_table
+    from userfm.eval.task_data import last_event_table, task_data, user_table
+    from userfm.eval.tasks import LAST_EVENT, EvalError, load_tasks
 
     manifest = load_manifest(dataset)
     ingested = [a["name"] for a in manifest.get("attributes", [])]
@@ -374,7 +375,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     from userfm.data.dataset import format_summary, summarize
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.infer.embed import EmbedConfig, run_embed
-    from userfm.eval.evaluate import LAST_EVENT, load_tasks
+    from userfm.eval.tasks import LAST_EVENT, load_tasks
     from userfm.train.pretrain import run_pretrain
 
     raw, dataset = out / "raw", out / "dataset"
@@ -512,7 +513,9 @@ def _evaluate_stage(cfg: DemoConfig, dataset: Path, out: Path, tasks: Path, plan
                     folds: int) -> dict:
     """``userfm evaluate`` once per pass of the plan (full-history tables; held-out tables for the
     last_event tasks), all into ``out``; returns (and writes) the merged results."""
-    from userfm.eval.evaluate import EvalConfig, format_markdown, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.render import format_markdown
+    from userfm.eval.tasks import EvalConfig
 
     baselines = cfg.baselines + (("t-trans",) if cfg.t_trans and "t-trans" not in cfg.baselines else ())
     parts = []
@@ -540,7 +543,7 @@ def _serve_head(results: dict | None, heads_dir: Path) -> str | None:
     """The task whose CLUE U-MLP head (seed 0) the serve stage deploys: ``segment`` on synthetic data,
     else the first classification task on a user-attribute table, else the first classification task
     (a next-event head answers "what comes next" from the full history), else any; None without heads."""
-    from userfm.eval.evaluate import LAST_EVENT
+    from userfm.eval.tasks import LAST_EVENT
 
     if results is None:
         return None

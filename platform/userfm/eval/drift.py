@@ -190,7 +190,9 @@ def _table_path(path: str | Path) -> Path:
 
 
 def _heads_section(cfg: DriftConfig, ids: list[str], tables: dict[str, np.ndarray], progress) -> list[dict]:
-    from userfm.eval.evaluate import EvalError, TaskConfig, load_head, task_data, user_table
+    from userfm.eval.heads import load_head
+    from userfm.eval.task_data import task_data, user_table
+    from userfm.eval.tasks import EvalError, TaskConfig
 
     if not cfg.heads:
         return []

@@ -48,7 +48,7 @@ def recent_items(histories: list[np.ndarray], n_items: int, last: int) -> sparse
 
 def knn_scorer(sim: sparse.csr_matrix, histories: list[np.ndarray], last: int,
                popularity: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A ``score_fn(rows) -> (len(rows), I)`` for :func:`userfm.eval.evaluate.retrieval_ranks`.
+    """A ``score_fn(rows) -> (len(rows), I)`` for :func:`userfm.eval.heads.retrieval_ranks`.
 
     Args:
         sim: (I, I) item-item similarity from :func:`item_cosine`.

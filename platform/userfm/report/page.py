@@ -386,7 +386,7 @@ def _cell(row: dict, key: str) -> str:
 
 
 def _eval_section(results_path: Path | None, out: Path) -> tuple[str, str, list[str]]:
-    from userfm.eval.evaluate import write_charts
+    from userfm.eval.render import write_charts
 
     if results_path is None:
         return _missing("No evaluate/results.json in this run (no evaluation, e.g. logs without label tables)."), "missing: no results.json", []
@@ -611,7 +611,7 @@ def _maps_section(run: Path, ds: Path | None, objectives: list[str], out: Path, 
     n_events_of: dict[str, int] = {}
     if ds is not None:
         from userfm.data.dataset import read_sequences
-        from userfm.eval.evaluate import user_texts
+        from userfm.eval.baselines import user_texts
 
         texts = user_texts(ds)
         t = read_sequences(ds, columns=["user_id", "n_events"])

@@ -638,7 +638,7 @@ class Head:
     """One saved downstream head (``evaluate.load_head``); calls batched into one forward."""
 
     def __init__(self, name: str, path: str, batch_size: int = 16, batch_wait_s: float = 0.002):
-        from userfm.eval.evaluate import load_head
+        from userfm.eval.heads import load_head
 
         self.head = load_head(path)
         self.summary = head_summary(name, path, self.head.meta)

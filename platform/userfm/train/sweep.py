@@ -226,7 +226,8 @@ def run_trial(point: dict, cfg: SweepConfig, data: str, *, callbacks: tuple = ()
     """One grid point end to end; returns its results row (the keys of :data:`COLUMNS`) and writes row.json."""
     from userfm.infer.embed import EmbedConfig, run_embed
     from userfm.models.encoders import EncoderConfig, expected_num_params
-    from userfm.eval.evaluate import EvalConfig, run_evaluate
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig
     from userfm.train.pretrain import PretrainConfig, latest_checkpoint, run_pretrain
 
     t0 = time.perf_counter()
@@ -478,7 +479,7 @@ def _early_stopped(out: Path) -> set[str]:
 
 def _resolve_tasks(cfg: SweepConfig) -> str:
     """The task file as an absolute path (Tune runs trials in their own folders), checked up front."""
-    from userfm.eval.evaluate import load_tasks
+    from userfm.eval.tasks import load_tasks
 
     path = Path(cfg.tasks_file)
     if not path.is_absolute() and not path.exists():  # e.g. the default, run from outside the repository
