@@ -52,7 +52,7 @@ def test_cpu_head_autoscaling_gpu_workers(cluster):
 
 def test_sized_for_the_gpu_pretraining_config(cluster):
     from userfm.config import load_config
-    from userfm.train.pretrain import PretrainConfig
+    from userfm.train.pretrain_config import PretrainConfig
 
     cfg = load_config(PretrainConfig, ROOT / "experiments" / "pretrain" / "gpu-cluster.yaml", data="s3://b/ds", out="s3://b/run")
     gpu = next(t for t in cluster["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1)

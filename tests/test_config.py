@@ -55,7 +55,7 @@ def test_shipped_configs_load_into_their_dataclasses():
     from pathlib import Path
 
     from userfm.data.ingest import IngestConfig
-    from userfm.data.synth import SynthConfig
+    from userfm.data.synth_model import SynthConfig
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     ingest = load_config(IngestConfig, root / "ingest" / "default.yaml", ["out=x"])
@@ -68,7 +68,7 @@ def test_shipped_configs_load_into_their_dataclasses():
 def test_shipped_pretrain_configs_load(name):
     from pathlib import Path
 
-    from userfm.train.pretrain import PretrainConfig
+    from userfm.train.pretrain_config import PretrainConfig
 
     cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "experiments" / "pretrain" / f"{name}.yaml")
     assert cfg.objective == ("clue" if name == "gpu-cluster" else name)

@@ -117,7 +117,8 @@ def test_bad_inputs_are_named(tmp_path):
 
 def test_cli_exits_1_over_a_threshold_and_writes_the_markdown_and_the_report_section(tmp_path, capsys):
     from userfm.cli import main
-    from userfm.report.page import ReportConfig, run_report
+    from userfm.report.common import ReportConfig
+    from userfm.report.page import run_report
 
     x, b, _ = _noised(eps=0.5)
     old, new = _write(tmp_path / "old.parquet", _ids(40), x), _write(tmp_path / "new.parquet", _ids(40), b)
@@ -151,7 +152,8 @@ def labelled(tmp_path_factory, ray_local):
     from userfm.eval.task_data import task_data, user_table
     from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     root = tmp_path_factory.mktemp("drift")
     generate(SynthConfig(n_users=300, events_per_user=5, seed=4), root / "raw")

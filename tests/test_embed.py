@@ -24,7 +24,8 @@ def setup(tmp_path_factory, ray_local):
     from userfm.models.encoders import UserEncoder, config_for, save_encoder
     from userfm.models.features import FeatureConfig, fit_vocabs
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
     from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("embed")

@@ -41,7 +41,8 @@ def synth_ds(tmp_path_factory, ray_local):
     """600 synthetic users ingested with both label tables, plus a 'leaky' embedding table that
     encodes segment and is_parent (it must beat the random floor on those tasks)."""
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     root = tmp_path_factory.mktemp("eval")
     raw, ds = root / "raw", root / "ds"

@@ -21,7 +21,8 @@ def dataset(tmp_path_factory):
     import ray
 
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("gpu")
@@ -32,7 +33,7 @@ def dataset(tmp_path_factory):
 
 
 def test_pinned_copies_reach_the_device_unchanged():
-    from userfm.train.pretrain import _to_device
+    from userfm.train.worker import _to_device
 
     nb = {"x": np.arange(12, dtype=np.int64).reshape(3, 4), "y": np.linspace(0, 1, 6, dtype=np.float32)}
     out = _to_device(nb, torch.device("cuda"))
@@ -45,7 +46,10 @@ def fp32_and_bf16_losses(data: str, device: str) -> tuple[float, float]:
     from userfm.models.encoders import UserEncoder, config_for
     from userfm.models.features import trim_events
     from userfm.objectives.pretext import build_head, pretext_loss
-    from userfm.train.pretrain import PretrainConfig, _fit_resources, _objective_config, _read_rows, _to_device, featurize
+    from userfm.train.pretrain import _fit_resources, _read_rows
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import _objective_config, featurize
+    from userfm.train.worker import _to_device
     from userfm.data.dataset import read_sequences
 
     cfg = PretrainConfig(data=data, objective="clue", item_encoder="category", size="tiny", max_events=32)
@@ -72,7 +76,8 @@ def test_bf16_autocast_loss_is_close_to_fp32_on_the_same_batch(dataset):
 
 
 def test_ray_train_use_gpu_bf16_learns_and_exports(dataset):
-    from userfm.train.pretrain import PretrainConfig, run_pretrain
+    from userfm.train.pretrain import run_pretrain
+    from userfm.train.pretrain_config import PretrainConfig
 
     cfg = PretrainConfig(data=str(dataset / "ds"), out=str(dataset / "run"), objective="clue", item_encoder="text",
                          size="tiny", max_events=32, max_text_tokens=8, text_vocab=512, batch_size=32, lr=3e-3,

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from userfm.train.pretrain import PretrainConfig, PretrainError, early_stop_state, lr_at, run_pretrain
+from userfm.train.pretrain import run_pretrain
+from userfm.train.pretrain_config import PretrainConfig, PretrainError
+from userfm.train.steps import early_stop_state, lr_at
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -19,7 +21,8 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_local):
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     root = tmp_path_factory.mktemp("pretrain")
     generate(SynthConfig(n_users=600, events_per_user=20, seed=3), root / "raw")
@@ -221,7 +224,8 @@ def test_minilm_item_encoder_builds_its_vector_cache_with_ray_data(tmp_path, ray
     """The frozen-MiniLM path: cache built by a Ray Data job, read back by the workers, reused."""
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.models.minilm import VectorCache, cached_hashes
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     generate(SynthConfig(n_users=80, events_per_user=6, seed=9), tmp_path / "raw")
     run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events"),), out=str(tmp_path / "ds")), progress=lambda s: None)
@@ -243,7 +247,8 @@ def test_holdout_last_drops_each_users_last_event_before_featurizing(dataset):
     """holdout_last=1: pretraining sees every history without its last event (what a leave-one-out
     evaluation holds out); users with one event drop out; vocabularies are fitted without them too."""
     from userfm.data.dataset import read_sequences
-    from userfm.train.pretrain import _fit_resources, _train_rows, featurize
+    from userfm.train.pretrain import _fit_resources, _train_rows
+    from userfm.train.steps import featurize
 
     cfg = quick(dataset, "unused-holdout", objective="mlm", item_encoder="category", holdout_last=1)
     rows_ = read_sequences(cfg.data)
@@ -274,7 +279,8 @@ def test_order_only_datasets_drop_the_calendar_fields(tmp_path):
     fields, and pretraining says so; real time keeps the configured ones."""
     import json
 
-    from userfm.train.pretrain import PretrainConfig, order_only_time_fields
+    from userfm.train.pretrain import order_only_time_fields
+    from userfm.train.pretrain_config import PretrainConfig
     from userfm.data.schema import SCHEMA_VERSION
 
     said = []

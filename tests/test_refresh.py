@@ -64,7 +64,8 @@ def world(tmp_path_factory, ray_local):
     from userfm.models.encoders import UserEncoder, config_for, save_encoder
     from userfm.models.features import FeatureConfig, fit_vocabs
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
     from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("refresh")
@@ -234,8 +235,8 @@ def test_inputs_that_do_not_belong_together_are_refused(world, tmp_path):
 
 
 def test_serve_reloads_the_refreshed_table_and_answers_every_request_during_the_swap(world):
-    from userfm.serve.app import app as serve
-    from userfm.serve.app import ServeConfig
+    from userfm.serve import app as serve
+    from userfm.serve.config import ServeConfig
 
     root, exp = world["root"], world["expected"]
     old, new = _vectors(root / "emb" / "embeddings"), _vectors(root / "v2" / "embeddings" / "embeddings")

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from userfm.report.page import (ReportConfig, ReportError, cluster_keywords, knn_agreement, mode_by_row, read_metrics,
-                           run_report)
+from userfm.report.analysis import cluster_keywords, knn_agreement, mode_by_row, read_metrics
+from userfm.report.common import ReportConfig, ReportError
+from userfm.report.page import run_report
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,7 +36,8 @@ def run(tmp_path_factory, ray_local):
     from userfm.eval.evaluate import run_evaluate
     from userfm.eval.tasks import EvalConfig
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     root = tmp_path_factory.mktemp("report")
     run = root / "run"

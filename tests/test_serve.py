@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from userfm.serve.app import ServeConfig, ServeError, events_from_sequence, events_to_rows, lookup, plan, resolve_heads
+from userfm.serve.config import ServeConfig, ServeError, plan, resolve_heads
+from userfm.serve.deployments import events_from_sequence, events_to_rows, lookup
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -44,7 +45,8 @@ def world(tmp_path_factory, ray_local):
     from userfm.models.encoders import UserEncoder, config_for, save_encoder
     from userfm.models.features import FeatureConfig, fit_vocabs
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
     from userfm.models.tokenizer import TextTokenizer
 
     root = tmp_path_factory.mktemp("serve")
@@ -97,7 +99,7 @@ def world(tmp_path_factory, ray_local):
 @pytest.fixture(scope="module")
 def app(world):
     """The app served on a free port of 127.0.0.1: encoder, table, a classification and a regression head."""
-    from userfm.serve.app import app as serve
+    from userfm.serve import app as serve
 
     root = world["root"]
     for name, key in (("key", "s3cret"), ("admin-key", "4dmin")):
@@ -174,7 +176,7 @@ def test_plan_reads_versions_and_refuses_mismatches(world):
 
 
 def test_lookup_takes_rows_and_identity_from_the_one_table_it_is_given():
-    from userfm.serve.app import _StoredTable
+    from userfm.serve.deployments import _StoredTable
 
     x = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], np.float32)
     meta = {"model_id": "m", "model_version": "v1", "table_version": "t1", "source": "s"}
@@ -191,7 +193,7 @@ def test_batch_wait_applies_only_while_other_requests_are_in_flight():
     in flight wait batch_wait_s for a batch to fill. The count falls back after errors too."""
     import asyncio
 
-    from userfm.serve.app import _IdleNoWait
+    from userfm.serve.deployments import _IdleNoWait
 
     class FakeBatch:  # stands in for a @serve.batch method: records the wait each item is enqueued with
         def __init__(self):
@@ -408,7 +410,7 @@ def test_without_ingress_table_lookups_go_to_the_store_with_the_same_answers(app
 
     from ray import serve as ray_serve
 
-    from userfm.serve.app import app as serve
+    from userfm.serve import app as serve
 
     cfg = replace(app["cfg"], ingress_table=False, app_name="userfm-store", route_prefix="/store",
                   heads={"age": app["cfg"].heads["age"]})
@@ -609,7 +611,7 @@ def test_fuzz_every_route_with_keys_on_and_off(app, capsys):
     the server still healthy. Prints the counts per route and status (pytest -s)."""
     import dataclasses
 
-    from userfm.serve.app import app as serve
+    from userfm.serve import app as serve
 
     keyed = _fuzz(app, 2400, [{}, KEY, ADMIN, {"x-api-key": "wrong"}])  # ~15 % of generated paths cannot be sent
     assert httpx.get(f"{app['base']}/healthz", timeout=60).status_code == 200
@@ -726,7 +728,7 @@ def _key(path, text="k3y", mode=0o600):
 
 
 def test_key_files_and_exposure_rules(tmp_path):
-    from userfm.serve.app import auth_summary, check_exposure, is_loopback, read_key_file
+    from userfm.serve.config import auth_summary, check_exposure, is_loopback, read_key_file
 
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "0.0.0.0", "10.0.0.5", "::")] == [
         True, True, True, True, False, False, False]
@@ -755,7 +757,7 @@ def test_key_files_and_exposure_rules(tmp_path):
 def test_reload_targets_stay_under_the_root(tmp_path):
     """Relative and absolute paths inside the root pass (resolved); `..`, absolute paths outside, symlinks that
     lead out and URIs without an allowed prefix are refused with the rule, never the server's paths."""
-    from userfm.serve.app import reload_target
+    from userfm.serve.config import reload_target
 
     root = tmp_path / "emb"
     (root / "v2").mkdir(parents=True)
@@ -801,7 +803,7 @@ def test_guard_without_admin_key_turns_admin_routes_off():
 
 
 def test_minilm_cache_comes_from_the_pretraining_run(tmp_path):
-    from userfm.serve.app import resolve_minilm_cache
+    from userfm.serve.config import resolve_minilm_cache
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

@@ -16,14 +16,9 @@ import pytest
 
 from userfm.config import ConfigError, load_config
 from userfm.data.schema import EVENT_SCHEMA
-from userfm.data.synth import (
-    DEPARTMENTS,
-    NEWS_SECTIONS,
-    TOPICS,
-    SynthConfig,
-    generate,
-    generate_tables,
-)
+from userfm.data.synth import generate, generate_tables
+from userfm.data.synth_model import SynthConfig
+from userfm.data.synth_world import DEPARTMENTS, NEWS_SECTIONS, TOPICS
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 chunks of 1000 users, ~90k events: big enough for statistics, small enough to run in a second.

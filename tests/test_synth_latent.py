@@ -13,23 +13,19 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from userfm.data.synth import (
+from userfm.data.synth import _forward_fill, generate_tables
+from userfm.data.synth_model import (
     AGE_BRACKETS,
-    DEPARTMENTS,
     LIFESTYLE_HOURS,
     LIFESTYLES,
-    NEWS_SECTIONS,
     ROUTINE_REPEAT,
     ROUTINE_WEEKEND,
-    TOPICS,
     WEEKDAY_PROFILE,
     TASTE_CLASSES,
     TASTE_MATCH,
     SynthConfig,
-    _TOPIC_SPECS,
-    _forward_fill,
-    generate_tables,
 )
+from userfm.data.synth_world import DEPARTMENTS, NEWS_SECTIONS, TOPICS, _TOPIC_SPECS
 
 CFG = SynthConfig(n_users=3000, events_per_user=30.0, users_per_file=1000, seed=11)
 
@@ -69,7 +65,7 @@ def test_latent_is_the_default_and_segment_is_a_lifestyle(data):
 
 def test_hours_follow_the_lifestyle_on_every_service(events):
     # P(hour = h) for a user of lifestyle L on service s = t * LIFE[L][h] + (1 - t) * SERVICE[s][h].
-    from userfm.data.synth import HOUR_PROFILE
+    from userfm.data.synth_model import HOUR_PROFILE
 
     t = CFG.time_signal
     for life in LIFESTYLES:

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     from userfm.infer.embed import EmbedConfig, run_embed
     from userfm.eval.evaluate import run_evaluate
     from userfm.eval.tasks import LAST_EVENT, EvalConfig, load_tasks
-    from userfm.train.pretrain import PretrainConfig, run_pretrain
+    from userfm.train.pretrain import run_pretrain
+    from userfm.train.pretrain_config import PretrainConfig
 
     run = Path(args.run)
     saved = run / "pretrain" / "clue" / "config.json"

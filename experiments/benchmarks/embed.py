@@ -91,7 +91,8 @@ def main() -> None:
     from userfm.models.features import FeatureConfig, fit_vocabs
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.runtime import init_ray
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
     from userfm.models.tokenizer import TextTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="userfm-bench-embed-"))

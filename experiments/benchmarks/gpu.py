@@ -3,7 +3,7 @@
 Runs unchanged wherever a CUDA device is present (``--device cpu`` runs the same code on the CPU, as a
 smoke check of the script itself; its figures say nothing about a GPU). Same data and model in every row:
 
-  (a) plain fp32   ``pretrain.train_loop``'s step in this process on the device (no Ray): batches go
+  (a) plain fp32   ``worker.train_loop``'s step in this process on the device (no Ray): batches go
                    through pinned memory with non-blocking copies (``pretrain._to_device``)
   (b) plain bf16   the same under ``torch.autocast(dtype=bfloat16)`` (``--set precision=bf16``)
   (c) ray bf16     ``run_pretrain(num_workers=1, use_gpu=True, precision="bf16")`` (Ray Train, one GPU worker)
@@ -52,7 +52,8 @@ def plain_steps(cfg, enc_cfg, rows, device, steps: int, warmup: int) -> tuple[fl
     from userfm.models.encoders import UserEncoder
     from userfm.models.features import trim_events
     from userfm.objectives.pretext import build_head, loss_and_backward
-    from userfm.train.pretrain import _objective_config, _to_device, batch_flops, lr_at, make_optimizer, step_inputs, step_seed
+    from userfm.train.steps import _objective_config, batch_flops, lr_at, step_inputs, step_seed
+    from userfm.train.worker import _to_device, make_optimizer
 
     torch.manual_seed(cfg.seed)
     ocfg = _objective_config(cfg)
@@ -133,7 +134,9 @@ def main() -> int:
 
     import train_throughput as tt
     from userfm.infer.embed import EmbedConfig, run_embed
-    from userfm.train.pretrain import PretrainConfig, measure_peak_flops, run_pretrain
+    from userfm.train.pretrain import run_pretrain
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import measure_peak_flops
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-gpu-"))
     work.mkdir(parents=True, exist_ok=True)

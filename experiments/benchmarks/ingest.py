@@ -55,7 +55,8 @@ def main() -> None:
 
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.runtime import init_ray
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     cpus = os.cpu_count() or 1
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-bench-ingest-"))

@@ -46,7 +46,7 @@ def bare_app(model: str, embeddings: str, head_dir: str, head_name: str):
 
     from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
     from userfm.eval.heads import load_head
-    from userfm.serve.app import events_to_rows
+    from userfm.serve.deployments import events_to_rows
 
     torch.set_num_threads(1)
     actor = EmbedActor(model, model_identity(model), threads=1)
@@ -113,7 +113,7 @@ def breakdown(base: str, routes: dict, n: int, model: str, head_dir: str, embedd
 
     from userfm.infer.embed import EmbedActor, model_identity, read_embeddings
     from userfm.eval.heads import load_head
-    from userfm.serve.app import events_to_rows
+    from userfm.serve.deployments import events_to_rows
 
     actor = EmbedActor(model, model_identity(model), threads=1)
     head = load_head(head_dir)
@@ -240,10 +240,12 @@ def main() -> None:
 
     import httpx
 
-    from userfm.serve.app import app as serve
+    from userfm.serve import app as serve
     from userfm.config import load_config
     from userfm.data.dataset import read_sequences
-    from userfm.serve.app import ServeConfig, _free_port, events_from_sequence
+    from userfm.serve.app import _free_port
+    from userfm.serve.config import ServeConfig
+    from userfm.serve.deployments import events_from_sequence
 
     levels = [int(c) for c in args.concurrency.split(",")]
     requests = {c: args.requests * (1 if c == 1 else 2 if c <= 8 else 4) for c in levels}

@@ -48,7 +48,8 @@ def run(users: int, item_signal: float, seed: int, target: str = "age_bracket") 
     from sklearn.linear_model import LogisticRegression
 
     from userfm.eval.metrics import accuracy, bootstrap_interval
-    from userfm.data.synth import SynthConfig, generate_tables
+    from userfm.data.synth import generate_tables
+    from userfm.data.synth_model import SynthConfig
 
     d = generate_tables(SynthConfig(n_users=users, seed=seed, item_signal=item_signal))
     ev = d["events"].to_pandas()

@@ -1,6 +1,6 @@
 """Where a pretraining step's time goes, and the MFU ceiling the encoder's own matrix shapes allow.
 
-Runs ``pretrain.train_loop``'s step (the plain, Ray-free loop of ``train_throughput.py`` (a): featurized
+Runs ``worker.train_loop``'s step (the plain, Ray-free loop of ``train_throughput.py`` (a): featurized
 train split, length bucketing, ``step_inputs``, ``trim_events``, ``loss_and_backward``, clipping, the same
 optimizer) on 1 torch thread under ``torch.profiler``, and prints:
 
@@ -103,8 +103,9 @@ def main() -> None:
     from userfm.models.encoders import UserEncoder
     from userfm.models.features import to_torch, trim_events
     from userfm.objectives.pretext import build_head, loss_and_backward
-    from userfm.train.pretrain import (PretrainConfig, _objective_config, batch_flops, lr_at, make_optimizer, measure_peak_flops,
-                                 step_inputs, step_seed)
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import _objective_config, batch_flops, lr_at, measure_peak_flops, step_inputs, step_seed
+    from userfm.train.worker import make_optimizer
 
     work = Path(tempfile.mkdtemp(prefix="userfm-prof-"))
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -2,7 +2,7 @@
 
 Same model, data and per-worker batch in the three setups, every worker on 1 torch thread:
 
-  (a) plain:  one process, ``torch.set_num_threads(1)``, the pieces ``pretrain.train_loop`` uses
+  (a) plain:  one process, ``torch.set_num_threads(1)``, the pieces ``worker.train_loop`` uses
               (``pretrain.featurize`` on the train split, ``features.bucket_by_length`` over
               ``bucket_batches`` batches, ``step_inputs``, ``features.trim_events``,
               ``loss_and_backward``, gradient clipping, AdamW with ``lr_at``), no Ray in the loop;
@@ -68,7 +68,8 @@ COMPILED = "a*"  # the plain loop with the encoder under torch.compile (--ref-co
 def make_dataset(work: Path, n_users: int, events_per_user: float, seed: int) -> str:
     """Synthetic logs -> ingested sequence dataset (on the already-started Ray)."""
     from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     quiet = lambda _msg: None  # noqa: E731
     generate(SynthConfig(n_users=n_users, events_per_user=events_per_user, seed=seed), work / "synth", quiet)
@@ -80,7 +81,8 @@ def featurized_train(cfg):
     """What ``run_pretrain`` feeds the workers, built in-process: (vocabs, tokenizer, enc_cfg, rows)."""
     from userfm.data.dataset import read_sequences
     from userfm.models.encoders import config_for
-    from userfm.train.pretrain import _fit_resources, featurize
+    from userfm.train.pretrain import _fit_resources
+    from userfm.train.steps import featurize
 
     train = read_sequences(cfg.data, split="train")
     vocabs, tok = _fit_resources(cfg, train)
@@ -115,7 +117,7 @@ def _batches(cfg, rows, epoch: int, bucketed: bool):
     """One epoch of index batches as the worker sees them: a seeded shuffle (the local-shuffle
     stand-in), then (``bucketed``) ``bucket_by_length`` over ``cfg.bucket_batches`` batches."""
     from userfm.models.features import batch_lengths, bucket_by_length
-    from userfm.train.pretrain import step_seed
+    from userfm.train.steps import step_seed
 
     n = len(next(iter(rows.values())))
     order = np.random.default_rng(cfg.seed + epoch).permutation(n)
@@ -227,14 +229,14 @@ def settle(timeout: float = 20.0) -> None:
 
 
 def _peak_worker(q, seconds: float) -> None:
-    from userfm.train.pretrain import measure_peak_flops
+    from userfm.train.steps import measure_peak_flops
 
     q.put(measure_peak_flops(1, seconds=seconds))
 
 
 def measure_peaks(seconds: float = 2.0) -> tuple[float, float]:
     """(1-thread fp32 matmul FLOP/s alone, mean per-process FLOP/s with two 1-thread processes at once)."""
-    from userfm.train.pretrain import measure_peak_flops
+    from userfm.train.steps import measure_peak_flops
 
     alone = max(measure_peak_flops(1, seconds=seconds) for _ in range(2))
     ctx = mp.get_context("spawn")
@@ -264,7 +266,8 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     from userfm.models.encoders import UserEncoder
     from userfm.models.features import to_torch, trim_events
     from userfm.objectives.pretext import build_head, loss_and_backward
-    from userfm.train.pretrain import _objective_config, lr_at, make_optimizer, step_inputs, step_seed
+    from userfm.train.steps import _objective_config, lr_at, step_inputs, step_seed
+    from userfm.train.worker import make_optimizer
 
     import torch.distributed as dist
 
@@ -278,7 +281,7 @@ def plain_loop(cfg, enc_cfg, rows, steps: int, log_every: int, bucketed: bool = 
     model = UserEncoder(enc_cfg)
     head = build_head(ocfg, enc_cfg)
     params = list(model.parameters()) + list(head.parameters())
-    opt = make_optimizer(params, cfg)  # the same optimizer as pretrain.train_loop
+    opt = make_optimizer(params, cfg)  # the same optimizer as worker.train_loop
     no_sync = None
     if world > 1:  # what ray.train.torch.prepare_model does on CPU
         model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
@@ -410,7 +413,7 @@ def main() -> None:
     import torch
 
     from userfm.models.encoders import UserEncoder, expected_num_params
-    from userfm.train.pretrain import PretrainConfig
+    from userfm.train.pretrain_config import PretrainConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="userfm-tput-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -505,7 +508,7 @@ def main() -> None:
               f"{100 * eff['trimmed']:.0f} % with random batches trimmed to their longest view (heavy tail: "
               f"most batches hold a long user); {100 * eff['bucketed']:.0f} % with length-bucketed batches, trimmed")
         if args.precision == "bf16":
-            from userfm.train.pretrain import measure_peak_flops
+            from userfm.train.steps import measure_peak_flops
 
             bf16_peak = measure_peak_flops(1, dtype=torch.bfloat16)
             print(f"precision bf16 (autocast): bf16 matmul peak, 1 thread: {bf16_peak / 1e9:.1f} GFLOP/s "

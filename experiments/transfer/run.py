@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from userfm.infer.embed import EmbedConfig, run_embed
     from userfm.eval.evaluate import run_evaluate
     from userfm.eval.tasks import EvalConfig, load_tasks
-    from userfm.train.pretrain import PretrainConfig, run_pretrain
+    from userfm.train.pretrain import run_pretrain
+    from userfm.train.pretrain_config import PretrainConfig
     from userfm.runtime import init_ray
 
     out = Path(args.out)

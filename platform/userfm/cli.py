@@ -38,7 +38,8 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.data.synth import SynthConfig, generate
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
 
     cfg = load_config(
         SynthConfig, args.config, args.overrides,
@@ -85,7 +86,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.train.pretrain import PretrainConfig, run_pretrain
+    from userfm.train.pretrain import run_pretrain
+    from userfm.train.pretrain_config import PretrainConfig
     from userfm.runtime import init_ray
 
     cfg = load_config(PretrainConfig, args.config, args.overrides, data=args.data, out=args.out)
@@ -183,7 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.report.page import ReportConfig, run_report
+    from userfm.report.common import ReportConfig
+    from userfm.report.page import run_report
 
     cfg = load_config(ReportConfig, args.config, args.overrides, run=args.run, out=args.out,
                       sweeps=tuple(args.sweep) or None)
@@ -197,7 +200,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.train.sweep import SweepConfig, grid_points, run_report, run_sweep
+    from userfm.train.sweep import SweepConfig, grid_points, run_sweep
+    from userfm.train.sweep_report import run_report
 
     if args.report:
         if args.report[0] != "report" or len(args.report) != 2:
@@ -219,7 +223,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from userfm.config import load_config
-    from userfm.serve.app import ServeConfig, serve_forever
+    from userfm.serve.app import serve_forever
+    from userfm.serve.config import ServeConfig
 
     cfg = load_config(ServeConfig, args.config, args.overrides, model=args.model, embeddings=args.embeddings,
                       host=args.host, port=args.port, api_key_file=args.api_key_file, admin_key_file=args.admin_key_file,

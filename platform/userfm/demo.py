@@ -91,7 +91,7 @@ class DemoConfig:
             raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
-        from userfm.train.pretrain import OBJECTIVES
+        from userfm.train.pretrain_config import OBJECTIVES
 
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad:
@@ -102,7 +102,7 @@ class DemoConfig:
 
 def time_fields_for(cfg: DemoConfig, objective: str) -> tuple[str, ...]:
     """The calendar fields ``objective`` embeds in this demo (see ``DemoConfig.time_fields``)."""
-    from userfm.train.pretrain import PretrainConfig
+    from userfm.train.pretrain_config import PretrainConfig
 
     if cfg.time_fields is not None:
         return tuple(cfg.time_fields)
@@ -144,7 +144,7 @@ def pretrain_recipe(cfg: DemoConfig) -> tuple[dict, str]:
 def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: str | Path, holdout_last: int = 0):
     """The ``PretrainConfig`` the demo pretrains ``objective`` with on ``dataset`` (its recipe, sizes and
     per-objective choices), for scripts that vary one field of it (e.g. ``services``)."""
-    from userfm.train.pretrain import PretrainConfig
+    from userfm.train.pretrain_config import PretrainConfig
 
     recipe, _ = pretrain_recipe(cfg)
     return PretrainConfig(
@@ -392,7 +392,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
-        from userfm.data.synth import SynthConfig, generate
+        from userfm.data.synth import generate
+        from userfm.data.synth_model import SynthConfig
 
         scfg = SynthConfig(n_users=cfg.n_users, events_per_user=cfg.events_per_user, seed=cfg.seed)
         stages.run("synthesize multi-service logs", lambda: generate(scfg, raw, progress=print))
@@ -471,7 +472,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     report = None
     if cfg.report:
-        from userfm.report.page import ReportConfig, run_report
+        from userfm.report.common import ReportConfig
+        from userfm.report.page import run_report
 
         # demo_summary.json so far, so the report's run section has the stage timings
         (out / "demo_summary.json").write_text(json.dumps({"config": to_dict(cfg), "timings_s": stages.timings}, indent=2))
@@ -582,7 +584,9 @@ def _serve_stage(cfg: DemoConfig, out: Path, dataset: Path, pretrained: dict, re
     route once with a real test user, shut Serve down. Returns (the summary's ``serve`` entry, the
     answers as (method, path, status, body) for the console)."""
     from userfm.data.dataset import read_sequences
-    from userfm.serve.app import ServeConfig, events_from_sequence, smoke_calls, start, stop
+    from userfm.serve.app import smoke_calls, start, stop
+    from userfm.serve.config import ServeConfig
+    from userfm.serve.deployments import events_from_sequence
 
     # one head deployment (each is a replica process)
     heads_dir = out / "evaluate" / "heads"
