@@ -49,11 +49,36 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(900)  # measured 4 min at load average ~20 and > 7 min at ~40 on the 2-core box: a hang guard, not a budget
-def test_demo_end_to_end(tmp_path, ray_local, capsys):
+def test_demo_end_to_end(tmp_path, ray_local, capsys, monkeypatch):
     """The README's main job (small): synth -> ingest -> summary -> pretrain -> embed -> evaluate ->
-    report -> serve; counts line up with the generator, every served route answers 200."""
+    report -> serve; counts line up with the generator, every served route answers 200. Its last stage
+    fails first (on purpose): one error naming the stage, what is intact and the command that resumes;
+    that command finishes the run without redoing the finished stages."""
+    import userfm.demo
+
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6", "--set", "eval_seeds=1"]) == 0
+    real_serve = userfm.demo._serve_stage
+
+    def proxy_dies(*args, **kwargs):
+        raise RuntimeError("ProxyActor failed its readiness check\n(40 more lines)")
+
+    monkeypatch.setattr(userfm.demo, "_serve_stage", proxy_dies)
+    assert main(["demo", "--out", str(out), "--users", "400", "--set", "pretrain_steps=6", "--set", "eval_seeds=1"]) == 2
+    first = capsys.readouterr()
+    assert "[demo 5/9] pretrain clue on Ray Train done" in first.out and "[demo 8/9] write the HTML report done" in first.out
+    err = first.err.splitlines()
+    assert err[0] == ("userfm demo: error: stage 'serve embeddings and heads over HTTP (Ray Serve)' failed: "
+                      "RuntimeError: ProxyActor failed its readiness check")
+    assert err[1].startswith("  intact: 7 finished stages (raw/, dataset/, pretrain/clue/, embeddings/clue/, evaluate/, report/)")
+    assert err[2:] == [f"  resume: userfm demo --resume --out {out}", f"  traceback: {out / 'logs' / 'demo.log'}"]
+    assert "(40 more lines)" in (out / "logs" / "demo.log").read_text()  # the whole traceback is in the log
+    monkeypatch.setattr(userfm.demo, "_serve_stage", real_serve)
+    assert main(["demo", "--resume", "--out", str(out), "--users", "5"]) == 2  # resume takes the run's own config
+    assert "drop --users" in capsys.readouterr().err
+    assert main(["demo", "--resume", "--out", str(out)]) == 0
+    resumed = capsys.readouterr().out
+    assert "[demo 5/9] pretrain clue on Ray Train: reused from the earlier run" in resumed
+    assert "[demo 2/9] start Ray done" in resumed and "[demo 9/9] serve embeddings and heads over HTTP (Ray Serve) done" in resumed
     summary = json.loads((out / "demo_summary.json").read_text())
     truth = json.loads((out / "raw" / "ground_truth.json").read_text())
     assert summary["ingest"]["rows_in"] == truth["activity"]["n_events"] == summary["ingest"]["rows_kept"]
@@ -62,11 +87,11 @@ def test_demo_end_to_end(tmp_path, ray_local, capsys):
     assert summary["ingest"]["services"] == truth["activity"]["events_per_service"]
     seqs = pq.read_table(out / "dataset" / "sequences" / "all")
     assert seqs.num_rows == 400
-    printed = capsys.readouterr().out
-    assert "[demo 3/9] ingest with Ray Data done" in printed and "[demo 4/9] summarize done" in printed
-    assert "[demo 5/9] pretrain clue on Ray Train done" in printed and "[demo 6/9] embed users with clue done" in printed
-    assert "[demo 7/9] evaluate downstream tasks done" in printed and "[demo 8/9] write the HTML report done" in printed
-    assert "[demo 9/9] serve embeddings and heads over HTTP (Ray Serve) done" in printed and "[demo] finished" in printed
+    printed = resumed  # (the first attempt's lines were read above; its stages' are checked through the resume)
+    assert "[demo 3/9] ingest with Ray Data: reused" in printed and "[demo 4/9] summarize: reused" in printed
+    assert "[demo 6/9] embed users with clue: reused" in printed
+    assert "[demo 7/9] evaluate downstream tasks: reused" in printed and "[demo 8/9] write the HTML report: reused" in printed
+    assert "[demo] finished" in printed
     # the report page and every figure it links exist
     html = (out / "report" / "report.html").read_text()
     assert summary["report"] == str(out / "report" / "report.html")

@@ -40,13 +40,15 @@ def setup(tmp_path_factory, ray_local):
     return root, rows
 
 
-def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup):
+def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup, capfd):
     import userfm
     from userfm.models.features import make_batch, to_torch
 
     root, rows = setup
     m = run_embed(EmbedConfig(model=str(root / "run" / "model"), data=str(root / "ds"), out=str(root / "emb"), batch_size=64, actors=2, cpus_per_actor=0.5), progress=lambda s: None)
     assert m["users_in"] == m["users_embedded"] == 300 and m["users_skipped"] == 0 and m["dim"] == 12
+    # no raw Ray core line about the actors' restarts (they are off: runtime.no_actor_restarts)
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
     assert m["model_id"] == "run" and m["model_version"] == model_identity(root / "run" / "model")["model_version"]
     table = pq.read_table(root / "emb" / "embeddings")
     assert set(table.column("model_version").to_pylist()) == {m["model_version"]}

@@ -171,15 +171,21 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from userfm.demo import DemoConfig, run_demo
-
     from userfm.config import load_config
+    from userfm.demo import DemoConfig, resume_config, run_demo
 
-    cfg = load_config(
-        DemoConfig, args.config, args.overrides,
-        out=args.out, data=args.data, format=args.format, tasks=args.tasks, n_users=args.users, compare=args.compare,
-    )
-    run_demo(cfg, address=args.address, num_cpus=args.num_cpus)
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in ("config", "data", "format", "tasks", "users", "compare")
+                 if getattr(args, k, None)] + ["--set"] * bool(args.overrides)
+        if given:
+            raise UserfmError(f"--resume continues the run in --out with its own config; drop {', '.join(given)}")
+        cfg = resume_config(args.out or DemoConfig.out)
+    else:
+        cfg = load_config(
+            DemoConfig, args.config, args.overrides,
+            out=args.out, data=args.data, format=args.format, tasks=args.tasks, n_users=args.users, compare=args.compare,
+        )
+    run_demo(cfg, address=args.address, num_cpus=args.num_cpus, resume=args.resume)
     return 0
 
 
@@ -255,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="task file (default: experiments/tasks/<format>.yaml, synthetic.yaml without --data)")
     p.add_argument("--users", type=int, help="synthetic users (default from DemoConfig)")
     p.add_argument("--compare", action="store_true", default=None, help="also pretrain MLM and SimCLR next to CLUE")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after a failure or an interrupt: its finished stages (stages.json) "
+                        "are reused, the rest run again with the run's own config")
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(fn=cmd_demo)

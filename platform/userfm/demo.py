@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -31,6 +34,17 @@ from userfm.config import to_dict
 from userfm.errors import UserfmError
 
 REAL_FORMATS = ("movielens", "online-retail", "amazon-reviews", "recbole")
+STAGES_FILE = "stages.json"  # in the run folder: the config and every finished stage's result (what --resume reuses)
+
+
+# A stage's own progress line ("[pretrain] step 120/400 ...", "[evaluate] task 2/5 ...") and the count in it
+PROGRESS = re.compile(r"^\[(?:synth|convert|ingest|pretrain|embed|evaluate|report|serve)\]")
+COUNT = re.compile(r"\b(\d[\d,]*)/(\d[\d,]*)\b")
+PLAIN_EVERY_S = 30.0  # not a terminal: the latest progress line at most this often
+
+
+class StageFailed(UserfmError):
+    """A demo stage raised; the message names the stage, the reason, what is intact and how to resume."""
 
 
 @dataclass(frozen=True)
@@ -295,67 +309,201 @@ def _headline(results: dict) -> dict:
 
 
 class _Stages:
-    """Prints ``[k/n] name ... done in Xs`` lines and keeps the timings.
+    """Prints ``[k/n] name ... done in Xs`` lines, keeps the timings, and records every finished stage.
 
     Quiet (the default): what a stage prints itself goes to ``details`` (the run's ``logs/demo.log``),
-    so the console gets one line per stage: ``[k/n] name ...`` overwritten by ``... done in Xs`` on a
-    terminal, only the ``done`` line when the output is a pipe or a file. With ``details=None``
-    (``--verbose``): both lines, and each stage's own output between them.
+    so the console gets one line per stage, ``... done in Xs``, and while it runs its latest progress line
+    (:class:`_Live`: redrawn in place on a terminal, every 30 s otherwise). With ``details=None``
+    (``--verbose``): the start and done lines, and each stage's own output between them.
+
+    ``record``: the run's ``stages.json``, rewritten after each stage with its (JSON) result and seconds.
+    ``reuse``: the stages of an earlier run of the same config (``--resume``): a stage found there is not
+    run again, its recorded result is returned. A stage that does run first clears its ``outputs`` (what a
+    failed earlier attempt may have left). A stage that raises is re-raised as :class:`StageFailed`, its
+    traceback in ``details``.
     """
 
-    def __init__(self, total: int, details: TextIO | None = None):
+    def __init__(self, total: int, details: TextIO | None = None, record: Path | None = None,
+                 config: dict | None = None, reuse: dict | None = None):
         self.total, self.k, self.timings, self.details = total, 0, {}, details
+        self.record, self.config, self.reuse, self.done = record, config, dict(reuse or {}), {}
 
-    def run(self, name: str, fn):
+    def run(self, name: str, fn, outputs: tuple[Path, ...] = (), reusable: bool = True):
         self.k += 1
+        if reusable and name in self.reuse:
+            prev = self.reuse.pop(name)
+            self.timings[name] = prev["seconds"]
+            self._save(name, prev)
+            line = f"[demo {self.k}/{self.total}] {name}: reused from the earlier run ({prev['seconds']:.1f}s then)"
+            print(line, flush=True)
+            if self.details is not None:
+                print(line, file=self.details, flush=True)
+            return prev["result"]
+        for path in outputs:  # left by an attempt that did not finish
+            shutil.rmtree(path, ignore_errors=True)
         start = f"[demo {self.k}/{self.total}] {name} ..."
-        live = self.details is not None and sys.stdout.isatty()  # the start line is rewritten in place
-        if self.details is None or live:
-            print(start, end="" if live else "\n", flush=True)
+        tty = self.details is not None and sys.stdout.isatty()  # a live line, redrawn in place, then the done line
+        if self.details is None:
+            print(start, flush=True)
         t0 = time.perf_counter()
+        live = None
         try:
             if self.details is None:
                 out = fn()
             else:
                 print(start, file=self.details, flush=True)
-                with contextlib.redirect_stdout(self.details):
+                live = _Live(self.details, sys.stdout, start, tty)
+                with contextlib.redirect_stdout(live):
                     out = fn()
-        except BaseException:
-            if live:
-                print(flush=True)  # the error starts on a line of its own
+        except KeyboardInterrupt:
             raise
+        except Exception as exc:
+            if self.details is None:
+                raise
+            print(f"[demo {self.k}/{self.total}] {name} failed:", file=self.details)
+            traceback.print_exc(file=self.details)
+            self.details.flush()
+            raise StageFailed(f"stage '{name}' failed: {_reason(exc)}") from exc
+        finally:
+            if live is not None:
+                live.close()
         self.timings[name] = round(time.perf_counter() - t0, 2)
+        if reusable:
+            self._save(name, {"result": out, "seconds": self.timings[name], "outputs": [str(p) for p in outputs]})
         done = f"[demo {self.k}/{self.total}] {name} done in {self.timings[name]:.1f}s"
         if self.details is not None:
             print(done, file=self.details, flush=True)
-        print(("\r\x1b[K" if live else "") + done, flush=True)
+        print(done, flush=True)
         return out
 
+    def _save(self, name: str, entry: dict) -> None:
+        if self.record is None:
+            return
+        try:
+            json.dumps(entry)
+        except TypeError:  # not JSON: this stage runs again on --resume
+            return
+        self.done[name] = entry
+        tmp = self.record.with_name(self.record.name + ".tmp")
+        tmp.write_text(json.dumps({"config": self.config, "stages": self.done}, indent=2))
+        os.replace(tmp, self.record)
 
-def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | None = None) -> dict:
+
+class _Live:
+    """Where a stage's stdout goes in quiet mode: all of it to ``details`` (the run's log), and its latest
+    progress line to the console, so a working stage is told from a hung one.
+
+    On a terminal a tqdm line is redrawn in place: the stage, its elapsed time and the latest progress line,
+    with a bar, rate and ETA while that line carries a count ``k/n`` (pretraining steps, evaluate's tasks,
+    MiniLM texts); it is cleared when the stage ends. Otherwise (CI, a file) the latest progress line is
+    printed as a plain line at most every ``PLAIN_EVERY_S`` seconds.
+    """
+
+    def __init__(self, details: TextIO, console: TextIO, label: str, tty: bool):
+        self.details, self.console, self.label = details, console, label
+        self.pending, self.since = "", time.monotonic()
+        self.bar = None
+        if tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, desc=label, file=console, leave=False, dynamic_ncols=True,
+                            bar_format="{desc} {elapsed} {postfix}")
+
+    def write(self, text: str) -> int:
+        self.details.write(text)
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            if PROGRESS.match(line):
+                self.show(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.details.flush()
+
+    def show(self, line: str) -> None:
+        count = COUNT.search(line)
+        if self.bar is not None:
+            if count:
+                k, n = (int(g.replace(",", "")) for g in count.groups())
+                if self.bar.total != n:
+                    self.bar.bar_format = "{desc} {bar:12} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+                    self.bar.reset(total=n)
+                self.bar.n = min(k, n)
+            self.bar.set_postfix_str(line, refresh=True)
+        elif time.monotonic() - self.since >= PLAIN_EVERY_S:
+            print(f"{self.label} {line}", file=self.console, flush=True)
+            self.since = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message``: the why of a failed stage, on one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def resume_config(out: str | Path) -> DemoConfig:
+    """The config of the demo run in ``out`` (its ``stages.json``), for ``--resume``."""
+    from userfm.config import from_dict
+
+    record = Path(out) / STAGES_FILE
+    if not record.is_file():
+        raise UserfmError(f"--resume: {out} has no {STAGES_FILE} (not a demo run folder, or no stage of it finished); "
+                          "run the demo without --resume")
+    return from_dict(DemoConfig, {**json.loads(record.read_text())["config"], "out": str(out)})
+
+
+def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False) -> dict:
     """Run every landed stage into ``cfg.out``; returns (and writes) ``demo_summary.json``.
 
     The console gets one line per stage, the data summary, the served answers and the results; each
     stage's own output goes to ``<out>/logs/demo.log`` and Ray's to ``<out>/logs/ray.log``
     (``ray_session`` links Ray's session log folder). ``runtime.set_verbose(True)`` (``--verbose``):
     everything on the console, as before, and no ``logs/``.
+
+    ``resume``: continue the run already in ``cfg.out`` (same config, :func:`resume_config`): the stages its
+    ``stages.json`` lists as finished are reused, the rest run. A stage that fails raises :class:`StageFailed`,
+    whose message names what is intact and the command that resumes.
     """
     from userfm.runtime import is_verbose
 
     out = Path(cfg.out)
-    if out.exists():
-        if not (out / "demo_summary.json").exists() and any(out.iterdir()):
+    reuse = None
+    if resume:
+        saved = json.loads((out / STAGES_FILE).read_text()) if (out / STAGES_FILE).is_file() else None
+        if saved is None or saved["config"] != to_dict(cfg):
+            raise UserfmError(f"--resume: {out} holds no run of this config ({STAGES_FILE} missing or different)")
+        reuse = saved["stages"]
+        print(f"[demo] resuming {out}: {len(reuse)} finished stages reused, the rest run again", flush=True)
+    elif out.exists():
+        if not any((out / f).exists() for f in ("demo_summary.json", STAGES_FILE)) and any(out.iterdir()):
             raise UserfmError(f"{out} exists and is not a demo run folder; choose another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     if is_verbose():
-        return _pipeline(cfg, out, None, address, num_cpus)
+        return _pipeline(cfg, out, None, address, num_cpus, reuse)
     logs = out / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     print(f"[demo] logs: {logs / 'demo.log'} (each stage's output), {logs / 'ray.log'} (Ray's); --verbose prints them here",
           flush=True)
-    with (logs / "demo.log").open("w", encoding="utf-8") as details:
-        return _pipeline(cfg, out, details, address, num_cpus)
+    with (logs / "demo.log").open("a" if resume else "w", encoding="utf-8") as details:
+        try:
+            return _pipeline(cfg, out, details, address, num_cpus, reuse)
+        except KeyboardInterrupt:
+            print(f"\n[demo] interrupted; the finished stages are kept: userfm demo --resume --out {out}",
+                  file=sys.stderr, flush=True)
+            raise
+        except StageFailed as exc:
+            done = json.loads((out / STAGES_FILE).read_text())["stages"] if (out / STAGES_FILE).is_file() else {}
+            kept = [os.path.relpath(p, out) + "/" for st in done.values() for p in st.get("outputs", ())]
+            raise StageFailed(
+                f"{exc}\n  intact: {len(done)} finished stages" + (f" ({', '.join(kept)})" if kept else "")
+                + f", listed in {out / STAGES_FILE}\n  resume: userfm demo --resume --out {out}\n"
+                f"  traceback: {logs / 'demo.log'}") from exc.__cause__
 
 
 def _start_ray(address: str | None, num_cpus: int | None, logs: Path | None) -> None:
@@ -366,12 +514,14 @@ def _start_ray(address: str | None, num_cpus: int | None, logs: Path | None) -> 
     init_ray(address, num_cpus=num_cpus, log_file=logs / "ray.log" if logs else None)
     session = session_logs()
     if logs is not None and session is not None:
+        (logs / "ray_session").unlink(missing_ok=True)  # a resumed run's link points at the earlier session
         (logs / "ray_session").symlink_to(session, target_is_directory=True)
 
 
-def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str | None, num_cpus: int | None) -> dict:
-    """The stages of ``run_demo`` into the (new, empty but for logs/) run folder ``out``; ``details``:
-    where each stage's own output goes (None: the console)."""
+def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str | None, num_cpus: int | None,
+              reuse: dict | None = None) -> dict:
+    """The stages of ``run_demo`` into the run folder ``out``; ``details``: where each stage's own output goes
+    (None: the console); ``reuse``: the finished stages of an earlier run of this config (``--resume``)."""
     from userfm.data.dataset import format_summary, summarize
     from userfm.data.ingest import IngestConfig, run_ingest
     from userfm.infer.embed import EmbedConfig, run_embed
@@ -388,7 +538,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
                 + int(cfg.serve and bool(objectives)))
 
     # (until ingest has shown which tasks the data supports, count those of the task file)
-    stages = _Stages(n_stages({t.view for t in load_tasks(tasks)}), details)
+    stages = _Stages(n_stages({t.view for t in load_tasks(tasks)}), details, out / STAGES_FILE, to_dict(cfg), reuse)
 
     attributes: tuple[str, ...] = ()
     if cfg.data is None:
@@ -396,7 +546,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         from userfm.data.synth_model import SynthConfig
 
         scfg = SynthConfig(n_users=cfg.n_users, events_per_user=cfg.events_per_user, seed=cfg.seed)
-        stages.run("synthesize multi-service logs", lambda: generate(scfg, raw, progress=print))
+        stages.run("synthesize multi-service logs", lambda: generate(scfg, raw, progress=print), (raw,))
         inputs = (str(raw / "events"),)
         attributes = tuple(str(raw / f) for f in ("attributes.parquet", "future_labels.parquet"))
     elif cfg.format == "events":
@@ -406,15 +556,15 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         from userfm.data.convert import convert
 
         options = {"service_field": cfg.service_field} if cfg.format == "recbole" else {}
-        converted = stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw, **options))
+        converted = stages.run(f"convert {cfg.format} logs", lambda: convert(cfg.format, cfg.data, raw, **options), (raw,))
         if converted.get("time", "real") != "real":
             print(f"[demo] {converted['time_note']}")
         inputs = (str(raw / "events.parquet"),)
         attributes = tuple(str(p) for p in [raw / "attributes.parquet"] if p.exists())
 
     icfg = IngestConfig(inputs=inputs, out=str(dataset), attributes=attributes, max_events=cfg.max_events)
-    stages.run("start Ray", lambda: _start_ray(address, num_cpus, out / "logs" if details else None))
-    manifest = stages.run("ingest with Ray Data", lambda: run_ingest(icfg))
+    stages.run("start Ray", lambda: _start_ray(address, num_cpus, out / "logs" if details else None), reusable=False)
+    manifest = stages.run("ingest with Ray Data", lambda: run_ingest(icfg), (dataset,))
     summary = stages.run("summarize", lambda: summarize(dataset))
     print(format_summary(summary))
 
@@ -440,7 +590,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     pretrained = {}
     for objective in objectives:
         pcfg = pretrain_config(cfg, objective, dataset, out / "pretrain" / objective, pretrain_holdout)
-        s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg))
+        s = stages.run(f"pretrain {objective} on Ray Train", lambda: run_pretrain(pcfg), (Path(pcfg.out),))
         pretrained[objective] = {
             "model": s["model"], "holdout_last": pretrain_holdout, "budget": why, "max_steps": s["max_steps"],
             "early_stopped": s["early_stopped"], "exported": s["exported"],
@@ -448,7 +598,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
         }
         ecfg = EmbedConfig(model=s["model"], data=str(dataset), out=str(out / "embeddings" / objective),
                            minilm_cache=cfg.minilm_cache)
-        e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg))
+        e = stages.run(f"embed users with {objective}", lambda: run_embed(ecfg), (Path(ecfg.out),))
         pretrained[objective]["embeddings"] = ecfg.out
         pretrained[objective]["users_embedded"] = e["users_embedded"]
         for held, svc in (v for v in plan.passes if v != (0, "")):  # each history without its last event(s) (and
@@ -457,14 +607,15 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
                                history_service=svc, minilm_cache=cfg.minilm_cache)
             what = ", ".join(["last event held out" if held == 1 else f"last {held} events held out"] * bool(held)
                              + [f"{svc} events only"] * bool(svc))
-            h = stages.run(f"embed users with {objective}, {what}", lambda: run_embed(hcfg))
+            h = stages.run(f"embed users with {objective}, {what}", lambda: run_embed(hcfg), (Path(hcfg.out),))
             pretrained[objective][key] = hcfg.out
             pretrained[objective][f"users_embedded_{key.removeprefix('embeddings_')}"] = h["users_embedded"]
 
     evaluation = ev = None
     if objectives and plan.passes:
         ev = stages.run("evaluate downstream tasks", lambda: _evaluate_stage(cfg, dataset, out / "evaluate", tasks, plan,
-                                                                              {o: pretrained[o] for o in objectives}, folds))
+                                                                              {o: pretrained[o] for o in objectives}, folds),
+                        (out / "evaluate",))
         evaluation = {"results": str(out / "evaluate" / "results.md"), "headline": _headline(ev), "folds": folds,
                       "tasks": [t["name"] for t in ev["tasks"]], "skipped_tasks": ev["skipped_tasks"]}
     elif objectives:
@@ -477,12 +628,14 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
         # demo_summary.json so far, so the report's run section has the stage timings
         (out / "demo_summary.json").write_text(json.dumps({"config": to_dict(cfg), "timings_s": stages.timings}, indent=2))
-        report = stages.run("write the HTML report", lambda: run_report(ReportConfig(run=str(out)), progress=print))["html"]
+        rcfg = ReportConfig(run=str(out))
+        report = stages.run("write the HTML report", lambda: run_report(rcfg, progress=print),
+                            (Path(rcfg.out) if rcfg.out else out / "report",))["html"]
 
     served = None
     if cfg.serve and objectives:
         served, answers = stages.run("serve embeddings and heads over HTTP (Ray Serve)",
-                                     lambda: _serve_stage(cfg, out, dataset, pretrained, ev))
+                                     lambda: _serve_stage(cfg, out, dataset, pretrained, ev), reusable=False)
         for method, path, status, body in answers:  # the demo's show: on the console, quiet or not
             print(f"[demo]   {method:<4} {path:<40} -> {status} {_brief(body) if path != '/docs' else '(OpenAPI UI)'}")
 

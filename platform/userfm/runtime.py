@@ -26,6 +26,13 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Start-up waits sized for a busy machine. Serve's proxy must answer its readiness check in 5 s, three times,
+# or it is killed (and serve.start raises ActorDiedError): on 2 cores with another job using both, it did
+# not (issue 28); Train gives its workers 60 s to start. The Ray this process starts (and its actors) inherit
+# these; a cluster sets its own.
+for _name, _seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60"),
+                        ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")):
+    os.environ.setdefault(_name, _seconds)
 
 import ray  # noqa: E402
 
@@ -288,6 +295,14 @@ def _print_quietly(batch: dict) -> None:
         _output_log.info(f"{stream} {line}")
     for line in console:
         print(line, flush=True)
+
+
+def no_actor_restarts() -> dict:
+    """``map_batches(..., ray_remote_args_fn=no_actor_restarts)`` for our actor pools (MiniLM, embed): Ray Data's
+    default restarts a dead actor forever, which cannot work for an actor whose constructor arguments live in the
+    object store, and Ray's core worker says so in a raw error line on the console (issue 28). A dead actor fails
+    the job instead, with its error."""
+    return {"max_restarts": 0, "max_task_retries": 0}
 
 
 def cluster_cpus() -> int:

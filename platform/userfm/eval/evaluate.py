@@ -359,6 +359,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
 
         for emb_name, source in tables_here:
             for head in cfg.heads:
+                progress(f"[evaluate] {here}: {emb_name}/{head}" + (f", fold {fold + 1} of {cfg.folds}" if fold is not None else ""))
                 scores, tr_s, inf_s, saved = [], [], [], []
                 # lbfgs logistic regression on a fixed table is deterministic: one fit serves every seed
                 # (the random table changes with the seed, so its logreg is refitted).
@@ -426,7 +427,8 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         return fitted_models
 
     rows, task_info = [], []
-    for task in tasks:
+    for i_task, task in enumerate(tasks, 1):
+        here = f"task {i_task}/{len(tasks)} {task.name}"  # the progress lines' count (the demo's live line reads it)
         t_task = time.perf_counter()
         if cfg.folds:
             # cross-fitting: every labelled user is a test user once, scored by heads that never saw it
@@ -456,10 +458,10 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
         })
         if cfg.folds:
-            progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, {cfg.folds}-fold cross-fit over "
+            progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, {cfg.folds}-fold cross-fit over "
                      f"{len(td.ids['test'])} users (train ~{int(np.mean(users_info['train']))} / val ~{int(np.mean(users_info['val']))} per fold)")
         else:
-            progress(f"[evaluate] task {task.name}: {task.type} {task.table}.{task.target}, users train "
+            progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, users train "
                      f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
             fitted_models = score_models(td)
         task_scores = {m: f["scores"] for m, f in fitted_models.items()}
@@ -504,7 +506,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 "oracle_accuracy_expected": _num(attr.get("oracle_accuracy_expected", float("nan"))),
                 "majority_accuracy": _num(attr.get("majority_accuracy", float("nan"))),
             })
-        progress(f"[evaluate] task {task.name}: " + ", ".join(
+        progress(f"[evaluate] {here}: " + ", ".join(
             f"{r['model']} {r['test']['value']}" for r in rows if r["task"] == task.name) +
             f" ({task.metric}, {time.perf_counter() - t_task:.1f}s)")
 

@@ -273,6 +273,7 @@ def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) ->
                                    history_service=cfg.history_service),
         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
+        ray_remote_args_fn=runtime.no_actor_restarts,
     )
     parts = ray.get(list(ds.to_arrow_refs()))
     parts = [t for t in parts if t.num_rows]

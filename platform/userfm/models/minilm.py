@@ -191,6 +191,7 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     import ray
 
     from userfm.data.dataset import read_sequences
+    from userfm.runtime import no_actor_restarts
     from userfm.models.features import text_hash
 
     texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
@@ -202,10 +203,13 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
         ds = ray.data.from_arrow(pa.table({"text": todo}))
         # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
         ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
-                            fn_constructor_kwargs={"threads": -1})
+                            fn_constructor_kwargs={"threads": -1}, ray_remote_args_fn=no_actor_restarts)
         # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
         # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
-        parts = [to_table(b["text_hash"], b["vector"]) for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
+        parts = []
+        for b in ds.iter_batches(batch_format="numpy", batch_size=4096):
+            parts.append(to_table(b["text_hash"], b["vector"]))
+            progress(f"[pretrain] MiniLM cache: {sum(p.num_rows for p in parts):,}/{len(todo):,} texts encoded")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         # written aside, then renamed: a run reading a cache shared with this one never sees half a part
         name = f"part-{int(time.time() * 1000)}-{os.getpid()}.parquet"

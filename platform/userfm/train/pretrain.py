@@ -185,17 +185,23 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         vocabs = Vocabs.load(out / "vocabs.json")
         tok = TextTokenizer.load(out / "tokenizer.json") if (out / "tokenizer.json").exists() else None
     else:
+        t_v = time.perf_counter()
         vocabs, tok = _fit_resources(cfg, train_rows)
         vocabs.save(out / "vocabs.json")
         if tok is not None:
             tok.save(out / "tokenizer.json")
+        progress(f"[pretrain] vocabularies{' and tokenizer' if tok is not None else ''} fitted on "
+                 f"{train_rows.num_rows:,} users ({time.perf_counter() - t_v:.1f}s)")
     vectors_dir = None
     extra: dict[str, Any] = {}
     if cfg.item_encoder == "minilm":
         vectors_dir = cfg.minilm_cache or str(Path(cfg.data) / "minilm_cache")
         from userfm.models.minilm import build_minilm_cache
 
-        build_minilm_cache(cfg.data, vectors_dir, progress)
+        t_m = time.perf_counter()
+        built = build_minilm_cache(cfg.data, vectors_dir, progress)
+        progress(f"[pretrain] MiniLM cache ready: {built['encoded']:,} of {built['texts']:,} distinct texts encoded "
+                 f"({time.perf_counter() - t_m:.1f}s)")
         extra["text_vector_dim"] = 384
     cooc = None
     if cfg.cooc_dim:
@@ -211,7 +217,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
                          item_id_buckets=cfg.item_id_buckets, causal=cfg.objective == "next", **extra)
-    progress(f"[pretrain] vocabularies and tokenizer fitted on {train_rows.num_rows:,} users ({time.perf_counter() - t0:.1f}s)")
+    progress(f"[pretrain] read the rows and fitted every input ({time.perf_counter() - t0:.1f}s: the lines above)")
 
     t1 = time.perf_counter()
     datasets = _datasets(cfg, vocabs, tok, vectors_dir)
