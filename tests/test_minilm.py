@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from userfm.models.features import text_hash
-from userfm.models.minilm import CACHE_SCHEMA, VECTOR_DIM, MiniLMEncoder, VectorCache, build_cache
+from userfm.models.minilm import CACHE_SCHEMA, VECTOR_DIM, MiniLMEncoder, VectorCache, build_cache, cached_hashes, to_table
 
 TEXTS = ["red running shoes", "", "한국어 책 🙂", "long title " * 400, "red running shoes", "blue phone case"]
 
@@ -91,3 +91,28 @@ def test_batches_carry_cached_vectors_through_augmentation(encoder, tmp_path):
         np.testing.assert_array_equal(view["text_vector"], cache.lookup(view["text_hash"]))
         assert view["text_vector"].shape == (*view["text_hash"].shape, VECTOR_DIM)
         assert np.abs(view["text_vector"]).sum(-1)[view["ts"] > 0].min() > 0
+
+
+def test_text_blocks_cover_every_text_once_in_order():
+    from userfm.models.minilm import text_blocks
+
+    texts = [f"title {i}" for i in range(2500)]
+    blocks = text_blocks(texts, size=1024)
+    assert [b.num_rows for b in blocks] == [1024, 1024, 452]
+    assert pa.concat_tables(blocks).column("text").to_pylist() == texts
+    assert text_blocks([], size=1024) == []
+
+
+def test_parts_written_one_by_one_are_all_read_and_nothing_half_written_is(encoder, tmp_path):
+    """A build that dies after some batches keeps them: each part is complete on its own, a leftover temporary
+    file is ignored, and the next build encodes only what is missing."""
+    from userfm.models.minilm import write_part
+
+    out = encoder(TEXTS[:3])
+    write_part(tmp_path, to_table(out["text_hash"][:2], out["vector"][:2]))
+    write_part(tmp_path, to_table(out["text_hash"][2:], out["vector"][2:]))
+    (tmp_path / ".tmp-part-0-dead.parquet").write_bytes(b"PAR1 half a file")  # a writer killed mid-write
+    assert sorted(cached_hashes(tmp_path).tolist()) == sorted(out["text_hash"].tolist())
+    enc = CountingEncoder(encoder)
+    more = build_cache(TEXTS, tmp_path, encoder=enc)
+    assert more["n_reused"] == len(set(TEXTS[:3])) and sorted(enc.seen) == sorted(set(TEXTS) - set(TEXTS[:3]))

@@ -103,6 +103,16 @@ def cached_hashes(cache_dir: str | Path) -> np.ndarray:
     return np.concatenate([pq.read_table(p, columns=["text_hash"]).column(0).to_numpy() for p in parts])
 
 
+def write_part(cache_dir: str | Path, table: pa.Table) -> Path:
+    """Add ``table`` (:data:`CACHE_SCHEMA` rows) to the cache as a new part: written aside, then renamed, so a
+    run reading a cache shared with this one never sees half a part."""
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(table, Path(cache_dir) / f".tmp-{name}")
+    os.replace(Path(cache_dir) / f".tmp-{name}", Path(cache_dir) / name)
+    return Path(cache_dir) / name
+
+
 def build_cache(texts: Iterable[str] | pa.Table, cache_dir: str | Path, *, encoder: MiniLMEncoder | None = None,
                 batch_size: int = 256) -> dict[str, float]:
     """Encode the texts missing from the cache and append them as a new Parquet part.
@@ -127,9 +137,7 @@ def build_cache(texts: Iterable[str] | pa.Table, cache_dir: str | Path, *, encod
     if todo:
         encoder = encoder or MiniLMEncoder(batch_size=batch_size)
         out = encoder(todo)
-        tmp = cache_dir / f".tmp-{uuid.uuid4().hex}.parquet"
-        pq.write_table(to_table(out["text_hash"], out["vector"]), tmp)
-        tmp.rename(cache_dir / f"part-{len(_parts(cache_dir)):05d}-{uuid.uuid4().hex[:8]}.parquet")  # atomic
+        write_part(cache_dir, to_table(out["text_hash"], out["vector"]))
     secs = time.perf_counter() - t0
     return {
         "n_texts": len(all_texts),
@@ -182,10 +190,21 @@ class VectorCache:
         return out.reshape(*h.shape, self.dim)
 
 
+BLOCK_TEXTS = 1024  # texts per Ray Data block of the cache build (see text_blocks)
+
+
+def text_blocks(texts: list[str], size: int = BLOCK_TEXTS) -> list[pa.Table]:
+    """The texts to encode as blocks of ``size``: the encoder's output, its progress lines and Ray Data's
+    no-progress watchdog move block by block. As one block, 34k Amazon titles gave no output for 30 minutes on
+    a busy 2-core box, and Ray Data stopped the build (``ExecutionTimeoutError``, issue 28)."""
+    return [pa.table({"text": texts[i:i + size]}) for i in range(0, len(texts), size)]
+
+
 def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     """Encode every distinct event text of the dataset once with frozen MiniLM, as a Ray Data job.
 
-    Texts already in the cache are skipped; new vectors are appended as a new Parquet part.
+    Texts already in the cache are skipped; new vectors are appended as new Parquet parts, one per encoded
+    batch of 4,096 (what a failed build encoded is kept).
     """
     import pyarrow.compute as pc
     import ray
@@ -200,19 +219,17 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     todo = [t for t, h in zip(texts, hashes) if int(h) not in have]
     progress(f"[pretrain] MiniLM cache: {len(texts):,} distinct texts, {len(texts) - len(todo):,} cached, {len(todo):,} to encode")
     if todo:
-        ds = ray.data.from_arrow(pa.table({"text": todo}))
+        ds = ray.data.from_arrow(text_blocks(todo))
         # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
         ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
                             fn_constructor_kwargs={"threads": -1}, ray_remote_args_fn=no_actor_restarts)
         # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
-        # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor.
-        parts = []
+        # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor. Each batch is
+        # a part of its own as soon as it is encoded: a build that dies keeps what it encoded, and the next
+        # run encodes only the rest.
+        done = 0
         for b in ds.iter_batches(batch_format="numpy", batch_size=4096):
-            parts.append(to_table(b["text_hash"], b["vector"]))
-            progress(f"[pretrain] MiniLM cache: {sum(p.num_rows for p in parts):,}/{len(todo):,} texts encoded")
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        # written aside, then renamed: a run reading a cache shared with this one never sees half a part
-        name = f"part-{int(time.time() * 1000)}-{os.getpid()}.parquet"
-        pq.write_table(pa.concat_tables(parts), Path(cache_dir) / f".{name}")
-        os.replace(Path(cache_dir) / f".{name}", Path(cache_dir) / name)
+            write_part(cache_dir, to_table(b["text_hash"], b["vector"]))
+            done += len(b["text_hash"])
+            progress(f"[pretrain] MiniLM cache: {done:,}/{len(todo):,} texts encoded")
     return {"texts": len(texts), "encoded": len(todo)}
