@@ -1,4 +1,5 @@
-"""The demo's console: one line per stage by default, each stage's own output in the run's log."""
+"""The demo's console (userfm.stages): one line per stage by default, each stage's own output in the run's
+log, a live progress line while it runs, a failure that says how to resume, and the resume itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 
 import pytest
 
-from userfm.demo import PLAIN_EVERY_S, StageFailed, _Live, _Stages
+from userfm.stages import PLAIN_EVERY_S, LiveLine, StageFailed, Stages
 
 
 def _stage(msg):
@@ -20,7 +21,7 @@ def _stage(msg):
 
 def test_quiet_stages_print_one_line_each_and_log_what_they_print(capsys):
     details = io.StringIO()
-    stages = _Stages(2, details)
+    stages = Stages(2, details)
     assert stages.run("ingest with Ray Data", _stage("[ingest] pass 1: 9 rows")) == 42
     assert stages.run("summarize", _stage("[summary] 3 users")) == 42
     printed = capsys.readouterr().out  # not a terminal: only the "done" lines
@@ -33,7 +34,7 @@ def test_quiet_stages_print_one_line_each_and_log_what_they_print(capsys):
 
 
 def test_verbose_stages_print_both_lines_and_the_stage_output(capsys):
-    stages = _Stages(1, None)
+    stages = Stages(1, None)
     stages.run("ingest with Ray Data", _stage("[ingest] pass 1: 9 rows"))
     assert re.fullmatch(r"\[demo 1/1\] ingest with Ray Data \.\.\.\n\[ingest\] pass 1: 9 rows\n"
                         r"\[demo 1/1\] ingest with Ray Data done in \d+\.\ds\n", capsys.readouterr().out)
@@ -47,7 +48,7 @@ def test_a_failing_quiet_stage_raises_one_line_and_its_output_and_traceback_stay
         raise ValueError("bad row 7\nsecond line")
 
     with pytest.raises(StageFailed, match=r"^stage 'ingest with Ray Data' failed: ValueError: bad row 7$") as exc:
-        _Stages(3, details).run("ingest with Ray Data", fails)
+        Stages(3, details).run("ingest with Ray Data", fails)
     assert isinstance(exc.value.__cause__, ValueError)
     assert capsys.readouterr().out == ""
     log = details.getvalue()
@@ -75,7 +76,7 @@ def test_calendar_fields_auto_drop_dates_for_contrastive_objectives_on_real_data
 
 def test_finished_stages_are_recorded_and_reused_on_resume_and_a_rerun_stage_clears_its_outputs(tmp_path, capsys):
     record, details = tmp_path / "stages.json", io.StringIO()
-    stages = _Stages(3, details, record, {"n_users": 5})
+    stages = Stages(3, details, record, {"n_users": 5})
     part = tmp_path / "part"
 
     def writes():
@@ -92,7 +93,7 @@ def test_finished_stages_are_recorded_and_reused_on_resume_and_a_rerun_stage_cle
     assert saved["stages"]["ingest"]["result"] == {"rows": 7} and saved["stages"]["ingest"]["outputs"] == [str(tmp_path / "ds")]
     capsys.readouterr()
 
-    again = _Stages(3, io.StringIO(), record, saved["config"], saved["stages"])
+    again = Stages(3, io.StringIO(), record, saved["config"], saved["stages"])
     assert again.run("ingest", lambda: pytest.fail("a finished stage ran again"), (tmp_path / "ds",)) == {"rows": 7}
     assert again.run("start Ray", lambda: "started", reusable=False) == "started"  # never reused
 
@@ -110,8 +111,8 @@ def test_finished_stages_are_recorded_and_reused_on_resume_and_a_rerun_stage_cle
 def test_live_line_not_a_terminal_prints_the_latest_progress_line_periodically(monkeypatch):
     details, console = io.StringIO(), io.StringIO()
     clock = [100.0]
-    monkeypatch.setattr("userfm.demo.time.monotonic", lambda: clock[0])
-    live = _Live(details, console, "[demo 5/9] pretrain clue ...", tty=False)
+    monkeypatch.setattr("userfm.stages.time.monotonic", lambda: clock[0])
+    live = LiveLine(details, console, "[demo 5/9] pretrain clue ...", tty=False)
     live.write("[pretrain] step 10/400 loss 4.1\nRay says hello\n[pretrain] step 20/")
     assert console.getvalue() == ""  # nothing before PLAIN_EVERY_S
     clock[0] += PLAIN_EVERY_S
@@ -125,7 +126,7 @@ def test_live_line_not_a_terminal_prints_the_latest_progress_line_periodically(m
 
 def test_live_line_on_a_terminal_redraws_a_bar_from_the_count_in_the_progress_line():
     console = io.StringIO()
-    live = _Live(io.StringIO(), console, "[demo 7/9] evaluate downstream tasks ...", tty=True)
+    live = LiveLine(io.StringIO(), console, "[demo 7/9] evaluate downstream tasks ...", tty=True)
     live.write("[evaluate] task 2/5 next_genre: clue/mlp\n")
     assert (live.bar.n, live.bar.total) == (2, 5)
     live.write("[evaluate] task 3/5 age: clue/logreg\n")

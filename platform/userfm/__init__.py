@@ -11,7 +11,7 @@ The pipeline, one subpackage per stage (docs/architecture.md):
     serve/       the Ray Serve embedding and head deployments
     report/      the HTML run report
 
-``cli`` and ``demo`` sit on top; ``config``, ``runtime`` and ``errors`` are shared below every stage.
+``cli`` and ``demo`` (with ``stages``, its stage runner) sit on top; ``config``, ``runtime`` and ``errors`` are shared below every stage.
 """
 
 __version__ = "0.1.0"
