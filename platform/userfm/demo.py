@@ -324,7 +324,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None, num_cpus: int | Non
     reuse = None
     if resume:
         saved = json.loads((out / STAGES_FILE).read_text()) if (out / STAGES_FILE).is_file() else None
-        if saved is None or saved["config"] != to_dict(cfg):
+        if saved is None or {**saved["config"], "out": cfg.out} != to_dict(cfg):  # (the folder may be spelled otherwise)
             raise UserfmError(f"--resume: {out} holds no run of this config ({STAGES_FILE} missing or different)")
         reuse = saved["stages"]
         print(f"[demo] resuming {out}: {len(reuse)} finished stages reused, the rest run again", flush=True)
