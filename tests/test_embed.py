@@ -40,7 +40,7 @@ def setup(tmp_path_factory, ray_local):
     return root, rows
 
 
-def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup, capfd):
+def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup, capfd, recwarn):
     import userfm
     from userfm.models.features import make_batch, to_torch
 
@@ -49,6 +49,7 @@ def test_embeddings_equal_a_plain_forward_and_counts_add_up(setup, capfd):
     assert m["users_in"] == m["users_embedded"] == 300 and m["users_skipped"] == 0 and m["dim"] == 12
     # no raw Ray core line about the actors' restarts (they are off: runtime.no_actor_restarts)
     assert "constructor arguments in the object store" not in capfd.readouterr().err
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]  # nor Ray's deprecation of how it is set
     assert m["model_id"] == "run" and m["model_version"] == model_identity(root / "run" / "model")["model_version"]
     table = pq.read_table(root / "emb" / "embeddings")
     assert set(table.column("model_version").to_pylist()) == {m["model_version"]}

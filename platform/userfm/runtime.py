@@ -297,12 +297,20 @@ def _print_quietly(batch: dict) -> None:
         print(line, flush=True)
 
 
-def no_actor_restarts() -> dict:
-    """``map_batches(..., ray_remote_args_fn=no_actor_restarts)`` for our actor pools (MiniLM, embed): Ray Data's
-    default restarts a dead actor forever, which cannot work for an actor whose constructor arguments live in the
-    object store, and Ray's core worker says so in a raw error line on the console (issue 28). A dead actor fails
-    the job instead, with its error."""
-    return {"max_restarts": 0, "max_task_retries": 0}
+def map_batches_without_restarts(ds, fn, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` for our actor pools (MiniLM, embed), with actor restarts off.
+
+    Ray Data's default restarts a dead actor forever, which cannot work for an actor whose constructor
+    arguments live in the object store, and Ray's core worker says so in a raw error line on the console
+    (issue 28); here a dead actor fails the job with its error. Ray 2.60 (pinned) takes ``max_restarts``
+    only as an extra keyword (``**ray_remote_args``) or through ``ray_remote_args_fn``, both marked deprecated (removal in 2.64, no
+    named parameter for it yet): that warning is silenced here, the one place that uses it.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, max_restarts=0, **kwargs)  # (**ray_remote_args in 2.60)
 
 
 def cluster_cpus() -> int:

@@ -124,8 +124,11 @@ class LiveLine:
         if tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, desc=label, file=console, leave=False, dynamic_ncols=True,
-                            bar_format="{desc} {elapsed} {postfix}")
+            # the terminal's size once, with a fallback: one that reports 0 x 0 (a pty that `script` opens from
+            # a pipe) would make tqdm trim every redraw to nothing and hide the bar below row 0
+            size = shutil.get_terminal_size((120, 24))
+            self.bar = tqdm(total=None, desc=label, file=console, leave=False, ncols=size.columns, nrows=size.lines,
+                            bar_format="{desc} {elapsed}{postfix}")
 
     def write(self, text: str) -> int:
         self.details.write(text)
@@ -145,7 +148,7 @@ class LiveLine:
             if count:
                 k, n = (int(g.replace(",", "")) for g in count.groups())
                 if self.bar.total != n:
-                    self.bar.bar_format = "{desc} {bar:12} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+                    self.bar.bar_format = "{desc} {bar:12} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
                     self.bar.reset(total=n)
                 self.bar.n = min(k, n)
             self.bar.set_postfix_str(line, refresh=True)

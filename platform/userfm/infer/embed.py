@@ -265,7 +265,8 @@ def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) ->
         # without an error (the Data + actors deadlock in ray-notes.md): read everything first.
         # Small blocks, so every actor gets work.
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-    ds = ds.map_batches(
+    ds = runtime.map_batches_without_restarts(
+        ds,
         EmbedActor,
         fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), identity=identity, vectors_dir=vectors_dir,
                                    threads=cfg.threads_per_actor, use_gpu=cfg.gpus > 0,
@@ -273,7 +274,6 @@ def embed_rows(ds, cfg: EmbedConfig, identity: dict, vectors_dir: str | None) ->
                                    history_service=cfg.history_service),
         batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=cfg.actors,
         num_cpus=cfg.cpus_per_actor, **({"num_gpus": cfg.gpus} if cfg.gpus else {}),
-        ray_remote_args_fn=runtime.no_actor_restarts,
     )
     parts = ray.get(list(ds.to_arrow_refs()))
     parts = [t for t in parts if t.num_rows]

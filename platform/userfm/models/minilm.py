@@ -210,7 +210,7 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     import ray
 
     from userfm.data.dataset import read_sequences
-    from userfm.runtime import no_actor_restarts
+    from userfm.runtime import map_batches_without_restarts
     from userfm.models.features import text_hash
 
     texts = pc.unique(pc.list_flatten(read_sequences(data, columns=["text"]).column("text"))).to_pylist()
@@ -221,8 +221,8 @@ def build_minilm_cache(data: str, cache_dir: str, progress=print) -> dict:
     if todo:
         ds = ray.data.from_arrow(text_blocks(todo))
         # one actor, all of its node's cores: the build runs before pretraining, beside nothing else
-        ds = ds.map_batches(MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
-                            fn_constructor_kwargs={"threads": -1}, ray_remote_args_fn=no_actor_restarts)
+        ds = map_batches_without_restarts(ds, MiniLMEncoder, batch_size=256, batch_format="pyarrow", concurrency=1,
+                                          fn_constructor_kwargs={"threads": -1})
         # Vectors come back as Ray's tensor extension type; the cache stores CACHE_SCHEMA's
         # fixed_size_list, so rebuild each batch from numpy with the cache's own constructor. Each batch is
         # a part of its own as soon as it is encoded: a build that dies keeps what it encoded, and the next
