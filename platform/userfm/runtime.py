@@ -303,8 +303,9 @@ def map_batches_without_restarts(ds, fn, **kwargs):
     Ray Data's default restarts a dead actor forever, which cannot work for an actor whose constructor
     arguments live in the object store, and Ray's core worker says so in a raw error line on the console
     (issue 28); here a dead actor fails the job with its error. Ray 2.60 (pinned) takes ``max_restarts``
-    only as an extra keyword (``**ray_remote_args``) or through ``ray_remote_args_fn``, both marked deprecated (removal in 2.64, no
-    named parameter for it yet): that warning is silenced here, the one place that uses it.
+    only as an extra keyword (``**ray_remote_args``) or through ``ray_remote_args_fn``, both marked
+    deprecated (removal in 2.64, no named parameter for it yet): that warning is silenced here, the one
+    place that uses it.
     """
     import warnings
 
