@@ -8,10 +8,16 @@ and not, and each row's paired difference to the best yardstick (popularity, ite
 A pretrained encoder enters frozen: its embedding of items[:-2] trains a retrieval head towards item[-2]
 (90 % of users; the other 10 % early-stop it), and its embedding of items[:-1] is scored on item[-1]. The
 encoder is the demo run's, so pretrained on the training users' histories (with whatever holdout_last the run
-used): the table says which.
+used): the table says which. ``--pretrain`` makes them here instead, with the demo's real-data recipe
+(epoch budget, early stopping on the validation loss, best weights) and ``holdout_last=1``, so no encoder has
+seen a test item.
+
+Encoders pretrained with ``future`` or ``next`` also score the catalog with their own objective head, zero
+training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`).
 
     python experiments/benchmarks/loo.py RUN                       # a demo run folder (dataset/, pretrain/)
     python experiments/benchmarks/loo.py runs/real/movielens/run --objectives clue future --name movielens
+    python experiments/benchmarks/loo.py RUN --pretrain future next --no-sasrec   # RUN needs only dataset/
 
 Writes ``OUT/loo.md`` (default: RUN/loo/) and, with ``--name``, ``docs/results/loo-<name>.md``.
 """
@@ -40,21 +46,34 @@ def _split_users(users: list[str], val_share: float = 0.1) -> np.ndarray:
     return rank < np.quantile(rank, val_share)
 
 
-def _embed(run: Path, objective: str, holdout: int, out: Path) -> Path:
-    """The run's embedding table of the encoder ``objective`` with the last ``holdout`` events held out (reused
-    from the run when it made one, else made here with ``userfm embed``)."""
+def _embed(run: Path, model: Path, objective: str, holdout: int, out: Path, own: bool, cache: str) -> Path:
+    """The embedding table of the encoder ``objective`` with the last ``holdout`` events held out (the run's own
+    when ``own`` and it made one, else made here with ``userfm embed``)."""
     from userfm.demo import embeddings_key
 
     have = run / embeddings_key(holdout) / objective
-    if have.is_dir():
+    if own and have.is_dir():
         return have
     from userfm.infer.embed import EmbedConfig, run_embed
 
     dest = out / f"emb{holdout}" / objective
     if not dest.is_dir():
-        run_embed(EmbedConfig(model=str(run / "pretrain" / objective / "model"), data=str(run / "dataset"), out=str(dest),
-                              holdout_last=holdout))
+        run_embed(EmbedConfig(model=str(model), data=str(run / "dataset"), out=str(dest), holdout_last=holdout,
+                              minilm_cache=cache))
     return dest
+
+
+def _pretrain(run: Path, objective: str, out: Path, cache: str) -> Path:
+    """``objective`` pretrained on the run's dataset with the demo's real-data recipe and ``holdout_last=1``
+    (reused when ``out/pretrain/<objective>/model`` exists) -> its model folder."""
+    from userfm.demo import DemoConfig, pretrain_config
+    from userfm.train.pretrain import run_pretrain
+
+    dest = out / "pretrain" / objective
+    if not (dest / "model").is_dir():
+        cfg = DemoConfig(data=str(run / "dataset"), format="events", minilm_cache=cache)
+        run_pretrain(pretrain_config(cfg, objective, run / "dataset", dest, holdout_last=1))
+    return dest / "model"
 
 
 def main() -> int:
@@ -67,6 +86,9 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
     ap.add_argument("--out", default=None, help="output folder (default: RUN/loo)")
     ap.add_argument("--name", default=None, help="also write docs/results/loo-<name>.md")
+    ap.add_argument("--pretrain", nargs="*", default=[], metavar="OBJECTIVE",
+                    help="pretrain these encoders here (demo recipe, holdout_last=1) into OUT/pretrain and score them too")
+    ap.add_argument("--minilm-cache", default="", help="MiniLM vector cache kept between runs (default: RUN/dataset/minilm_cache)")
     args = ap.parse_args()
 
     from userfm.eval import metrics as M
@@ -77,6 +99,9 @@ def main() -> int:
     from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.eval.item_knn import item_cosine, knn_scorer
     from userfm.eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.embed import minilm_vectors
+    from userfm.infer.item_scorer import ItemScorer, has_item_scorer
 
     run = Path(args.run)
     data = run / "dataset"
@@ -124,17 +149,34 @@ def main() -> int:
     task = TaskConfig(name="loo", table="last_event", target="item_id", type="retrieval")
     is_val = _split_users(users)
     uid = np.asarray(users, dtype=object)
-    for obj in args.objectives:
-        pre = json.loads((run / "pretrain" / obj / "config.json").read_text())["pretrain"]
-        x2 = load_embeddings(_embed(run, obj, 2, out)).lookup(uid)
-        x1 = load_embeddings(_embed(run, obj, 1, out)).lookup(uid)
+    encoders = {o: (run / "pretrain" / o / "model", True) for o in args.objectives}
+    if args.pretrain:
+        from userfm import runtime
+
+        runtime.init_ray()
+        encoders.update({o: (_pretrain(run, o, out, args.minilm_cache), False) for o in args.pretrain})
+    rows = None
+    for obj, (model, own) in encoders.items():
+        pre = json.loads((model.parent / "config.json").read_text())["pretrain"]
+        x2 = load_embeddings(_embed(run, model, obj, 2, out, own, args.minilm_cache)).lookup(uid)
+        x1 = load_embeddings(_embed(run, model, obj, 1, out, own, args.minilm_cache)).lookup(uid)
+        where = "on the training users" + ("" if own else " (pretrained here)")
+        if has_item_scorer(model):
+            t0 = time.perf_counter()
+            rows = read_sequences(data) if rows is None else rows
+            scorer = ItemScorer(model, rows, catalog, minilm_vectors(str(model), str(data), args.minilm_cache, progress=lambda s: None))
+            name = f"{obj}/own-head"
+            score(name, lambda r, f=scorer: f.scores(x1[r]))
+            info[name] = f"the {obj} objective's own head, no training on top; encoder holdout_last={pre.get('holdout_last', 0)} {where}"
+            timings[name] = time.perf_counter() - t0
+            print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
         for head, hidden in (("logreg", 0), ("mlp", ecfg.mlp_hidden)):
             t0 = time.perf_counter()
             fitted = fit_retrieval(x2[~is_val], y_val[~is_val], x2[is_val], y_val[is_val], task=task, classes=catalog,
                                    cfg=ecfg, seed=args.seed, history=[h for h, v in zip(train, is_val) if not v], hidden=hidden)
             name = f"{obj}/{head}"
             score(name, lambda r, f=fitted: f.logits(x1[r]))
-            info[name] = f"encoder pretrained with holdout_last={pre.get('holdout_last', 0)} on the training users"
+            info[name] = f"encoder pretrained with holdout_last={pre.get('holdout_last', 0)} {where}"
             timings[name] = time.perf_counter() - t0
             print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
 

@@ -296,17 +296,27 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
 
 
 def export(checkpoint: Path, dest: Path, vocabs, tok) -> Path:
-    """Checkpoint folder -> self-contained model folder (config, safetensors, vocabs, tokenizer)."""
+    """Checkpoint folder -> self-contained model folder (config, safetensors, vocabs, tokenizer), plus the
+    objective's head (``head.safetensors`` and ``objective.json``, the ``ObjectiveConfig`` that rebuilds it)
+    when the checkpoint has one: the item scorer of ``future``/``next`` (:mod:`userfm.eval.item_scorer`)."""
     from safetensors.torch import load_file
 
     from userfm.models.encoders import EncoderConfig, UserEncoder, save_encoder
+    from userfm.train.steps import _objective_config
 
-    enc_cfg = EncoderConfig.from_json(json.dumps(json.loads((checkpoint / "config.json").read_text())["encoder"]))
+    saved = json.loads((checkpoint / "config.json").read_text())
+    enc_cfg = EncoderConfig.from_json(json.dumps(saved["encoder"]))
     model = UserEncoder(enc_cfg)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     if dest.exists():
         shutil.rmtree(dest)
-    return save_encoder(dest, model, vocabs, tok)
+    save_encoder(dest, model, vocabs, tok)
+    head = checkpoint / "head.safetensors"
+    if head.exists() and "_empty" not in load_file(str(head)):
+        shutil.copyfile(head, dest / "head.safetensors")
+        ocfg = _objective_config(PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["pretrain"].items()}))
+        (dest / "objective.json").write_text(json.dumps(asdict(ocfg), indent=2))
+    return dest
 
 
 def latest_checkpoint(out: Path) -> Path | None:

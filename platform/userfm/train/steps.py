@@ -196,8 +196,9 @@ def load_checkpoint(path: Path, model, head, opt) -> int:
     return int(json.loads((path / "state.json").read_text())["step"])
 
 
-def save_best(path: Path, model, step: int, val_loss: float, cfg: PretrainConfig, enc_json: str) -> None:
-    """The encoder weights of the lowest validation loss so far (what :func:`export` reads), replacing the last."""
+def save_best(path: Path, model, step: int, val_loss: float, cfg: PretrainConfig, enc_json: str, head=None) -> None:
+    """The encoder (and objective head) weights of the lowest validation loss so far (what :func:`export`
+    reads), replacing the last."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
@@ -205,6 +206,8 @@ def save_best(path: Path, model, step: int, val_loss: float, cfg: PretrainConfig
     tmp.mkdir(parents=True)
     m = getattr(model, "module", model)
     save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(tmp / "model.safetensors"))
+    if head is not None and head.state_dict():
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
     (tmp / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_json)}))
     shutil.rmtree(path, ignore_errors=True)

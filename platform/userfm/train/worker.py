@@ -238,7 +238,7 @@ def train_loop(config: dict) -> None:
                     # every rank gets the same all-reduced loss, so every rank takes the same decision
                     best, improved, stop = early_stop_state(best, step, val, cfg.early_stop)
                     if improved and rank == 0:
-                        save_best(out / "best", model, step, val, cfg, config["encoder"])
+                        save_best(out / "best", model, step, val, cfg, config["encoder"], head)
                     row["best_step"] = best["step"]
                     if stop:
                         row["early_stop"] = 1

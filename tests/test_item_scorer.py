@@ -1,0 +1,93 @@
+"""The objective's own item scorer (userfm.infer.item_scorer): the head is kept through save_best -> export, and
+the scores equal cos(head(z), item vector of the item's first event) / temperature computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from seqrows import all_scope, event_rows, table
+from userfm.infer.item_scorer import ItemScorer, ItemScorerError, catalog_events, has_item_scorer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _rows() -> pa.Table:
+    return all_scope(table(event_rows(n_users=8, seed=3)))
+
+
+def test_catalog_events_is_each_items_first_event_by_hand():
+    rows = _rows()
+    first: dict[str, dict] = {}
+    for r in rows.to_pylist():
+        for k in range(r["n_events"]):
+            first.setdefault(r["item_id"][k], {c: r[c][k] for c in ("ts", "service", "text", "category", "value")})
+    catalog = sorted(first)[::-1]  # any order: the rows follow it
+    got = catalog_events(rows, catalog).to_pylist()
+    assert [g["user_id"] for g in got] == catalog and all(g["n_events"] == 1 and g["item_id"] == [g["user_id"]] for g in got)
+    for g in got:
+        want = first[g["user_id"]]
+        assert {c: g[c] for c in want} == {c: [v] for c, v in want.items()}
+    with pytest.raises(ItemScorerError, match="'nope' is in no sequence row"):
+        catalog_events(rows, [catalog[0], "nope"])
+
+
+def _export(tmp_path, objective: str, pooling: str):
+    """A tiny encoder + its objective head through the pretraining path (save_best -> export)."""
+    from userfm.models.encoders import UserEncoder, config_for
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.models.tokenizer import TextTokenizer
+    from userfm.objectives.pretext import build_head
+    from userfm.train.pretrain import export
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import _objective_config, save_best
+
+    rows = _rows()
+    vocabs = fit_vocabs(rows, FeatureConfig(max_events=16, max_text_tokens=8))
+    tok = TextTokenizer.fit([t for lst in rows.column("text").to_pylist() for t in lst], vocab_size=200)
+    torch.manual_seed(0)
+    enc_cfg = config_for("tiny", vocabs, tok, item_encoder="text", item_id_buckets=97, pooling=pooling,
+                         causal=objective == "next")
+    model = UserEncoder(enc_cfg).eval()
+    cfg = PretrainConfig(objective=objective, pooling=pooling, temperature=0.2, time_fields=("hour",))
+    head = build_head(_objective_config(cfg), enc_cfg)
+    if objective != "clue":
+        torch.nn.init.normal_(head.projection.weight)  # not near-identity: a wrong map would show
+    save_best(tmp_path / "best", model, 7, 1.0, cfg, enc_cfg.to_json(), head)
+    export(tmp_path / "best", tmp_path / "model", vocabs, tok)
+    return rows, model, head, vocabs, tok
+
+
+@pytest.mark.parametrize("objective,pooling", [("future", "mean"), ("next", "last")])
+def test_scores_equal_the_head_and_item_vectors_by_hand(tmp_path, objective, pooling):
+    from userfm.models.features import make_batch, to_torch
+
+    rows, model, head, vocabs, tok = _export(tmp_path, objective, pooling)
+    assert has_item_scorer(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "objective.json").read_text())["objective"] == objective
+    catalog = sorted({i for lst in rows.column("item_id").to_pylist() for i in lst})
+    scorer = ItemScorer(tmp_path / "model", rows, catalog, batch_size=5)  # several catalog batches
+    with torch.no_grad():
+        z = model(to_torch(make_batch(rows, vocabs, tok))).numpy()  # (8, d): what `userfm embed` writes
+    got = scorer.scores(z)
+    assert got.shape == (rows.num_rows, len(catalog))
+    firsts = catalog_events(rows, catalog).to_pylist()
+    with torch.no_grad():
+        u = head.projection(torch.as_tensor(z))
+        for j, ev in enumerate(firsts):  # each item's vector from its own one-event batch
+            one = {"user_id": ["x"], "n_events": [1], **{c: [ev[c]] for c in ("ts", "service", "text", "item_id", "category", "value")}}
+            v = model.item_vectors(to_torch(make_batch(pa.table(one), vocabs, tok)))[0, 0]
+            want = (u @ v / (u.norm(dim=1) * v.norm())).numpy() / 0.2
+            np.testing.assert_allclose(got[:, j], want, rtol=1e-4, atol=1e-4)
+
+
+def test_contrastive_models_have_no_item_scorer(tmp_path):
+    rows, *_ = _export(tmp_path, "clue", "mean")
+    assert (tmp_path / "model" / "head.safetensors").exists()  # CLUE's head is kept too (its projection)
+    assert not has_item_scorer(tmp_path / "model")
+    with pytest.raises(ItemScorerError, match="no future/next objective head"):
+        ItemScorer(tmp_path / "model", rows, ["i1"])
