@@ -32,6 +32,24 @@ def test_user_item_matrix_is_binary_over_the_last_max_events():
     assert [dense[2, col[t]] for t in "abd"] == [1, 1, 1]
 
 
+def test_item_id_key_makes_one_column_per_item_whatever_its_texts():
+    # MovieLens-style texts carry the rating: one film, two texts. Keyed by text they are two items; keyed by
+    # item id (features.item_hash) one, and an event without an id is the item its text names.
+    from userfm.models.features import ITEM_KEY_PREFIX, item_hash
+
+    tab = pa.table({"user_id": ["u0", "u1"], "text": [["f rated 4", "g"], ["f rated 3", "h"]],
+                    "item_id": [["f", None], ["f", "h"]]})
+    by_text, x_text = user_item_matrix(tab, key="text")
+    assert len(by_text) == 4 and x_text.sum() == 4
+    by_id, x_id = user_item_matrix(tab, key="item_id")
+    assert by_id.tolist() == sorted(text_hash([ITEM_KEY_PREFIX + "f", "g", ITEM_KEY_PREFIX + "h"]).tolist())
+    f = int(np.searchsorted(by_id, text_hash([ITEM_KEY_PREFIX + "f"])[0]))
+    assert x_id.toarray()[:, f].tolist() == [1, 1]  # both users took the one film
+    assert item_hash(["f", None, "f"], ["x", "g", "y"]).tolist() == text_hash([ITEM_KEY_PREFIX + "f", "g", ITEM_KEY_PREFIX + "f"]).tolist()
+    with pytest.raises(ValueError, match="key must be"):
+        CoocConfig(key="title")
+
+
 def test_ppmi_by_hand():
     # users: {a,b} x3, {a,c}, {b,c}, {c,d} x2 -> co-occurrence ab 3, ac 1, bc 1, cd 2 (symmetric, N = 14)
     # marginals a 4, b 4, c 4, d 2: PMI ab = log(3*14/16), cd = log(2*14/8), ac = bc = log(14/16) < 0 -> 0

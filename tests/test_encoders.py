@@ -87,6 +87,13 @@ def test_item_id_embedding_tells_apart_items_with_the_same_text_vector(corpus):
     assert torch.allclose(model(b), model(wrapped))
     with pytest.raises(ValueError, match="item_id_buckets"):
         EncoderConfig(item_id_buckets=-1)
+    # item_key "item_id" reads item_hash (the event's item id) instead: a text change alone no longer moves the id part
+    keyed = _model(vocabs, tok, "minilm", item_id_buckets=64, item_key="item_id")
+    b2 = dict(b, item_hash=b["text_hash"] * 0 + 7)
+    torch.testing.assert_close(keyed.item_vectors(b2) - keyed.item(b2), keyed.item_vectors(dict(b2, text_hash=b2["text_hash"] + 1)) - keyed.item(b2))
+    assert not torch.allclose(keyed(b2), keyed(dict(b2, item_hash=b2["item_hash"] + 1)))
+    with pytest.raises(ValueError, match="item_key"):
+        EncoderConfig(item_key="title")
 
 
 def test_named_sizes_grow_and_clue_is_725m():

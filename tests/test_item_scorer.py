@@ -36,7 +36,7 @@ def test_catalog_events_is_each_items_first_event_by_hand():
         catalog_events(rows, [catalog[0], "nope"])
 
 
-def _export(tmp_path, objective: str, pooling: str):
+def _export(tmp_path, objective: str, pooling: str, item_key: str = "item_id"):
     """A tiny encoder + its objective head through the pretraining path (save_best -> export)."""
     from userfm.models.encoders import UserEncoder, config_for
     from userfm.models.features import FeatureConfig, fit_vocabs
@@ -51,7 +51,7 @@ def _export(tmp_path, objective: str, pooling: str):
     tok = TextTokenizer.fit([t for lst in rows.column("text").to_pylist() for t in lst], vocab_size=200)
     torch.manual_seed(0)
     enc_cfg = config_for("tiny", vocabs, tok, item_encoder="text", item_id_buckets=97, pooling=pooling,
-                         causal=objective == "next")
+                         causal=objective == "next", item_key=item_key)
     model = UserEncoder(enc_cfg).eval()
     cfg = PretrainConfig(objective=objective, pooling=pooling, temperature=0.2, time_fields=("hour",))
     head = build_head(_objective_config(cfg), enc_cfg)
@@ -62,11 +62,12 @@ def _export(tmp_path, objective: str, pooling: str):
     return rows, model, head, vocabs, tok
 
 
-@pytest.mark.parametrize("objective,pooling", [("future", "mean"), ("next", "last")])
-def test_scores_equal_the_head_and_item_vectors_by_hand(tmp_path, objective, pooling):
+@pytest.mark.parametrize("objective,pooling,item_key", [("future", "mean", "item_id"), ("next", "last", "item_id"),
+                                                       ("future", "mean", "text")])
+def test_scores_equal_the_head_and_item_vectors_by_hand(tmp_path, objective, pooling, item_key):
     from userfm.models.features import make_batch, to_torch
 
-    rows, model, head, vocabs, tok = _export(tmp_path, objective, pooling)
+    rows, model, head, vocabs, tok = _export(tmp_path, objective, pooling, item_key)
     assert has_item_scorer(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "objective.json").read_text())["objective"] == objective
     catalog = sorted({i for lst in rows.column("item_id").to_pylist() for i in lst})

@@ -37,6 +37,7 @@ class CoocConfig:
     min_users: int = 2  # items taken by fewer training users get no vector
     max_events: int = 64  # each user's most recent events counted (the encoder's window)
     seed: int = 0  # randomized SVD seed
+    key: str = "text"  # what one item is: "text" (the event text's hash) | "item_id" (features.item_hash: its item id)
 
     def __post_init__(self):
         if self.dim < 1:
@@ -45,16 +46,20 @@ class CoocConfig:
             raise ValueError(f"min_users must be >= 1, got {self.min_users}")
         if self.max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {self.max_events}")
+        if self.key not in ("text", "item_id"):
+            raise ValueError(f"key must be 'text' or 'item_id', got {self.key!r}")
 
 
-def user_item_matrix(rows: pa.Table, max_events: int = 64) -> tuple[np.ndarray, sparse.csr_matrix]:
-    """Sequence rows (``text`` list column, oldest first) -> item hashes and the binary user x item matrix.
+def user_item_matrix(rows: pa.Table, max_events: int = 64, key: str = "text") -> tuple[np.ndarray, sparse.csr_matrix]:
+    """Sequence rows (``text`` list column, oldest first; ``item_id`` too for ``key="item_id"``) -> item hashes
+    and the binary user x item matrix.
 
     Returns:
-        hashes: (I,) int64, sorted, the text hash of each column; X: (U, I) float32 CSR of 0/1, one row per
-        input row, counting each user's last ``max_events`` events.
+        hashes: (I,) int64, sorted, the key of each column (:func:`userfm.models.features.text_hash` of the text,
+        or :func:`userfm.models.features.item_hash`); X: (U, I) float32 CSR of 0/1, one row per input row,
+        counting each user's last ``max_events`` events.
     """
-    from userfm.models.features import text_hash
+    from userfm.models.features import item_hash, text_hash
 
     texts = rows.column("text").combine_chunks() if rows.num_rows else pa.array([], pa.list_(pa.string()))
     n = pc.list_value_length(texts).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (U,)
@@ -64,7 +69,11 @@ def user_item_matrix(rows: pa.Table, max_events: int = 64) -> tuple[np.ndarray, 
     flat = texts.flatten().to_pylist()
     idx = np.concatenate([np.arange(a, b) for a, b in zip(keep_from, ends)]) if len(n) else np.zeros(0, np.int64)
     user = np.repeat(np.arange(len(n)), ends - keep_from)
-    h = text_hash([flat[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
+    if key == "item_id":
+        ids = rows.column("item_id").combine_chunks().flatten().to_pylist()
+        h = item_hash([ids[i] for i in idx], [flat[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
+    else:
+        h = text_hash([flat[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
     hashes, col = np.unique(h, return_inverse=True)
     x = sparse.csr_matrix((np.ones(len(col), np.float32), (user, col)), shape=(len(n), len(hashes)))
     x.data[:] = 1.0  # duplicates summed by the constructor: binary "took it"
@@ -95,7 +104,7 @@ def fit_item_vectors(rows: pa.Table, cfg: CoocConfig = CoocConfig()) -> tuple[np
     Only items with >= ``min_users`` users and a non-empty PPMI row are returned; ``dim'`` is
     ``min(dim, I' - 1)``. Fewer than 2 such items -> empty arrays of shape (0,), (0, 0).
     """
-    hashes, x = user_item_matrix(rows, cfg.max_events)
+    hashes, x = user_item_matrix(rows, cfg.max_events, cfg.key)
     users_per_item = np.asarray(x.sum(axis=0)).ravel()
     keep = users_per_item >= cfg.min_users
     hashes, x = hashes[keep], x[:, keep]

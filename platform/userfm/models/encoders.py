@@ -33,6 +33,8 @@ from torch import Tensor, nn
 ITEM_ENCODERS = ("category", "text", "minilm")
 POOLINGS = ("cls", "mean", "last")
 
+ITEM_KEYS = {"text": "text_hash", "item_id": "item_hash"}  # EncoderConfig.item_key -> the batch key it reads
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -55,8 +57,10 @@ class EncoderConfig:
     text_vocab: int = 8192  # BPE vocabulary ("text" item encoder only)
     max_text_tokens: int = 32  # tokens per event incl. <bos> ("text" only)
     item_layers: int = 1  # item transformer layers ("text" only)
-    item_id_buckets: int = 0  # > 0: add a learned embedding of each event's item identity (text_hash mod buckets) to e_i
-    cooc_items: int = 0  # > 0: rows of the frozen item co-occurrence table (userfm.models.cooc), keyed by text_hash
+    item_id_buckets: int = 0  # > 0: add a learned embedding of each event's item identity (item key mod buckets) to e_i
+    cooc_items: int = 0  # > 0: rows of the frozen item co-occurrence table (userfm.models.cooc), keyed by the item key
+    item_key: str = "text"  # the item identity of the id table and the co-occurrence table: "text" (text_hash, models
+    #                         saved before 2026-12-06) | "item_id" (item_hash: the event's item id, else its text)
     cooc_dim: int = 0  # its vector size; e_i += Linear(cooc_dim, d, no bias)(vector), zeros for items not in it
 
     def __post_init__(self):
@@ -68,6 +72,8 @@ class EncoderConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.item_id_buckets < 0:
             raise ValueError(f"item_id_buckets must be >= 0, got {self.item_id_buckets}")
+        if self.item_key not in ITEM_KEYS:
+            raise ValueError(f"item_key must be one of {ITEM_KEYS}, got {self.item_key!r}")
         if self.cooc_items < 0 or self.cooc_dim < 0 or bool(self.cooc_items) != bool(self.cooc_dim):
             raise ValueError(f"cooc_items and cooc_dim must both be > 0 or both 0, got {self.cooc_items}, {self.cooc_dim}")
         if self.item_encoder == "minilm" and self.text_vector_dim <= 0:
@@ -222,10 +228,11 @@ class UserEncoder(nn.Module):
         """(B, L, d): each event's item part of the input (item encoder + hashed item id + co-occurrence
         vector; no time, service or position): the item representation the ``future`` objective scores."""
         x = self.item(batch)  # (B, L, d)
+        key = batch[ITEM_KEYS[self.config.item_key]]  # (B, L) int64
         if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out by the callers
-            x = x + self.item_ids(torch.remainder(batch["text_hash"], self.config.item_id_buckets))
+            x = x + self.item_ids(torch.remainder(key, self.config.item_id_buckets))
         if self.cooc is not None:
-            x = x + self.cooc(self.cooc_lookup(batch["text_hash"]))
+            x = x + self.cooc(self.cooc_lookup(key))
         return x
 
     def set_cooc(self, hashes, vectors) -> None:

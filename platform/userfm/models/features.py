@@ -12,7 +12,8 @@ service        (B, L) int64     service id, 0 = padding, 1 = unknown service
 category       (B, L, C) int64  id of each category level (C = levels); 0 = level missing
 time           (B, L, T) int64  id of each time field (year, month, ...); 0 = padding
 ts             (B, L) int64     event time, microseconds since the epoch (UTC); 0 = padding
-text_hash      (B, L) int64     :func:`userfm.models.minilm.text_hash` of the text (frozen-vector key)
+text_hash      (B, L) int64     :func:`text_hash` of the text (frozen-vector key)
+item_hash      (B, L) int64     :func:`item_hash`: the event's item identity (its item id, else its text)
 masked         (B, L) bool      event replaced by the [MASK] input (MLM, SimCLR masking)
 tokens         (B, L, K) int64  BPE ids of the text (only with a tokenizer); 0 = padding
 =============  ===============  ==========================================================
@@ -46,8 +47,8 @@ LEVEL_SEP = "\x1f"  # joins a category path prefix: level k's key is the path up
 FIXED_TIME_FIELDS = {"month": 12, "day": 31, "weekday": 7, "hour": 24}
 TIME_FIELDS = ("year", *FIXED_TIME_FIELDS, "recency")
 CALENDAR_FIELDS = ("year", *FIXED_TIME_FIELDS)  # the default: every calendar field, no recency
-BATCH_KEYS = ("length", "service", "category", "time", "ts", "text_hash", "masked", "tokens")
-EVENT_KEYS = ("service", "category", "time", "ts", "text_hash", "masked", "tokens", "text_vector")
+BATCH_KEYS = ("length", "service", "category", "time", "ts", "text_hash", "item_hash", "masked", "tokens")
+EVENT_KEYS = ("service", "category", "time", "ts", "text_hash", "item_hash", "masked", "tokens", "text_vector")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,23 @@ def text_hash(texts) -> np.ndarray:
     )
 
 
+ITEM_KEY_PREFIX = "\x1fitem:"  # hashed before an item id, so an id never collides with an equal text
+
+
+def item_hash(item_ids, texts) -> np.ndarray:
+    """The item identity of each event as int64: :func:`text_hash` of ``ITEM_KEY_PREFIX + item_id`` where the
+    event has an item id, else the hash of its text (an event without an id is the item its text names).
+
+    One item is one key even when its events' texts differ (MovieLens texts carry the rating: one film is up
+    to 10 texts). Each distinct key is hashed once.
+    """
+    keys = pa.array([ITEM_KEY_PREFIX + i if i is not None else (t or "") for i, t in zip(item_ids, texts)], pa.string())
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    enc = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) else pc.dictionary_encode(keys)
+    return text_hash(enc.dictionary.to_pylist())[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 def _time_values(us: np.ndarray, last_us: np.ndarray, fields: tuple[str, ...], recency_buckets: int) -> dict:
     """Raw (not yet id-mapped) value of each time field, 0-based except year."""
     dt = us.astype("datetime64[us]")
@@ -372,6 +390,8 @@ def make_batch(
     text = column("text")
     texts = text.to_pylist() if text is not None else [""] * n_ev
     batch["text_hash"] = scatter(text_hash(texts), 0, np.int64)
+    ids = column("item_id")
+    batch["item_hash"] = scatter(item_hash(ids.to_pylist() if ids is not None else [None] * n_ev, texts), 0, np.int64)
     batch["masked"] = np.zeros((b, width), dtype=bool)
     if tokenizer is not None:
         toks = tokenizer.encode_batch(texts, cfg.max_text_tokens)

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from userfm.models.encoders import EncoderConfig
+from userfm.models.encoders import ITEM_KEYS as ENCODER_ITEM_KEYS, EncoderConfig
 from userfm.models.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.objectives.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
 
 OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
-ITEM_KEYS = ("service", "category", "text_hash", "tokens", "text_vector")  # what "replace an item" swaps
+ITEM_KEYS = ("service", "category", "text_hash", "item_hash", "tokens", "text_vector")  # what "replace an item" swaps
 TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
 
@@ -453,6 +453,11 @@ def _model_views(batch: Mapping[str, Tensor]) -> tuple[dict, dict]:
     return ({k: v for k, v in a.items() if k != "replaced"}, {k: v for k, v in b.items() if k != "replaced"})
 
 
+def _item_key(model: nn.Module) -> str:
+    """The batch key of the encoder's item identity (``EncoderConfig.item_key``): what counts as the same target."""
+    return ENCODER_ITEM_KEYS[getattr(model, "module", model).config.item_key]
+
+
 def pretext_loss(
     model: nn.Module, head: nn.Module, batch: Mapping[str, Tensor], cfg: ObjectiveConfig, time_fields=None
 ) -> tuple[Tensor, dict]:
@@ -476,19 +481,19 @@ def pretext_loss(
         a, b = _model_views(batch)
         z, items = model(a, items=b)  # (B, d), (B, W, d_model)
         valid = torch.arange(items.shape[1], device=items.device)[None, :] < b["length"][:, None]
-        loss, acc = future_loss(head(z), items, valid, b["text_hash"], head.temperature())
+        loss, acc = future_loss(head(z), items, valid, b[_item_key(model)], head.temperature())
         return loss, {"temperature": float(head.temperature().detach()), "future/top1": acc}
     if cfg.objective == "next":  # the causal state after each event -> the next event's item
         from userfm.objectives.next_event import next_loss
 
         z, h, valid, items = model(batch, return_hidden=True, items=batch)  # h: (B, 1+L, d), items: (B, L, d)
-        loss, acc = next_loss(head(h[:, 1:]), items, batch["length"], batch["text_hash"], head.temperature())
+        loss, acc = next_loss(head(h[:, 1:]), items, batch["length"], batch[_item_key(model)], head.temperature())
         return loss + 0.0 * z.sum(), {"temperature": float(head.temperature().detach()), "next/top1": acc}
     if cfg.objective == "masked-item":  # the state at each masked event -> the item that was there (BERT4Rec)
         from userfm.objectives.masked_item import masked_item_loss
 
         z, h, valid, items = model(batch, return_hidden=True, items=batch)  # items: from the unmasked features
-        loss, acc = masked_item_loss(head(h[:, 1:]), items, batch["masked"], batch["text_hash"], head.temperature())
+        loss, acc = masked_item_loss(head(h[:, 1:]), items, batch["masked"], batch[_item_key(model)], head.temperature())
         return loss + 0.0 * z.sum(), {"temperature": float(head.temperature().detach()), "masked-item/top1": acc}
     a, b = _model_views(batch)
     n = len(a["length"])

@@ -209,14 +209,14 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
 
         t_c = time.perf_counter()
         cooc = fit_item_vectors(train_rows, CoocConfig(dim=cfg.cooc_dim, min_users=cfg.cooc_min_users,
-                                                       max_events=cfg.max_events, seed=cfg.seed))
+                                                       max_events=cfg.max_events, seed=cfg.seed, key=cfg.item_key))
         if len(cooc[0]):
             extra.update(cooc_items=len(cooc[0]), cooc_dim=cooc[1].shape[1])
         progress(f"[pretrain] item co-occurrence vectors: {len(cooc[0]):,} items x {cooc[1].shape[1]} "
                  f"(taken by >= {cfg.cooc_min_users} training users; {time.perf_counter() - t_c:.1f}s)")
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
-                         item_id_buckets=cfg.item_id_buckets, causal=cfg.objective == "next", **extra)
+                         item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal=cfg.objective == "next", **extra)
     progress(f"[pretrain] read the rows and fitted every input ({time.perf_counter() - t0:.1f}s: the lines above)")
 
     t1 = time.perf_counter()

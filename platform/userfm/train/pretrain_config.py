@@ -76,6 +76,9 @@ class PretrainConfig:
     #                     them to each event's input, so items whose titles share their words can be told apart by
     #                     who takes them (demo data: CLUE age_bracket 0.350 -> 0.478, docs/pretraining.md, "Item co-occurrence vectors"); 0 = off
     cooc_min_users: int = 2  # items taken by fewer training users get no co-occurrence vector
+    item_key: str = "item_id"  # what one item is, for item_id_buckets, the co-occurrence vectors and the future/next/
+    #                     masked-item targets: item_id (the event's item id, else its text) | text (the text: before
+    #                     2026-12-06; MovieLens texts carry the rating, so one film was up to 10 items, each the others' negative)
     time_fields: tuple[str, ...] = CALENDAR_FIELDS  # calendar fields each event embeds
     #                     (FeatureConfig.time_fields; "recency" also valid). Absolute date fields let a time-split CLUE pair
     #                     be matched by the date the two halves share: drop them for single-service data rated in sessions
@@ -97,6 +100,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cooc_dim < 0 or self.cooc_min_users < 1:
             raise ValueError(f"cooc_dim must be >= 0 and cooc_min_users >= 1, got {self.cooc_dim}, {self.cooc_min_users}")
+        if self.item_key not in ("item_id", "text"):
+            raise ValueError(f"item_key must be 'item_id' or 'text', got {self.item_key!r}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
         if self.epochs < 0 or self.early_stop < 0:
