@@ -92,3 +92,65 @@ def test_contrastive_models_have_no_item_scorer(tmp_path):
     assert not has_item_scorer(tmp_path / "model")
     with pytest.raises(ItemScorerError, match="no future/next objective head"):
         ItemScorer(tmp_path / "model", rows, ["i1"])
+
+
+def test_evaluate_adds_the_own_head_row_of_a_future_table_and_its_hr_by_hand(tmp_path, ray_local):
+    """``userfm evaluate`` on a next-item task: the table a future encoder made gets a ``<table>/own-head`` row
+    whose HR@10 is the scorer's, by hand; a table with no model behind it gets none."""
+    from userfm.data.dataset import read_sequences
+    from userfm.data.ingest import IngestConfig, run_ingest
+    from userfm.data.synth import generate
+    from userfm.data.synth_model import SynthConfig
+    from userfm.eval import metrics as M
+    from userfm.eval.embeddings import load_embeddings
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.task_data import task_data, user_table
+    from userfm.eval.tasks import EvalConfig, TaskConfig
+    from userfm.infer.embed import EmbedConfig, run_embed
+    from userfm.models.encoders import UserEncoder, config_for
+    from userfm.models.features import FeatureConfig, fit_vocabs
+    from userfm.models.tokenizer import TextTokenizer
+    from userfm.objectives.pretext import build_head
+    from userfm.train.pretrain import export
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import _objective_config, save_best
+
+    generate(SynthConfig(n_users=300, events_per_user=12, seed=4), tmp_path / "raw")
+    run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events"),), out=str(tmp_path / "ds")), progress=lambda s: None)
+    rows = read_sequences(tmp_path / "ds")
+    vocabs = fit_vocabs(rows, FeatureConfig(max_events=16, max_text_tokens=8))
+    tok = TextTokenizer.fit([t for lst in rows.column("text").to_pylist() for t in lst], vocab_size=300)
+    torch.manual_seed(0)
+    enc_cfg = config_for("tiny", vocabs, tok, item_encoder="text", item_id_buckets=257, item_key="item_id")
+    cfg = PretrainConfig(objective="future", temperature=0.1, time_fields=("hour",))
+    head = build_head(_objective_config(cfg), enc_cfg)
+    encoder = UserEncoder(enc_cfg).eval()
+    save_best(tmp_path / "best", encoder, 1, 1.0, cfg, enc_cfg.to_json(), head)
+    model = export(tmp_path / "best", tmp_path / "future" / "model", vocabs, tok)
+    run_embed(EmbedConfig(model=str(model), data=str(tmp_path / "ds"), out=str(tmp_path / "emb"), holdout_last=1),
+              progress=lambda s: None)
+    other = tmp_path / "copy.parquet"  # the same vectors with no embed manifest beside them: no model, no own head
+    pa.parquet.write_table(pa.parquet.read_table(tmp_path / "emb" / "embeddings"), other)
+    # untrained weights would hit nothing in a 575-item catalog: aim the head's bias at the test users' five most
+    # common next items, at 3x the scale of the projected embeddings, so HR@10 is neither 0 nor 1
+    task = TaskConfig(name="nxt", table="last_event", target="item_id", type="retrieval")
+    td = task_data(tmp_path / "ds", task, user_table(tmp_path / "ds"))
+    z = load_embeddings(tmp_path / "emb").lookup(td.ids["test"])
+    common = torch.as_tensor(np.bincount(td.y["test"]).argsort()[::-1][:5].copy())
+    items = ItemScorer(model, rows, td.classes).items
+    with torch.no_grad():
+        scale = float(head.projection(torch.as_tensor(z)).norm(dim=1).median())
+        head.projection.bias.copy_(3 * scale * torch.nn.functional.normalize(items[common].sum(0), dim=0))
+    save_best(tmp_path / "best", encoder, 1, 1.0, cfg, enc_cfg.to_json(), head)  # the same encoder: its digest is checked
+    export(tmp_path / "best", model, vocabs, tok)
+    (tmp_path / "tasks.yaml").write_text("- {name: nxt, table: last_event, target: item_id, type: retrieval}\n")
+    res = run_evaluate(EvalConfig(data=str(tmp_path / "ds"), embeddings={"fut": str(tmp_path / "emb"), "plain": str(other)},
+                                  tasks=str(tmp_path / "tasks.yaml"), out=str(tmp_path / "ev"), heads=("logreg",),
+                                  baselines=("popularity",), seeds=1, bootstrap_samples=20, mlp_max_epochs=2),
+                       progress=lambda s: None)
+    models = [r["model"] for r in res["rows"]]
+    assert "fut/own-head" in models and "plain/own-head" not in models and "fut/logreg" in models
+    scorer = ItemScorer(model, rows, td.classes)
+    want = M.hit_rate_at_k(M.target_rank(scorer.scores(z), td.y["test"]), 10)
+    row = next(r for r in res["rows"] if r["model"] == "fut/own-head")
+    assert 0.05 < want < 0.95 and row["test"]["value"] == pytest.approx(want, abs=1e-6) and row["head"] == "own-head"

@@ -117,6 +117,21 @@ def _embed_manifest(path: str | Path) -> dict | None:
     return None
 
 
+def embedding_model(path: str | Path) -> tuple[str, str] | None:
+    """(model folder, MiniLM cache or "") of the encoder that made an embedding table, from its embed manifest;
+    None without a manifest, or when the model folder is gone or its weights changed since (digest)."""
+    info = _embed_manifest(path) or {}
+    model = (info.get("config") or {}).get("model")
+    weights = Path(model) / "model.safetensors" if model else None
+    if weights is None or not weights.is_file():
+        return None
+    from userfm.infer.embed import model_identity
+
+    if model_identity(model)["model_version"] != info.get("model_version"):
+        return None
+    return model, (info.get("config") or {}).get("minilm_cache") or ""
+
+
 def pretrain_holdout(path: str | Path) -> int | None:
     """``holdout_last`` the encoder behind an embedding table was pretrained with: the embed manifest's
     ``config.model`` -> the pretraining run's ``config.json`` (``<run>/model`` is its export). None when

@@ -6,6 +6,8 @@ its embedding table is the only input of a small head trained per task. For ever
 
     heads      "mlp"     U-MLP: one hidden layer, early-stopped on the val split's loss (torch)
                "logreg"  logistic regression (ridge for regression tasks), C chosen on val (scikit-learn)
+               "own-head" retrieval tasks, tables made by a future/next encoder (``own_heads``): the
+                         objective's own head scores the catalog, nothing trained (``userfm.infer.item_scorer``)
     baselines  "random"  an embedding table of seeded Gaussian vectors of the same size: the floor
                "tfidf"   TF-IDF of each user's event texts + logistic regression (no pretraining at all)
                "popularity" retrieval tasks only: every user gets the training users' most frequent items
@@ -93,7 +95,7 @@ from userfm.eval import metrics as M
 from userfm.config import ConfigError, to_dict
 from userfm.data.dataset import load_manifest
 from userfm.eval.baselines import SEQ_COLUMNS, _bag_of_items_scores, _concat_scores, _item_knn_ranks, _popularity_ranks, _sasrec_ranks, _tfidf_scores, _ttrans_runs, minilm_mean_table, tfidf_features, user_texts
-from userfm.eval.embeddings import EmbeddingTable, concat_tables, load_embeddings, pretrain_holdout, random_embeddings
+from userfm.eval.embeddings import EmbeddingTable, concat_tables, embedding_model, load_embeddings, pretrain_holdout, random_embeddings
 from userfm.eval.heads import _FITTERS, _torch_threads, fit_retrieval, retrieval_ranks, save_head
 from userfm.eval.render import format_markdown, head_timings, write_charts
 from userfm.eval.task_data import TaskData, _attribute_table, merge_folds, stack_folds, task_data, user_table
@@ -327,6 +329,27 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         import sklearn.feature_extraction.text  # noqa: F401
         import sklearn.linear_model  # noqa: F401
 
+    scorers: dict[tuple[str, int], tuple] = {}  # (table, catalog) -> (ItemScorer or None, build seconds)
+
+    def own_scorer(emb_name: str, source: str, catalog: list[str]) -> tuple:
+        key = (emb_name, hash(tuple(catalog)))
+        if key not in scorers:
+            from userfm.infer.item_scorer import ItemScorer, has_item_scorer
+
+            found = embedding_model(source) if source != RANDOM else None
+            scorers[key] = (None, 0.0)
+            if found is not None and has_item_scorer(found[0]):
+                from userfm.data.dataset import read_sequences
+                from userfm.infer.embed import minilm_vectors
+
+                t0 = time.perf_counter()
+                rows = read_sequences(cfg.data, columns=["user_id", "n_events", "ts", "service", "text", "item_id", "category", "value"])
+                vectors = minilm_vectors(found[0], cfg.data, found[1] or cfg.minilm_cache, progress=progress)
+                scorers[key] = (ItemScorer(found[0], rows, catalog, vectors), time.perf_counter() - t0)
+                progress(f"[evaluate] {emb_name}: scoring {len(catalog):,} items with its {scorers[key][0].objective} "
+                         f"head too ({emb_name}/own-head)")
+        return scorers[key]
+
     def score_models(td: TaskData, fold: int | None = None) -> dict[str, dict]:
         """Fit every (table x head) and baseline on ``td``'s train users (selection on val) and score its
         test users: model -> {scores (one per seed), train_s, infer_s, saved, embedding, head, extra}."""
@@ -392,6 +415,14 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                         save_head(out / rel, fitted)
                         saved.append(str(rel))
                 record(f"{emb_name}/{head}", emb_name, head, scores * (len(seeds) // len(fit_seeds)), tr_s, inf_s, saved)
+        if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
+            for emb_name, source in cfg.embeddings.items():
+                scorer, build_s = own_scorer(emb_name, source, td.classes)
+                if scorer is not None:
+                    x_te = real[emb_name].lookup(td.ids["test"])
+                    t0 = time.perf_counter()
+                    s = retrieval_ranks(lambda r: scorer.scores(x_te[r]), len(x_te), td.y["test"], seen)
+                    record(f"{emb_name}/own-head", emb_name, "own-head", [s] * len(seeds), [build_s], [time.perf_counter() - t0])
         if "popularity" in cfg.baselines and retrieval:
             s, a, b = _popularity_ranks(td, seen)  # deterministic: one count serves every seed
             record("popularity", None, "popularity", [s] * len(seeds), [a], [b])
@@ -472,7 +503,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         # paired difference to the random floor: same head; tfidf vs random/logreg, t-trans vs random/mlp
         floors = [m for m in task_scores if cfg.embeddings.get(m.split("/")[0]) == RANDOM]
         for model, row in task_rows.items():
-            floor_head = {"t-trans": "mlp", "popularity": "mlp", "item-knn": "mlp", "sasrec": "mlp"}.get(row["head"], row["head"])
+            floor_head = {"t-trans": "mlp", "popularity": "mlp", "item-knn": "mlp", "sasrec": "mlp", "own-head": "mlp"}.get(row["head"], row["head"])
             floor = next((f for f in floors if f.split("/")[1] == floor_head), None)
             if floor is not None and floor != model:
                 row["vs_random"] = {"model": floor, **_difference(task.metric, td.y["test"], task_scores[model],

@@ -185,6 +185,8 @@ class EvalConfig:
     #                         vectors of this size (PPMI + SVD of the training users' histories, userfm.models.cooc), its bias
     #                         starting at the popularity ranking; 0 = one free output per item. Off: on MovieLens
     #                         latest-small (32) it moved HR@10 within the intervals (docs/evaluation.md, the MovieLens paragraph)
+    own_heads: bool = True  # retrieval: a table made by a future/next encoder also scores the catalog with that
+    #                         objective's own head, nothing trained on top (row <table>/own-head; userfm.infer.item_scorer)
     item_knn_last: tuple[int, ...] = (1, 3, 10, 0)  # item-knn: most recent items read (0 = all), best val HR@10 wins
     sasrec_max_len: int = 50  # sasrec: most recent items read
     sasrec_dim: int = 64  # sasrec: embedding and hidden size
