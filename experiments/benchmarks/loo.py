@@ -9,8 +9,9 @@ A pretrained encoder enters frozen: its embedding of items[:-2] trains a retriev
 (90 % of users; the other 10 % early-stop it), and its embedding of items[:-1] is scored on item[-1]. The
 encoder is the demo run's, so pretrained on the training users' histories (with whatever holdout_last the run
 used): the table says which. ``--pretrain`` makes them here instead, with the demo's real-data recipe
-(epoch budget, early stopping on the validation loss, best weights) and ``holdout_last=1``, so no encoder has
-seen a test item.
+(epoch budget, early stopping on the validation loss, best weights) and ``holdout_last=2``: the encoder reads
+what every yardstick fits on (each training user's items minus the last two), so neither the validation item
+nor the test item was ever a pretraining target, and recipes can be compared on the validation HR@10.
 
 Encoders pretrained with ``future`` or ``next`` also score the catalog with their own objective head, zero
 training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`).
@@ -63,16 +64,20 @@ def _embed(run: Path, model: Path, objective: str, holdout: int, out: Path, own:
     return dest
 
 
-def _pretrain(run: Path, objective: str, out: Path, cache: str) -> Path:
-    """``objective`` pretrained on the run's dataset with the demo's real-data recipe and ``holdout_last=1``
-    (reused when ``out/pretrain/<objective>/model`` exists) -> its model folder."""
+def _pretrain(run: Path, objective: str, out: Path, cache: str, overrides: list[str]) -> Path:
+    """``objective`` pretrained on the run's dataset with the demo's real-data recipe and ``holdout_last=2``, then
+    ``overrides`` (``KEY=VALUE``); reused when ``out/pretrain/<objective>/model`` exists -> its model folder."""
+    from userfm.config import from_dict, parse_overrides, to_dict
     from userfm.demo import DemoConfig, pretrain_config
     from userfm.train.pretrain import run_pretrain
 
     dest = out / "pretrain" / objective
     if not (dest / "model").is_dir():
         cfg = DemoConfig(data=str(run / "dataset"), format="events", minilm_cache=cache)
-        run_pretrain(pretrain_config(cfg, objective, run / "dataset", dest, holdout_last=1))
+        pcfg = pretrain_config(cfg, objective, run / "dataset", dest, holdout_last=2)
+        if overrides:
+            pcfg = from_dict(type(pcfg), {**to_dict(pcfg), **parse_overrides(overrides)}, where="--pretrain-set")
+        run_pretrain(pcfg)
     return dest / "model"
 
 
@@ -87,7 +92,10 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="output folder (default: RUN/loo)")
     ap.add_argument("--name", default=None, help="also write docs/results/loo-<name>.md")
     ap.add_argument("--pretrain", nargs="*", default=[], metavar="OBJECTIVE",
-                    help="pretrain these encoders here (demo recipe, holdout_last=1) into OUT/pretrain and score them too")
+                    help="pretrain these encoders here (demo recipe, holdout_last=2) into OUT/pretrain and score them too")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a PretrainConfig field of the encoders --pretrain makes (repeatable; compare recipes on "
+                         "the own-head val HR@10, never on test)")
     ap.add_argument("--minilm-cache", default="", help="MiniLM vector cache kept between runs (default: RUN/dataset/minilm_cache)")
     args = ap.parse_args()
 
@@ -154,7 +162,7 @@ def main() -> int:
         from userfm import runtime
 
         runtime.init_ray()
-        encoders.update({o: (_pretrain(run, o, out, args.minilm_cache), False) for o in args.pretrain})
+        encoders.update({o: (_pretrain(run, o, out, args.minilm_cache, args.pretrain_set), False) for o in args.pretrain})
     rows = None
     for obj, (model, own) in encoders.items():
         pre = json.loads((model.parent / "config.json").read_text())["pretrain"]
@@ -167,7 +175,9 @@ def main() -> int:
             scorer = ItemScorer(model, rows, catalog, minilm_vectors(str(model), str(data), args.minilm_cache, progress=lambda s: None))
             name = f"{obj}/own-head"
             score(name, lambda r, f=scorer: f.scores(x1[r]))
-            info[name] = f"the {obj} objective's own head, no training on top; encoder holdout_last={pre.get('holdout_last', 0)} {where}"
+            val = M.hit_rate_at_k(retrieval_ranks(lambda r, f=scorer: f.scores(x2[r]), len(y_val), y_val), K)
+            info[name] = (f"the {obj} objective's own head, no training on top (val HR@10 {val:.4f}: the second-to-last item "
+                          f"from the items before it); encoder holdout_last={pre.get('holdout_last', 0)} {where}")
             timings[name] = time.perf_counter() - t0
             print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
         for head, hidden in (("logreg", 0), ("mlp", ecfg.mlp_hidden)):
