@@ -160,8 +160,8 @@ def test_export_loads_without_ray_and_gives_identical_embeddings(dataset):
     # the co-occurrence table travelled with the weights: exactly the one fitted on the training users
     from userfm.models.cooc import CoocConfig, fit_item_vectors
 
-    hashes, vectors = fit_item_vectors(read_sequences(dataset / "ds", split="train"), CoocConfig(dim=8, max_events=32))
-    assert model.config.cooc_items == len(hashes) > 100 and model.config.cooc_dim == 8
+    hashes, vectors = fit_item_vectors(read_sequences(dataset / "ds", split="train"), CoocConfig(dim=8, max_events=32, key="item_id"))
+    assert model.config.cooc_items == len(hashes) > 100 and model.config.cooc_dim == 8 and model.config.item_key == "item_id"
     assert torch.equal(model.cooc_hashes, torch.from_numpy(hashes))
     assert torch.allclose(model.cooc_vectors, torch.from_numpy(vectors))
     with torch.no_grad():  # and the embeddings read it
