@@ -94,6 +94,9 @@ def test_item_id_embedding_tells_apart_items_with_the_same_text_vector(corpus):
     assert not torch.allclose(keyed(b2), keyed(dict(b2, item_hash=b2["item_hash"] + 1)))
     with pytest.raises(ValueError, match="item_key"):
         EncoderConfig(item_key="title")
+    # an untrained id adds a small vector (std 0.02 per coordinate), not one that outweighs the item's text part
+    norms = keyed.item_ids.weight.norm(dim=1)
+    assert float(norms.mean()) == pytest.approx(0.02 * 32 ** 0.5, rel=0.1)
 
 
 def test_named_sizes_grow_and_clue_is_725m():

@@ -197,6 +197,9 @@ class UserEncoder(nn.Module):
         self.out = nn.Linear(d, cfg.out_dim) if cfg.out_dim else None
         nn.init.normal_(self.cls, std=0.02)
         nn.init.normal_(self.mask_vector, std=0.02)
+        if self.item_ids is not None:  # an id pretraining never (or barely) trained adds ~nothing: its item is its text and
+            nn.init.normal_(self.item_ids.weight, std=0.02)  # co-occurrence parts (the default N(0, 1) gave every cold item a
+            #                                                 random vector of norm ~sqrt(d) that outweighed them)
 
     def hidden(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Last hidden states and the validity mask.
