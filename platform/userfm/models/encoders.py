@@ -231,7 +231,7 @@ class UserEncoder(nn.Module):
         """(B, L, d): each event's item part of the input (item encoder + hashed item id + co-occurrence
         vector; no time, service or position): the item representation the ``future`` objective scores."""
         x = self.item(batch)  # (B, L, d)
-        key = batch[ITEM_KEYS[self.config.item_key]]  # (B, L) int64
+        key = batch[ITEM_KEYS[self.config.item_key]] if self.item_ids is not None or self.cooc is not None else None  # (B, L)
         if self.item_ids is not None:  # hashed item identity; padding (hash 0) is masked out by the callers
             x = x + self.item_ids(torch.remainder(key, self.config.item_id_buckets))
         if self.cooc is not None:
