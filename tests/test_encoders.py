@@ -95,7 +95,7 @@ def test_item_id_embedding_tells_apart_items_with_the_same_text_vector(corpus):
     with pytest.raises(ValueError, match="item_key"):
         EncoderConfig(item_key="title")
     # an untrained id adds a small vector (std 0.02 per coordinate), not one that outweighs the item's text part
-    norms = keyed.item_ids.weight.norm(dim=1)
+    norms = keyed.item_ids.weight.detach().norm(dim=1)
     assert float(norms.mean()) == pytest.approx(0.02 * 32 ** 0.5, rel=0.1)
 
 
