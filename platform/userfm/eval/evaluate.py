@@ -334,7 +334,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
     def own_scorer(emb_name: str, source: str, catalog: list[str]) -> tuple:
         key = (emb_name, hash(tuple(catalog)))
         if key not in scorers:
-            from userfm.infer.item_scorer import ItemScorer, has_item_scorer
+            from userfm.infer.item_scorer import ITEM_COLUMNS, ItemScorer, has_item_scorer
 
             found = embedding_model(source) if source != RANDOM else None
             scorers[key] = (None, 0.0)
@@ -343,7 +343,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 from userfm.infer.embed import minilm_vectors
 
                 t0 = time.perf_counter()
-                rows = read_sequences(cfg.data, columns=["user_id", "n_events", "ts", "service", "text", "item_id", "category", "value"])
+                rows = read_sequences(cfg.data, columns=list(ITEM_COLUMNS))  # what catalog_events reads
                 vectors = minilm_vectors(found[0], cfg.data, found[1] or cfg.minilm_cache, progress=progress)
                 scorers[key] = (ItemScorer(found[0], rows, catalog, vectors), time.perf_counter() - t0)
                 progress(f"[evaluate] {emb_name}: scoring {len(catalog):,} items with its {scorers[key][0].objective} "
