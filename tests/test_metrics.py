@@ -122,3 +122,55 @@ def test_compute_reads_ranks_for_retrieval_metrics():
     assert M.compute("hr@3", None, ranks) == pytest.approx(2 / 3) and M.compute("hr@2", None, ranks) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="ranks"):
         M.compute("hr@10", None, np.zeros((3, 12)))
+
+
+def _metric_cases(n: int = 60):
+    """(metric, y, per-seed scores) with ties in the scores: every metric evaluate reports."""
+    rng = np.random.default_rng(7)
+    y2 = rng.integers(0, 2, n)
+    p1 = np.round(rng.random(n), 1)  # ties across classes
+    p = np.stack([1 - p1, p1], axis=1)
+    y4 = rng.integers(0, 4, n)
+    p4 = rng.dirichlet(np.ones(4), n)
+    ranks = rng.integers(0, 25, n)
+    return [("auc", y2, [p, p[::-1].copy()]), ("accuracy", y4, [p4]), ("macro_f1", y4, [p4, np.roll(p4, 5, axis=0)]),
+            ("log_loss", y4, [p4]), ("rmse", rng.normal(size=n), [rng.normal(size=n)]),
+            ("hr@10", np.zeros(n), [ranks]), ("ndcg@10", np.zeros(n), [ranks, ranks[::-1].copy()])]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_weighted_metric_of_row_counts_is_the_metric_of_the_resample(case):
+    name, y, scores = _metric_cases()[case]
+    rng = np.random.default_rng(case)
+    idx = rng.integers(0, len(y), (5, len(y)))
+    w = np.stack([np.bincount(i, minlength=len(y)) for i in idx])
+    got = M.weighted_metric(name, y, scores[0], w)
+    want = [M.compute(name, y[i], scores[0][i]) for i in idx]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bootstrap_metric_gives_the_loop_intervals(case):
+    """The same seed draws the same resamples as bootstrap_interval / bootstrap_difference (paired), so the
+    intervals agree, for the seed mean and for the difference to another model; chunking changes nothing."""
+    name, y, scores = _metric_cases()[case]
+
+    def stat(yy, *ss):
+        return float(np.mean([M.compute(name, yy, s) for s in ss]))
+
+    loop = M.bootstrap_interval(stat, [y, *scores], n_samples=200, seed=3)
+    assert M.bootstrap_metric(name, y, scores, n_samples=200, seed=3) == pytest.approx(loop, rel=1e-12, abs=1e-12)
+    assert M.bootstrap_metric(name, y, scores, n_samples=200, seed=3, chunk_cells=7 * len(y)) == pytest.approx(loop, rel=1e-12, abs=1e-12)
+    other = [scores[0][::-1].copy()]
+    loop_d = M.bootstrap_difference(stat, [y, *scores], [y, *other], n_samples=200, seed=3)
+    assert M.bootstrap_metric(name, y, scores, other, n_samples=200, seed=3) == pytest.approx(loop_d, rel=1e-12, abs=1e-12)
+
+
+def test_bootstrap_metric_drops_one_class_resamples_and_takes_no_rows():
+    y = np.array([0] * 19 + [1])
+    s = np.stack([1 - np.linspace(0, 1, 20), np.linspace(0, 1, 20)], axis=1)
+    assert M.bootstrap_metric("auc", y, [s], n_samples=300, seed=0) == (1.0, 1.0, 1.0)
+    w = np.array([[1.0] * 19 + [0.0]])  # a resample without the positive: AUC undefined
+    assert math.isnan(M.weighted_metric("auc", y, s, w)[0])
+    point, lo, hi = M.bootstrap_metric("accuracy", np.zeros(0, int), [np.zeros((0, 2))], n_samples=10)
+    assert math.isnan(point) and math.isnan(lo) and math.isnan(hi)

@@ -112,10 +112,7 @@ def _interval(metric: str, y: np.ndarray, scores: list[np.ndarray], mask: np.nda
     if mask is not None:
         y, scores = y[mask], [s[mask] for s in scores]
 
-    def stat(yy, *ss):
-        return float(np.mean([M.compute(metric, yy, s) for s in ss]))
-
-    value, lo, hi = M.bootstrap_interval(stat, [y, *scores], cfg.bootstrap_samples, cfg.seed, cfg.confidence)
+    value, lo, hi = M.bootstrap_metric(metric, y, scores, n_samples=cfg.bootstrap_samples, seed=cfg.seed, level=cfg.confidence)
     return {"value": _num(value), "ci": [_num(lo), _num(hi)], "n": int(len(y))}
 
 
@@ -126,11 +123,8 @@ def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: lis
     if mask is not None:
         y, scores, floor = y[mask], [s[mask] for s in scores], [s[mask] for s in floor]
 
-    def stat(yy, *ss):
-        return float(np.mean([M.compute(metric, yy, s) for s in ss]))
-
-    value, lo, hi = M.bootstrap_difference(stat, [y, *scores], [y, *floor], paired=True, n_samples=cfg.bootstrap_samples,
-                                           seed=cfg.seed, level=cfg.confidence)
+    value, lo, hi = M.bootstrap_metric(metric, y, scores, floor, n_samples=cfg.bootstrap_samples, seed=cfg.seed,
+                                       level=cfg.confidence)
     return {"value": _num(value), "ci": [_num(lo), _num(hi)], "n": int(len(y))}
 
 
@@ -329,6 +323,16 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         import sklearn.feature_extraction.text  # noqa: F401
         import sklearn.linear_model  # noqa: F401
 
+    tfidf_by: dict[tuple, object] = {}
+
+    def tfidf_of(td: TaskData):
+        """The TF-IDF features of ``td``'s view and users, fitted once: tasks over the same split share them
+        (the demo's eight synthetic tasks refitted the same vectorizer eight times)."""
+        key = (td.view, *(tuple(np.asarray(td.ids[s]).tolist()) for s in sorted(td.ids)))
+        if key not in tfidf_by:
+            tfidf_by[key] = tfidf_features(td, texts(td.view), cfg)
+        return tfidf_by[key]
+
     scorers: dict[tuple[str, int], tuple] = {}  # (table, catalog) -> (ItemScorer or None, build seconds)
 
     def own_scorer(emb_name: str, source: str, catalog: list[str]) -> tuple:
@@ -440,7 +444,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             record("bag-of-items/logreg", None, "logreg", [s] * len(seeds), [a], [b], bag_of_items=info)
         # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
         concat = "concat-tfidf" in cfg.baselines
-        feats = tfidf_features(td, texts(td.view), cfg) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
+        feats = tfidf_of(td) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
         if feats is not None and "tfidf" in cfg.baselines:
             s, a, b, info = _tfidf_scores(td, feats, cfg, seeds[0])  # deterministic: one fit serves every seed
             record("tfidf/logreg", None, "logreg", [s] * len(seeds), [a], [b], tfidf=info)

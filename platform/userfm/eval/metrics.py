@@ -257,6 +257,124 @@ def _percentile_interval(point: float, stats: np.ndarray, level: float) -> tuple
     return point, float(lo), float(hi)
 
 
+# --------------------------------------------------------------------------------------------------
+# The same intervals for the metrics above, all resamples at once
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_row(name: str, y_true: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+    """Metric ``name`` as a mean of per-row values (n,): those values (rmse: squared errors, rooted after
+    the mean); None for metrics that are not such a mean (auc, macro_f1)."""
+    if name == "rmse":
+        return (np.asarray(y_true, np.float64) - np.asarray(scores, np.float64)) ** 2
+    if name.startswith(("hr@", "ndcg@")):
+        kind, k = name.split("@", 1)
+        r = np.asarray(scores, np.float64)
+        if r.ndim != 1 or not k.isdecimal():
+            raise ValueError(f"metric {name!r} needs (n,) ranks and an integer k, got shape {r.shape}")
+        hit = r < int(k)
+        return hit.astype(np.float64) if kind == "hr" else np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+    if name == "accuracy":
+        return (np.asarray(scores).argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
+    if name == "log_loss":
+        p = np.asarray(scores, np.float64)
+        y = np.asarray(y_true).astype(np.int64)
+        return -np.log(np.clip(p[np.arange(len(y)), y], 1e-15, 1.0 - 1e-15))
+    return None
+
+
+def weighted_metric(name: str, y_true: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Metric ``name`` (as :func:`compute` reads ``scores``) of B reweighted copies of the rows, at once.
+
+    ``w`` (B, n) holds row multiplicities: with ``w[b] = bincount(idx, minlength=n)`` value b equals
+    ``compute(name, y_true[idx], scores[idx])`` (up to float rounding): a bootstrap resample is its row counts.
+    AUC counts (positive, negative) pairs weighted by their multiplicities, ties 1/2 (a resample's copies of
+    one row are one class, so they never form a pair); macro F1 sums weighted TP / FP / FN.
+
+    Returns:
+        (B,) float64; NaN where the metric is undefined (AUC with one class present).
+    """
+    w = np.asarray(w, np.float64)
+    per_row = _per_row(name, y_true, scores)
+    if per_row is not None:
+        m = (w @ per_row) / w.sum(axis=1)
+        return np.sqrt(m) if name == "rmse" else m
+    s = np.asarray(scores)
+    y = np.asarray(y_true).astype(np.int64)
+    if name == "auc":
+        if s.ndim != 2 or s.shape[1] != 2:
+            raise ValueError(f"metric 'auc' is for binary (n, 2) scores, got shape {s.shape}")
+        order = np.argsort(s[:, 1], kind="mergesort")
+        ss, pos = s[order, 1], y[order].astype(bool)
+        starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])  # runs of tied scores
+        wp = np.add.reduceat(w[:, order] * pos, starts, axis=1)  # (B, groups) positive weight per run
+        wn = np.add.reduceat(w[:, order] * ~pos, starts, axis=1)  # negative weight per run
+        below = np.cumsum(wn, axis=1) - wn  # negatives strictly below each run
+        u = (wp * (below + 0.5 * wn)).sum(axis=1)
+        n_pos, n_neg = wp.sum(axis=1), wn.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+    if name == "macro_f1":
+        pred = s.argmax(axis=1)
+        f1 = np.zeros((len(w), s.shape[1]))
+        counted = np.zeros_like(f1, dtype=bool)
+        for c in range(s.shape[1]):
+            t, p = y == c, pred == c
+            tp, fp, fn = w @ (t & p), w @ (~t & p), w @ (t & ~p)
+            denom = 2 * tp + fp + fn
+            counted[:, c] = denom > 0
+            f1[:, c] = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        with np.errstate(invalid="ignore"):
+            return np.where(counted.any(axis=1), (f1 * counted).sum(axis=1) / counted.sum(axis=1), np.nan)
+    raise ValueError(f"unknown metric {name!r}; known: {sorted(CLASSIFICATION_METRICS + REGRESSION_METRICS + RETRIEVAL_METRICS)}")
+
+
+def bootstrap_metric(
+    name: str,
+    y_true: np.ndarray,
+    scores: Sequence[np.ndarray],
+    other: Sequence[np.ndarray] = (),
+    n_samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk_cells: int = 20_000_000,
+) -> tuple[float, float, float]:
+    """:func:`bootstrap_interval` of the seed-mean of metric ``name`` over ``scores`` (one head output per
+    seed), minus that of ``other`` when given (paired: the same resampled rows for both), computed for every
+    resample at once by :func:`weighted_metric` on the resamples' row counts.
+
+    The resampled rows are those of ``bootstrap_interval`` with the same seed, so the two give the same
+    interval; this one costs a few matrix products instead of ``n_samples`` Python calls per metric
+    (1,000 resamples of 1,000 users: ~0.01 s against ~0.3 s). ``chunk_cells`` bounds the (resamples x rows)
+    count matrix held at once.
+
+    Returns:
+        (statistic on the full data, lower, upper).
+    """
+    y = np.asarray(y_true)
+    n = len(y)
+
+    def stat(w: np.ndarray) -> np.ndarray:
+        v = np.mean([weighted_metric(name, y, s, w) for s in scores], axis=0)
+        return v - np.mean([weighted_metric(name, y, s, w) for s in other], axis=0) if len(other) else v
+
+    def mean(ss: Sequence[np.ndarray]) -> float:
+        return float(np.mean([compute(name, y, s) for s in ss]))
+
+    point = mean(scores) - mean(other) if len(other) else mean(scores)
+    if n == 0 or n_samples <= 0:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    per = max(1, chunk_cells // n)
+    stats = []
+    for lo in range(0, n_samples, per):
+        b = min(per, n_samples - lo)
+        idx = rng.integers(0, n, (b, n))  # the same draws as b successive rng.integers(0, n, n)
+        w = np.bincount((idx + n * np.arange(b)[:, None]).reshape(-1), minlength=b * n).reshape(b, n)
+        stats.append(stat(w))
+    return _percentile_interval(point, np.concatenate(stats), level)
+
+
 def bootstrap_difference(
     statistic: Callable[..., float],
     arrays_a: Sequence[np.ndarray],
