@@ -130,6 +130,9 @@ def event_windows(rows: pa.Table, ends: np.ndarray, width: int) -> pa.Table:
     return cut_lists(rows, lambda _: (starts, ends), n_events=lambda _: pa.array(ends - starts, pa.int64()))
 
 
+SUB_BATCH = 32  # users per forward inside an EmbedActor batch, taken in order of length
+
+
 class EmbedActor:
     """One model load per actor; ``__call__`` maps sequence rows -> embedding rows."""
 
@@ -162,17 +165,18 @@ class EmbedActor:
         cut = drop_last_events(batch, self.holdout_last)
         left = pc.greater(cut.column("n_events"), 0).to_numpy(zero_copy_only=False)
         rows = history_rows(cut, 0, self.history_service)
-        nb = _with_vectors(make_batch(rows, self.vocabs, self.tok, max_events=self.max_events), self.vectors)
-        has = nb["length"] > 0
+        lengths = pc.list_value_length(rows.column("ts")).fill_null(0).to_numpy(zero_copy_only=False)
+        has = lengths > 0
         dim = self.model.config.embed_dim
         emb = np.zeros((batch.num_rows, dim), dtype=np.float32)
-        if len(has) and has.all():  # the usual case: no row selection, no copies
+        # Users in order of length, SUB_BATCH at a time: each forward pads to its own longest user, not the
+        # batch's. Unsorted, one heavy user padded 255 others to 256 events (the demo: 219 -> 1,171 users/s).
+        order = np.flatnonzero(has)[np.argsort(lengths[has], kind="stable")]
+        for lo in range(0, len(order), SUB_BATCH):
+            part = order[lo:lo + SUB_BATCH]
+            nb = _with_vectors(make_batch(rows.take(part), self.vocabs, self.tok, max_events=self.max_events), self.vectors)
             with torch.no_grad():
-                emb = self.model(to_torch(nb, self.device)).float().cpu().numpy()
-        elif has.any():
-            sub = {k: v[has] for k, v in nb.items()}
-            with torch.no_grad():
-                emb[has] = self.model(to_torch(sub, self.device)).float().cpu().numpy()
+                emb[part] = self.model(to_torch(nb, self.device)).float().cpu().numpy()
         n = batch.num_rows
         reason = pa.nulls(n, pa.string()) if has.all() else pa.array(
             [None if h else "no_events_in_service" if c else "no_events_after_holdout" if d else "no_events"
