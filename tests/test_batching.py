@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import torch
 
@@ -73,3 +74,34 @@ def test_restrict_services_keeps_only_their_events_in_order():
     expected = sum(1 for r in before.values() if any(s in ("shopping", "news") for s in r["service"]))
     assert kept_users == expected and out.schema == SEQUENCE_SCHEMA
     assert restrict_services(rows, ["nope"]).num_rows == 0
+
+
+@pytest.mark.parametrize("objective", ["clue", "simclr", "mlm", "future", "next"])
+def test_vectors_looked_up_per_step_equal_the_featurized_ones(tmp_path, objective):
+    """Pretraining featurizes text hashes and each step looks the MiniLM vectors up after its crops / masks /
+    views (add_vectors): the step's batch equals the one featurized with the vectors in it."""
+    from userfm.models.features import text_hash
+    from userfm.models.minilm import VectorCache, to_table, write_part
+    from userfm.objectives.pretext import add_vectors
+    from userfm.train.pretrain_config import PretrainConfig
+    from userfm.train.steps import featurize, step_inputs
+
+    t = pa.Table.from_pydict(event_rows(n_users=12, seed=4), schema=SEQUENCE_SCHEMA)
+    texts = sorted({x for lst in t.column("text").to_pylist() for x in lst})
+    vecs = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
+    write_part(tmp_path, to_table(text_hash(texts), vecs))
+    vocabs = fit_vocabs(t.filter(pa.compute.equal(t.column("scope"), "all")), FeatureConfig(max_events=16))
+    kw = dict(split="train", objective=objective, vocabs_json=vocabs.to_json(), tokenizer_json=None, max_events=16,
+              single_service="", seed=0)
+    featurized = featurize(t, vectors_dir=str(tmp_path), **kw)
+    hashes = featurize(t, vectors_dir=None, **kw)
+    assert not [k for k in hashes if k.endswith("text_vector")]
+    cfg = PretrainConfig(data="d", out="o", objective=objective, item_encoder="minilm",
+                         pooling="last" if objective == "next" else "mean")
+    want = trim_events(step_inputs(featurized, cfg, np.random.default_rng(1)))
+    got = add_vectors(trim_events(step_inputs(hashes, cfg, np.random.default_rng(1))), VectorCache.load(tmp_path))
+    assert sorted(got) == sorted(want)
+    vector_keys = [k for k in want if k.endswith("text_vector")]
+    assert vector_keys and all(np.abs(want[k]).sum() > 0 for k in vector_keys)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -91,6 +91,23 @@ def _with_vectors(batch: dict, vectors) -> dict:
     return batch
 
 
+def add_vectors(batch: Mapping[str, np.ndarray], vectors) -> dict:
+    """``<view>text_vector`` (B, L, dim) for every ``<view>text_hash`` (B, L) of ``batch`` (``text_hash``,
+    ``a.text_hash``, ...), looked up in ``vectors`` (a :class:`userfm.models.minilm.VectorCache`; padding and
+    unknown hashes give zeros); ``batch`` unchanged when ``vectors`` is None.
+
+    Pretraining featurizes hashes only and looks the vectors up per step, after the step's crops and masks
+    (which move ``text_hash`` with the rest of an item): the same batch as featurizing the vectors, with
+    rows of a few hundred bytes instead of two views x 64 events x 384 floats (~200 KB) in Ray's object store.
+    """
+    out = dict(batch)
+    if vectors is not None:
+        for k, v in batch.items():
+            if k.endswith("text_hash"):
+                out[k[: -len("text_hash")] + "text_vector"] = vectors.lookup(v)
+    return out
+
+
 def _gather_events(source: Mapping[str, np.ndarray], item_src, time_src) -> dict:
     """Event (u, j) of the result takes its item (ITEM_KEYS) from ``source[item_src[.][u, j]]`` and its
     time (TIME_KEYS) from ``source[time_src[.][u, j]]``; sources are (user, pos) index arrays (B, L')."""

@@ -94,7 +94,8 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
     folder = Path(cfg.data) / manifest["files"]["sequences"]
     kwargs = dict(
         objective=cfg.objective, vocabs_json=vocabs.to_json(), tokenizer_json=tok.to_json() if tok else None,
-        vectors_dir=vectors_dir, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
+        # hashes only (vectors_dir None): each worker looks its step's MiniLM vectors up (add_vectors)
+        vectors_dir=None, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
         services=tuple(cfg.services), holdout_last=cfg.holdout_last,
     )
     out = {}
@@ -250,7 +251,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         train_loop_config={
             "cfg": asdict(cfg), "encoder": enc_cfg.to_json(), "steps_per_epoch": steps_per_epoch,
             "events_per_sample": events_per_sample, "resume_from": str(resume_from) if resume_from else None,
-            "cooc": cooc,
+            "cooc": cooc, "vectors_dir": vectors_dir,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

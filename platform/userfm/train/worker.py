@@ -86,7 +86,7 @@ def train_loop(config: dict) -> None:
 
     from userfm.models.encoders import EncoderConfig, UserEncoder, flops_per_sample
     from userfm.models.features import bucket_by_length, trim_events
-    from userfm.objectives.pretext import build_head, loss_and_backward
+    from userfm.objectives.pretext import add_vectors, build_head, loss_and_backward
 
     cfg = PretrainConfig(**config["cfg"])
     enc_cfg = EncoderConfig.from_json(config["encoder"])
@@ -140,6 +140,11 @@ def train_loop(config: dict) -> None:
     flops_sample = flops_per_sample(enc_cfg, n_events=max(1, round(events_per_sample)), n_tokens=cfg.max_text_tokens) * views
     if cfg.mini_batch_size:
         flops_sample *= 4 / 3  # GradCache: one extra forward
+    vectors = None
+    if config.get("vectors_dir"):  # the rows hold text hashes; each step looks its MiniLM vectors up
+        from userfm.models.minilm import VectorCache
+
+        vectors = VectorCache.load(config["vectors_dir"])
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -157,7 +162,7 @@ def train_loop(config: dict) -> None:
         for i, nb in enumerate(val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=False)):
             if i >= cfg.eval_batches:
                 break
-            batch = _to_device(trim_events(step_inputs(nb, cfg, rng)), device)
+            batch = _to_device(add_vectors(trim_events(step_inputs(nb, cfg, rng)), vectors), device)
             with autocast:
                 total[0] += float(eval_loss(model, head, batch, cfg))
             total[1] += 1
@@ -186,7 +191,7 @@ def train_loop(config: dict) -> None:
             seed = step_seed(cfg.seed, step, rank)
             torch.manual_seed(seed)
             nb_step = trim_events(step_inputs(nb, cfg, np.random.default_rng(seed)))
-            batch = _to_device(nb_step, device)
+            batch = _to_device(add_vectors(nb_step, vectors), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
