@@ -45,7 +45,8 @@ class DemoConfig:
     events_per_user: float = 30.0  # synthetic mean events per user
     seed: int = 0  # synthetic data seed
     max_events: int = 256  # most recent events kept per user sequence
-    pretrain_steps: int = 400  # optimizer steps per pretraining run, at most (0 = skip pretraining)
+    pretrain_steps: int | None = None  # optimizer steps per pretraining run, at most (0 = skip pretraining); None = auto
+    #                      (demo_steps): SYNTH_STEPS on synthetic data, REAL_STEPS (the epoch budget's cap) on real data
     pretrain_epochs: float | None = None  # > 0: an epoch budget (capped at pretrain_steps), validated every epoch,
     #                      stopped after pretrain_patience epochs without a lower val loss, the best weights exported;
     #                      0: pretrain_steps steps, the last weights. None = auto (pretrain_recipe): REAL_EPOCHS on real
@@ -70,7 +71,8 @@ class DemoConfig:
     #                      each distinct text once: 38k Amazon titles take ~20 min on 2 cores
     item_encoder: str = "minilm"  # clue/simclr items: minilm (frozen MiniLM vectors, cached) | text (BPE, from scratch) | category
     num_workers: int = 2  # Ray Train workers
-    eval_seeds: int = 2  # head trainings per (task, model) in the evaluation
+    eval_seeds: int = 1  # head trainings per (task, model) in the evaluation (real.py and quality.py use more); the
+    #                      bootstrap intervals are over test users, and logistic heads are deterministic
     eval_folds: int | None = None  # 0: heads fit on the train split, scored on the test split. k >= 3: k-fold
     #                      cross-fitting, every labelled user scored once (EvalConfig.folds; small real data: MovieLens'
     #                      61 test users -> 671); with tasks on the held-out last event, pretraining then holds it out of
@@ -120,6 +122,19 @@ def _default_tasks(cfg: DemoConfig) -> Path:
     return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
 
 
+SYNTH_STEPS = 200  # synthetic data: the demo's steps. 400 (3.6 -> 7.3 epochs) moved no headline metric beyond its
+#                    intervals (age 0.478 at 400, 0.480 at 200; docs/demo.md, "Wall time") and cost 2 minutes of a 5-minute demo
+REAL_STEPS = 400  # real data: the cap on the epoch budget (real.py's and loo.py's recipe)
+
+
+def demo_steps(cfg: DemoConfig) -> int:
+    """The demo's pretraining steps (at most, on real data): ``cfg.pretrain_steps``, else SYNTH_STEPS on
+    synthetic data and REAL_STEPS on real data."""
+    if cfg.pretrain_steps is not None:
+        return cfg.pretrain_steps
+    return REAL_STEPS if cfg.data is not None else SYNTH_STEPS
+
+
 FUTURE_ITEM_BUCKETS = 32_768  # future: hashed item-id embeddings, on the input and the target side (id-only logs too)
 REAL_EPOCHS = 30.0  # the epoch budget on real data (early stopping usually ends it sooner)
 
@@ -127,7 +142,7 @@ REAL_EPOCHS = 30.0  # the epoch budget on real data (early stopping usually ends
 def pretrain_recipe(cfg: DemoConfig) -> tuple[dict, str]:
     """PretrainConfig fields of the demo's budget and why: an epoch budget with early stopping and the best
     weights exported (``pretrain_epochs`` > 0, or auto on real data), else ``pretrain_steps`` steps."""
-    steps = cfg.pretrain_steps
+    steps = demo_steps(cfg)
     epochs = cfg.pretrain_epochs if cfg.pretrain_epochs is not None else (REAL_EPOCHS if cfg.data is not None else 0.0)
     if not epochs:
         why = "set in the config" if cfg.pretrain_epochs is not None else "synthetic data: a fresh sample every user"
@@ -379,7 +394,7 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
 
     raw, dataset = out / "raw", out / "dataset"
     extra = tuple(o for o in cfg.objectives if o != "clue")
-    objectives = tuple(dict.fromkeys((("clue", "mlm", "simclr") if cfg.compare else ("clue",)) + extra)) if cfg.pretrain_steps else ()
+    objectives = tuple(dict.fromkeys((("clue", "mlm", "simclr") if cfg.compare else ("clue",)) + extra)) if demo_steps(cfg) else ()
     tasks = _default_tasks(cfg)
 
     def n_stages(passes) -> int:  # data, Ray, ingest, summary; per objective pretrain + embed(s); evaluate; report; serve
