@@ -122,8 +122,9 @@ def _default_tasks(cfg: DemoConfig) -> Path:
     return _TASKS_DIR / ("synthetic.yaml" if cfg.data is None else f"{cfg.format}.yaml")
 
 
-SYNTH_STEPS = 200  # synthetic data: the demo's steps. 400 (3.6 -> 7.3 epochs) moved no headline metric beyond its
-#                    intervals (age 0.478 at 400, 0.480 at 200; docs/demo.md, "Wall time") and cost 2 minutes of a 5-minute demo
+SYNTH_STEPS = 200  # synthetic data: the demo's steps. 400 (7.3 epochs instead of 3.6) moved no headline metric beyond
+#                    its intervals (CLUE + U-MLP age 0.478 [0.449, 0.506] at 400, 0.500 [0.468, 0.529] at 200; docs/demo.md,
+#                    "Wall time") and cost 2 of the demo's minutes
 REAL_STEPS = 400  # real data: the cap on the epoch budget (real.py's and loo.py's recipe)
 
 
