@@ -89,8 +89,14 @@ PROBE = textwrap.dedent("""
     def failing():
         raise ValueError("boom")
 
+    @ray.remote
+    def niceness():
+        import os
+        return os.nice(0)
+
     print("result", ray.get(chatty.remote()), flush=True)
     print("forwarded", seen.wait(60), flush=True)
+    print("worker nice", ray.get(niceness.remote()), flush=True)
     ray.get(failing.remote())
 """)
 
@@ -106,6 +112,7 @@ def test_quiet_console_keeps_progress_and_errors_and_logs_worker_output(tmp_path
     out, log = _probe(tmp_path, "quiet")
     console = out.stdout + out.stderr
     assert "result 7\nforwarded True\n" in out.stdout
+    assert "worker nice 0\n" in out.stdout  # workers at the driver's priority, not Ray's default 15
     assert "worker says 42" not in console  # a worker's print: log file only
     assert out.stdout.count("[embed] 3 users -> 3 embeddings\n") == 1  # our progress line, bare
     assert "(chatty pid=" not in console
