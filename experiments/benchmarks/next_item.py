@@ -178,7 +178,7 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
     from userfm.infer.embed import event_windows, minilm_vectors
     from userfm.models.encoders import UserEncoder
     from userfm.models.features import make_batch, to_torch
-    from userfm.objectives.pretext import _with_vectors
+    from userfm.objectives.pretext import add_vectors
 
     seqs = read_sequences(args.data)
     at = {u: i for i, u in enumerate(seqs.column("user_id").to_pylist())}
@@ -220,7 +220,7 @@ def _encode_windows(args, users: np.ndarray, hist: dict, encoders: list) -> dict
                 def encode(rows):
                     parts = []
                     for s in range(0, rows.num_rows, 512):
-                        nb = _with_vectors(make_batch(rows.slice(s, 512), vocabs, tok, max_events=w), vectors)
+                        nb = add_vectors(make_batch(rows.slice(s, 512), vocabs, tok, max_events=w), vectors)
                         with torch.no_grad():
                             parts.append(m(to_torch(nb, "cpu")).float().numpy())
                     return np.concatenate(parts)

@@ -159,7 +159,7 @@ class EmbedActor:
         import torch
 
         from userfm.models.features import make_batch, to_torch
-        from userfm.objectives.pretext import _with_vectors
+        from userfm.objectives.pretext import add_vectors
 
         had = pc.greater(batch.column("n_events"), 0).to_numpy(zero_copy_only=False)
         cut = drop_last_events(batch, self.holdout_last)
@@ -175,7 +175,7 @@ class EmbedActor:
         order = np.flatnonzero(has)[np.argsort(lengths[has], kind="stable")]
         for lo in range(0, len(order), SUB_BATCH):
             part = order[lo:lo + SUB_BATCH]
-            nb = _with_vectors(make_batch(rows.take(part), self.vocabs, self.tok, max_events=self.max_events), self.vectors)
+            nb = add_vectors(make_batch(rows.take(part), self.vocabs, self.tok, max_events=self.max_events), self.vectors)
             with torch.no_grad():
                 emb[part] = self.model(to_torch(nb, self.device)).float().cpu().numpy()
         n = batch.num_rows

@@ -89,7 +89,7 @@ class ItemScorer:
 
         import userfm
         from userfm.models.features import make_batch, to_torch
-        from userfm.objectives.pretext import ObjectiveConfig, _with_vectors, build_head
+        from userfm.objectives.pretext import ObjectiveConfig, add_vectors, build_head
 
         d = Path(model_dir)
         if not has_item_scorer(d):
@@ -114,7 +114,7 @@ class ItemScorer:
         parts = []
         with torch.no_grad():
             for lo in range(0, events.num_rows, batch_size):
-                nb = _with_vectors(make_batch(events.slice(lo, batch_size), vocabs, tok, max_events=1), vectors)
+                nb = add_vectors(make_batch(events.slice(lo, batch_size), vocabs, tok, max_events=1), vectors)
                 parts.append(F.normalize(self.model.item_vectors(to_torch(nb))[:, 0], dim=-1))
             self.items = torch.cat(parts) if parts else torch.zeros(0, enc.d_model)  # (n_items, d_model), unit rows
             self.temperature = float(self.head.temperature())

@@ -84,13 +84,6 @@ def _prefixed(a: Mapping, b: Mapping, **extra) -> dict:
     return {**{f"a.{k}": v for k, v in a.items()}, **{f"b.{k}": v for k, v in b.items()}, **extra}
 
 
-def _with_vectors(batch: dict, vectors) -> dict:
-    """Add ``text_vector`` (B, L, dim) from a :class:`userfm.models.minilm.VectorCache` (or any ``lookup``)."""
-    if vectors is not None:
-        batch["text_vector"] = vectors.lookup(batch["text_hash"])
-    return batch
-
-
 def add_vectors(batch: Mapping[str, np.ndarray], vectors) -> dict:
     """``<view>text_vector`` (B, L, dim) for every ``<view>text_hash`` (B, L) of ``batch`` (``text_hash``,
     ``a.text_hash``, ...), looked up in ``vectors`` (a :class:`userfm.models.minilm.VectorCache`; padding and
@@ -193,7 +186,7 @@ def mlm_loss(h: Tensor, batch: Mapping[str, Tensor], head: MLMHead, time_fields=
 def mlm_batch(rows, vocabs: Vocabs, tokenizer=None, *, mask_rate: float = 0.15, seed: int = 0,
               vectors=None) -> dict[str, np.ndarray]:
     """Rows -> masked batch with targets (see :func:`mask_events`)."""
-    batch = _with_vectors(make_batch(rows, vocabs, tokenizer), vectors)
+    batch = add_vectors(make_batch(rows, vocabs, tokenizer), vectors)
     return mask_events(batch, mask_rate, np.random.default_rng(seed))
 
 
@@ -275,7 +268,7 @@ def augment(batch: Mapping[str, np.ndarray], cfg: ObjectiveConfig, rng: np.rando
 def simclr_batch(rows, vocabs: Vocabs, tokenizer=None, *, cfg: ObjectiveConfig = ObjectiveConfig("simclr"),
                  seed: int = 0, pool=None, vectors=None) -> dict[str, np.ndarray]:
     """Rows -> two augmented views, keys ``a.*`` and ``b.*``. Users with no events are dropped."""
-    batch = _with_vectors(make_batch(rows, vocabs, tokenizer), vectors)
+    batch = add_vectors(make_batch(rows, vocabs, tokenizer), vectors)
     keep = batch["length"] > 0
     batch = {k: v[keep] for k, v in batch.items()}
     return simclr_views(batch, cfg, np.random.default_rng(seed), pool)
@@ -363,8 +356,8 @@ def clue_batch(rows, vocabs: Vocabs, tokenizer=None, *, single_service: str = "t
                vectors=None) -> dict[str, np.ndarray]:
     """Rows -> paired views ``a.*``/``b.*`` plus ``pair_kind`` (B,) int64: 0 cross-service, 1 time split."""
     ra, rb, stats = clue_pairs(rows, single_service, seed)
-    a = _with_vectors(make_batch(ra, vocabs, tokenizer), vectors)
-    b = _with_vectors(make_batch(rb, vocabs, tokenizer), vectors)
+    a = add_vectors(make_batch(ra, vocabs, tokenizer), vectors)
+    b = add_vectors(make_batch(rb, vocabs, tokenizer), vectors)
     return _prefixed(a, b, pair_kind=np.asarray(ra["pair_kind"], dtype=np.int64))
 
 

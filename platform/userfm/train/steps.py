@@ -69,7 +69,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
     user's last n events are dropped first (the leave-one-out evaluation's labels).
     """
     from userfm.models.features import make_batch, pad_events
-    from userfm.objectives.pretext import _with_vectors, clue_batch
+    from userfm.objectives.pretext import add_vectors, clue_batch
     from userfm.data.sequences import restrict_services, service_rows
 
     import pyarrow.compute as pc
@@ -88,7 +88,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
         s = seed + sum(hash_user(u) for u in uid) % 1_000_003
         out = clue_batch(service_rows(batch), vocabs, tok, single_service=single_service, seed=s, vectors=vectors)
     else:
-        out = _with_vectors(make_batch(batch, vocabs, tok), vectors)
+        out = add_vectors(make_batch(batch, vocabs, tok), vectors)
         keep = out["length"] > 0
         out = {k: v[keep] for k, v in out.items()}
     return pad_events(out, max_events)  # fixed shapes: Ray Data stores them as tensor columns
