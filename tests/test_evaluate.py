@@ -374,6 +374,28 @@ def test_same_seed_same_results(evaluated, synth_ds):
     assert strip(again["rows"], {"segment", "n_future_events"}) == strip(results["rows"], {"segment", "n_future_events"})
 
 
+def test_worker_processes_fit_the_same_heads(evaluated, synth_ds):
+    """workers=2 fits a task's heads and baselines in two processes: the same rows in the same order as the
+    one-by-one run (U-MLP rows exactly: seeded torch on one thread either way; lbfgs within its tolerance,
+    which the BLAS thread count can move: here at most one test user), and a progress line per job."""
+    results, _ = evaluated
+    lines = []
+    par = run_evaluate(_cfg(synth_ds, "run_workers", only_tasks=("segment", "n_future_events"), workers=2),
+                       progress=lines.append)
+    one = [r for r in results["rows"] if r["task"] in {"segment", "n_future_events"}]
+    assert [(r["task"], r["model"]) for r in par["rows"]] == [(r["task"], r["model"]) for r in one]
+    for a, b in zip(par["rows"], one):
+        if a["head"] == "mlp":
+            assert a["per_seed"] == b["per_seed"], a["model"]
+        n = max(r["test"]["n"] or 0 for r in one if r["task"] == b["task"])  # (the oracle row has none)
+        assert abs(a["test"]["value"] - b["test"]["value"]) <= max(1.01 / n, 1e-3 * abs(b["test"]["value"])), a["model"]
+        assert a.get("heads") == b.get("heads"), a["model"]
+    done = [ln for ln in lines if " done (" in ln]
+    # per task: 2 tables x 2 heads x 2 seeds, less one logreg seed on the fixed table, + bag-of-items + TF-IDF
+    n_jobs = 2 * 2 * 2 - 1 + ("bag-of-items" in par["config"]["baselines"]) + ("tfidf" in par["config"]["baselines"])
+    assert len(done) == 2 * n_jobs and done[-1].endswith(f"done ({n_jobs}/{n_jobs})"), done[-3:]
+
+
 def test_t_trans_trains_from_scratch_and_beats_the_floor(synth_ds):
     # Future activity is predictable from the history itself (its length, recency): a transformer
     # trained on the task's training users must beat random embeddings (lower RMSE) on test users.

@@ -83,10 +83,12 @@ Nothing here imports ``ray``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -96,7 +98,7 @@ from userfm.config import ConfigError, to_dict
 from userfm.data.dataset import load_manifest
 from userfm.eval.baselines import SEQ_COLUMNS, _bag_of_items_scores, _concat_scores, _item_knn_ranks, _popularity_ranks, _sasrec_ranks, _tfidf_scores, _ttrans_runs, minilm_mean_table, tfidf_features, user_texts
 from userfm.eval.embeddings import EmbeddingTable, concat_tables, embedding_model, load_embeddings, pretrain_holdout, random_embeddings
-from userfm.eval.heads import _FITTERS, _torch_threads, fit_retrieval, retrieval_ranks, save_head
+from userfm.eval.heads import _torch_threads, fit_and_score, retrieval_ranks, save_head
 from userfm.eval.render import format_markdown, head_timings, write_charts
 from userfm.eval.task_data import TaskData, _attribute_table, merge_folds, stack_folds, task_data, user_table
 from userfm.eval.tasks import _num, CONCAT_MINILM, EvalConfig, EvalError, LAST_EVENT, MINILM_MEAN, PAIRED_WITH, RANDOM, SECONDARY_METRICS, TaskConfig, _category_level, load_tasks
@@ -247,6 +249,33 @@ def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, table
             raise EvalError(f"task {t.name!r}: users {t.users!r}: no service of that name; services: {sorted(manifest['services'])}")
 
 
+def run_jobs(jobs: Iterable[tuple], workers: int, progress: Callable[[str, str], None]) -> Iterator[tuple]:
+    """Run ``(key, label, fn, args)`` jobs and yield ``(key, fn(*args))`` in the jobs' order.
+
+    ``workers`` 1: one at a time in this process, each job's inputs built when it comes up (``jobs`` may be a
+    generator), ``progress(label, "")`` before it runs. More (0 = one per CPU): in that many processes
+    (joblib's loky backend, which limits each worker's BLAS / OpenMP threads to its share of the CPUs, and
+    keeps the processes for the next call), ``progress(label, " done (k/n)")`` as each result comes back.
+    The jobs are independent and seeded: the same fits either way, up to the solvers' tolerance (lbfgs's
+    solution moves within it with the BLAS thread count: on the demo, one row of 67 by one test user in 1,011).
+    """
+    n = workers or os.cpu_count() or 1
+    if n > 1:
+        jobs = list(jobs)
+    if n == 1 or len(jobs) < 2:
+        for key, label, fn, args in jobs:
+            progress(label, "")
+            yield key, fn(*args)
+        return
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=min(n, len(jobs)), backend="loky", return_as="generator")(
+        delayed(fn)(*args) for _, _, fn, args in jobs)
+    for k, ((key, label, _, _), result) in enumerate(zip(jobs, results), 1):
+        progress(label, f" done ({k}/{len(jobs)})")
+        yield key, result
+
+
 def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> dict:
     """Evaluate every (embedding table x head) and baseline on every task; write and return the results.
 
@@ -384,41 +413,52 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 return concats[emb_name]
             return rand[seed] if source == RANDOM else minilm(td.view) if source == MINILM_MEAN else real[emb_name]
 
-        for emb_name, source in tables_here:
-            for head in cfg.heads:
-                progress(f"[evaluate] {here}: {emb_name}/{head}" + (f", fold {fold + 1} of {cfg.folds}" if fold is not None else ""))
-                scores, tr_s, inf_s, saved = [], [], [], []
-                # lbfgs logistic regression on a fixed table is deterministic: one fit serves every seed
-                # (the random table changes with the seed, so its logreg is refitted).
-                # (A retrieval "logreg" is a linear layer trained with torch: seeded, refitted per seed.)
-                fit_seeds = seeds[:1] if head == "logreg" and source != RANDOM and not retrieval else seeds
-                for seed in fit_seeds:
-                    table = table_of(emb_name, source, seed)
-                    x = {s: table.lookup(td.ids[s]) for s in td.ids}
-                    t0 = time.perf_counter()
-                    if retrieval:
-                        fitted = fit_retrieval(x["train"], td.y["train"], x["val"], td.y["val"], task=task, classes=td.classes,
-                                               cfg=cfg, seed=seed, history=td.history["train"],
-                                               hidden=cfg.mlp_hidden if head == "mlp" else 0, item_vectors=item_vectors)
-                    else:
-                        fitted = _FITTERS[head](x["train"], td.y["train"], x["val"], td.y["val"], task=task,
-                                                classes=td.classes, cfg=cfg, seed=seed)
-                    t1 = time.perf_counter()
-                    if retrieval:
-                        x_te = x["test"]
-                        scores.append(retrieval_ranks(lambda r: fitted.logits(x_te[r]), len(x_te), td.y["test"], seen))
-                    else:
-                        scores.append(fitted.scores(x["test"]))
-                    inf_s.append(time.perf_counter() - t1)
-                    tr_s.append(t1 - t0)
-                    fitted.meta.update(embedding=emb_name, embedding_source=source)
-                    if cfg.save_heads:
-                        rel = Path("heads") / task.name / f"{emb_name}-{head}" / f"seed{seed}"
-                        if fold is not None:
-                            rel = rel / f"fold{fold}"
-                        save_head(out / rel, fitted)
-                        saved.append(str(rel))
-                record(f"{emb_name}/{head}", emb_name, head, scores * (len(seeds) // len(fit_seeds)), tr_s, inf_s, saved)
+        def table_fits():
+            """One job per (table x head x seed) fit, in the order the rows are recorded."""
+            for emb_name, source in tables_here:
+                for head in cfg.heads:
+                    # lbfgs logistic regression on a fixed table is deterministic: one fit serves every seed
+                    # (the random table changes with the seed, so its logreg is refitted).
+                    # (A retrieval "logreg" is a linear layer trained with torch: seeded, refitted per seed.)
+                    fit_seeds = seeds[:1] if head == "logreg" and source != RANDOM and not retrieval else seeds
+                    for seed in fit_seeds:
+                        table = table_of(emb_name, source, seed)
+                        x = {s: table.lookup(td.ids[s]) for s in td.ids}
+                        yield ((emb_name, source, head, seed, len(seeds) // len(fit_seeds)), f"{emb_name}/{head}",
+                               fit_and_score, (head, x, td.y, task, td.classes, cfg, seed, retrieval,
+                                               td.history["train"] if retrieval else None, item_vectors, seen))
+
+        def baseline_fits():
+            if "bag-of-items" in cfg.baselines and not retrieval:  # deterministic: one fit
+                yield "bag-of-items", "bag-of-items/logreg", _bag_of_items_scores, (td, items(td.view), cfg, seeds[0])
+            if feats is not None and "tfidf" in cfg.baselines:  # deterministic: one fit serves every seed
+                yield "tfidf", "tfidf/logreg", _tfidf_scores, (td, feats, cfg, seeds[0])
+
+        # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
+        concat = "concat-tfidf" in cfg.baselines
+        feats = tfidf_of(td) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
+        fits: dict[str, list] = {}
+        baseline_out = {}
+        for key, result in run_jobs(itertools.chain(baseline_fits(), table_fits()), cfg.workers,
+                                    lambda label, done: progress(f"[evaluate] {here}: {label}" + done
+                                                                 + (f", fold {fold + 1} of {cfg.folds}" if fold is not None else ""))):
+            if isinstance(key, str):
+                baseline_out[key] = result
+                continue
+            emb_name, source, head, seed, repeat = key
+            fitted, test_scores, fit_s, score_s = result
+            fitted.meta.update(embedding=emb_name, embedding_source=source)
+            saved = []
+            if cfg.save_heads:
+                rel = Path("heads") / task.name / f"{emb_name}-{head}" / f"seed{seed}"
+                if fold is not None:
+                    rel = rel / f"fold{fold}"
+                save_head(out / rel, fitted)
+                saved.append(str(rel))
+            runs = fits.setdefault(f"{emb_name}/{head}", [emb_name, head, [], [], [], [], repeat])
+            runs[2].append(test_scores), runs[3].append(fit_s), runs[4].append(score_s), runs[5].extend(saved)
+        for model, (emb_name, head, scores, tr_s, inf_s, saved, repeat) in fits.items():
+            record(model, emb_name, head, scores * repeat, tr_s, inf_s, saved)
         if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
             for emb_name, source in cfg.embeddings.items():
                 scorer, build_s = own_scorer(emb_name, source, td.classes)
@@ -439,14 +479,11 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             with _torch_threads(cfg.torch_threads):
                 s, a, b, info = _sasrec_ranks(td, seen, cfg)
             record("sasrec", None, "sasrec", [s] * len(seeds), [a], [b], sasrec=info)
-        if "bag-of-items" in cfg.baselines and not retrieval:
-            s, a, b, info = _bag_of_items_scores(td, items(td.view), cfg, seeds[0])  # deterministic: one fit
+        if "bag-of-items" in baseline_out:
+            s, a, b, info = baseline_out["bag-of-items"]
             record("bag-of-items/logreg", None, "logreg", [s] * len(seeds), [a], [b], bag_of_items=info)
-        # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
-        concat = "concat-tfidf" in cfg.baselines
-        feats = tfidf_of(td) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
-        if feats is not None and "tfidf" in cfg.baselines:
-            s, a, b, info = _tfidf_scores(td, feats, cfg, seeds[0])  # deterministic: one fit serves every seed
+        if "tfidf" in baseline_out:
+            s, a, b, info = baseline_out["tfidf"]
             record("tfidf/logreg", None, "logreg", [s] * len(seeds), [a], [b], tfidf=info)
         if feats is not None and concat:  # every deterministic (non-random) table, + TF-IDF
             for emb_name, source in tables_here:

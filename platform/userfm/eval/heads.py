@@ -410,3 +410,34 @@ def retrieval_ranks(score_fn: Callable[[np.ndarray], np.ndarray], n: int, target
     return out
 
 
+
+
+def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray], task: TaskConfig, classes: list | None,
+                  cfg: EvalConfig, seed: int, retrieval: bool = False, history: list[np.ndarray] | None = None,
+                  item_vectors: np.ndarray | None = None,
+                  seen: list[np.ndarray] | None = None) -> tuple[LinearHead | MLPHead, np.ndarray, float, float]:
+    """Fit one ``head`` ("mlp" or "logreg") on ``x["train"]`` (val picks C / the epoch) and score ``x["test"]``.
+
+    ``x`` and ``y``: split -> (n, D) user vectors and (n,) targets. Retrieval heads train towards ``history``
+    (the train users' catalog indices) and score the test users' targets' ranks (``seen`` removed).
+    A module-level function, so evaluate's worker processes can run it (``EvalConfig.workers``).
+
+    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if retrieval:
+        fitted = fit_retrieval(x["train"], y["train"], x["val"], y["val"], task=task, classes=classes, cfg=cfg,
+                               seed=seed, history=history, hidden=cfg.mlp_hidden if head == "mlp" else 0,
+                               item_vectors=item_vectors)
+    else:
+        fitted = _FITTERS[head](x["train"], y["train"], x["val"], y["val"], task=task, classes=classes, cfg=cfg,
+                                seed=seed)
+    t1 = time.perf_counter()
+    x_te = x["test"]
+    if retrieval:
+        scores = retrieval_ranks(lambda r: fitted.logits(x_te[r]), len(x_te), y["test"], seen)
+    else:
+        scores = fitted.scores(x_te)
+    return fitted, scores, t1 - t0, time.perf_counter() - t1

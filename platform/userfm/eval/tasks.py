@@ -206,6 +206,8 @@ class EvalConfig:
     torch_threads: int = 1  # torch intra-op threads while heads and T-Trans train (restored after); 0 = leave
     #                         as is. Their matmuls are small: more threads mostly add synchronisation
     #                         (U-MLP 13x, T-Trans 5-12x slower with 2 threads on a busy 2-core box)
+    workers: int = 1  # processes fitting a task's heads and its bag-of-items / TF-IDF baselines side by side (joblib's
+    #                   loky); 0 = one per CPU. 1 fits them one by one here. The fits are seeded: same results either way
     save_heads: bool = True  # write heads/<task>/<model>/seed<k>/ (safetensors + JSON)
     charts: bool = True  # write PNG charts (skipped with a note when matplotlib is missing)
 
@@ -218,6 +220,8 @@ class EvalConfig:
             raise ValueError(f"baselines: unknown {bad}; known: {BASELINES} (the random floor is an embeddings entry: name: random)")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = one per CPU, 1 = fit in this process), got {self.workers}")
         if self.mlp_batch_size < 1 or self.mlp_min_steps < 1:
             raise ValueError(f"mlp_batch_size and mlp_min_steps must be >= 1, got {self.mlp_batch_size}, {self.mlp_min_steps}")
         if self.labels < 0:
