@@ -55,7 +55,7 @@ from ray import serve
 
 from userfm.config import from_dict, load_config, to_dict
 from userfm.serve.config import ADMIN_PREFIX, OPEN_PATHS, ServeConfig, ServeError, auth_summary, check_exposure, is_loopback, plan, read_key_file, reload_target, resolve_minilm_cache, version_notes
-from userfm.serve.deployments import EmbeddingStore, Encoder, Head, _StoredTable, hop_timing, lookup, record_hop
+from userfm.serve.deployments import SHUTDOWN_POLL_S, EmbeddingStore, Encoder, Head, _StoredTable, hop_timing, lookup, record_hop
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def api_models(cfg: ServeConfig) -> dict[str, type]:
     return {k: v for k, v in locals().items() if isinstance(v, type) and issubclass(v, BaseModel)}
 
 
-@serve.deployment
+@serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 @serve.ingress()
 class Ingress:
     """The app's single FastAPI ingress; the routes call the model deployments through handles."""

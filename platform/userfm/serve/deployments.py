@@ -17,6 +17,10 @@ from ray import serve
 
 from userfm.serve.config import ServeError, embedding_identity, head_summary
 
+# How often a stopping replica checks that its requests are done (Serve's default: 2 s). Every replica waited at
+# least one period, and the ingress stops before the rest: shutting the demo's app down took ~4 s of waiting.
+SHUTDOWN_POLL_S = 0.25
+
 
 # (hop, ms) of the request being handled: the ingress middleware sets a fresh list, each handle call and
 # local table lookup appends to it, and the response carries them as a Server-Timing header. Deployment
@@ -139,7 +143,7 @@ class _IdleNoWait:
             self.in_flight -= 1
 
 
-@serve.deployment
+@serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class Encoder:
     """Events -> user embedding. One model load per replica (``embed.EmbedActor``), requests batched."""
 
@@ -213,7 +217,7 @@ def lookup(table: _StoredTable, user_ids: list[str]) -> tuple[list[str], np.ndar
     return missing, None if missing else table.x[rows], ident
 
 
-@serve.deployment
+@serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class EmbeddingStore:
     """Precomputed embeddings by user id, exact top-k cosine neighbours, and a table switch in place.
 
@@ -299,7 +303,7 @@ def head_outputs(head, x: np.ndarray) -> list[dict]:
     return [{"prediction": classes[int(p.argmax())], "probabilities": [float(v) for v in p]} for p in proba]
 
 
-@serve.deployment
+@serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class Head:
     """One saved downstream head (``evaluate.load_head``); calls batched into one forward."""
 
