@@ -87,6 +87,7 @@ import itertools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -498,44 +499,9 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             record("t-trans", None, "t-trans", scores, tr_s, inf_s, t_trans=info)
         return fitted_models
 
-    rows, task_info = [], []
-    for i_task, task in enumerate(tasks, 1):
-        here = f"task {i_task}/{len(tasks)} {task.name}"  # the progress lines' count (the demo's live line reads it)
-        t_task = time.perf_counter()
-        if cfg.folds:
-            # cross-fitting: every labelled user is a test user once, scored by heads that never saw it
-            fold_tds = [task_data(cfg.data, task, users, tables, fold=(f, cfg.folds), labels=cfg.labels)
-                        for f in range(cfg.folds)]
-            td = stack_folds(fold_tds)
-            fitted_models = merge_folds([score_models(ftd, f) for f, ftd in enumerate(fold_tds)])
-            users_info = {"train": [int(len(f.ids["train"])) for f in fold_tds],
-                          "val": [int(len(f.ids["val"])) for f in fold_tds], "test": int(len(td.ids["test"])), "folds": cfg.folds}
-        else:
-            td = task_data(cfg.data, task, users, tables, labels=cfg.labels)
-            fitted_models = None
-            users_info = {s: int(len(td.ids[s])) for s in td.ids}
-        n_te = td.n_events["test"]
-        lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
-        cold, heavy = n_te <= lo_q, n_te >= hi_q
-        retrieval = task.type == "retrieval"
-        task_info.append({
-            "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
-            **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen, "catalog": task.catalog,
-                **({"n_items_ranked": sorted({len(td.classes) - len(o) for o in td.outside["test"]})}
-                   if td.outside else {})} if retrieval else {}),
-            "holdout_last": td.holdout,
-            **({"history": task.history} if task.history_service else {}),
-            "users": users_info, "left_out": td.left_out,
-            "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
-            "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
-        })
-        if cfg.folds:
-            progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, {cfg.folds}-fold cross-fit over "
-                     f"{len(td.ids['test'])} users (train ~{int(np.mean(users_info['train']))} / val ~{int(np.mean(users_info['val']))} per fold)")
-        else:
-            progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, users train "
-                     f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
-            fitted_models = score_models(td)
+    def finish_task(task: TaskConfig, td: TaskData, fitted_models: dict, cold: np.ndarray, heavy: np.ndarray,
+                    here: str, t_task: float, info: dict) -> None:
+        """A task's rows (intervals, paired differences) from its fitted models, appended to ``rows``."""
         task_scores = {m: f["scores"] for m, f in fitted_models.items()}
         task_rows = {}
         for m, f in fitted_models.items():
@@ -553,7 +519,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         # baselines, on all test users and on the cold ones: the issue's "beat TF-IDF and T-Trans, cold users
         # most" (and "beat popularity" for retrieval)
         best = best_yardstick(list(task_rows.values()))
-        task_info[-1]["best_yardstick"] = best
+        info["best_yardstick"] = best
         refs = [m for m in PAIRED_WITH if m in task_scores] + ([best] if best and best not in PAIRED_WITH else [])
         for model, row in task_rows.items():
             if (refs or cfg.reference) and row["embedding"] is not None and cfg.embeddings.get(row["embedding"]) != RANDOM:
@@ -581,6 +547,59 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         progress(f"[evaluate] {here}: " + ", ".join(
             f"{r['model']} {r['test']['value']}" for r in rows if r["task"] == task.name) +
             f" ({task.metric}, {time.perf_counter() - t_task:.1f}s)")
+
+    rows, task_info = [], []
+    # With worker processes, one thread here computes a task's rows (bootstrap intervals: ~1-3 s a task on the
+    # demo) while the workers fit the next task's heads; it takes the tasks in order, so the rows keep theirs.
+    pool = ThreadPoolExecutor(max_workers=1) if (cfg.workers or os.cpu_count() or 1) > 1 else None
+    finishing = []
+    try:
+        for i_task, task in enumerate(tasks, 1):
+            here = f"task {i_task}/{len(tasks)} {task.name}"  # the progress lines' count (the demo's live line reads it)
+            t_task = time.perf_counter()
+            if cfg.folds:
+                # cross-fitting: every labelled user is a test user once, scored by heads that never saw it
+                fold_tds = [task_data(cfg.data, task, users, tables, fold=(f, cfg.folds), labels=cfg.labels)
+                            for f in range(cfg.folds)]
+                td = stack_folds(fold_tds)
+                fitted_models = merge_folds([score_models(ftd, f) for f, ftd in enumerate(fold_tds)])
+                users_info = {"train": [int(len(f.ids["train"])) for f in fold_tds],
+                              "val": [int(len(f.ids["val"])) for f in fold_tds], "test": int(len(td.ids["test"])), "folds": cfg.folds}
+            else:
+                td = task_data(cfg.data, task, users, tables, labels=cfg.labels)
+                fitted_models = None
+                users_info = {s: int(len(td.ids[s])) for s in td.ids}
+            n_te = td.n_events["test"]
+            lo_q, hi_q = np.quantile(n_te, [cfg.quantile, 1.0 - cfg.quantile])
+            cold, heavy = n_te <= lo_q, n_te >= hi_q
+            retrieval = task.type == "retrieval"
+            task_info.append({
+                "name": task.name, "config": dataclasses.asdict(task), "classes": None if retrieval else td.classes,
+                **({"n_items": len(td.classes), "mask_seen": cfg.retrieval_mask_seen, "catalog": task.catalog,
+                    **({"n_items_ranked": sorted({len(td.classes) - len(o) for o in td.outside["test"]})}
+                       if td.outside else {})} if retrieval else {}),
+                "holdout_last": td.holdout,
+                **({"history": task.history} if task.history_service else {}),
+                "users": users_info, "left_out": td.left_out,
+                "cold_max_events": float(lo_q), "heavy_min_events": float(hi_q),
+                "n_cold": int(cold.sum()), "n_heavy": int(heavy.sum()),
+            })
+            if cfg.folds:
+                progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, {cfg.folds}-fold cross-fit over "
+                         f"{len(td.ids['test'])} users (train ~{int(np.mean(users_info['train']))} / val ~{int(np.mean(users_info['val']))} per fold)")
+            else:
+                progress(f"[evaluate] {here}: {task.type} {task.table}.{task.target}, users train "
+                         f"{len(td.ids['train'])} / val {len(td.ids['val'])} / test {len(td.ids['test'])}")
+                fitted_models = score_models(td)
+            if pool is None:
+                finish_task(task, td, fitted_models, cold, heavy, here, t_task, task_info[-1])
+            else:  # the intervals of this task while the workers fit the next one
+                finishing.append(pool.submit(finish_task, task, td, fitted_models, cold, heavy, here, t_task, task_info[-1]))
+        for f in finishing:  # in order; re-raises a task's error
+            f.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     for (h, svc), t in sorted(minilm_by.items()):  # built on demand, one per view
         what = ", ".join([f"holdout_last={h}"] * bool(h) + [f"history_service={svc}"] * bool(svc))
