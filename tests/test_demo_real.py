@@ -433,9 +433,9 @@ def test_pretrain_recipe(tmp_path):
     from userfm.demo import REAL_EPOCHS, pretrain_recipe
 
     synth, why = pretrain_recipe(DemoConfig())
-    # synthetic data: SYNTH_STEPS (200) steps; real data: an epoch budget capped at REAL_STEPS (400)
-    assert synth == {"max_steps": 200, "eval_every": 50, "checkpoint_every": 100, "log_every": 20, "export": "last"}
-    assert why == "200 steps, the last weights (synthetic data: a fresh sample every user)"
+    # synthetic data: SYNTH_STEPS (150) steps; real data: an epoch budget capped at REAL_STEPS (400)
+    assert synth == {"max_steps": 150, "eval_every": 37, "checkpoint_every": 75, "log_every": 15, "export": "last"}
+    assert why == "150 steps, the last weights (synthetic data: a fresh sample every user)"
     assert pretrain_recipe(DemoConfig(pretrain_steps=7))[0]["max_steps"] == 7
     real, why = pretrain_recipe(DemoConfig(data=str(tmp_path), format="events"))
     assert (real["epochs"], real["early_stop"], real["eval_every"], real["export"], real["max_steps"]) == (REAL_EPOCHS, 3, 0, "best", 400)
