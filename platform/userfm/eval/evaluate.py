@@ -250,6 +250,11 @@ def _check(cfg: EvalConfig, tasks: tuple[TaskConfig, ...], manifest: dict, table
             raise EvalError(f"task {t.name!r}: users {t.users!r}: no service of that name; services: {sorted(manifest['services'])}")
 
 
+def _processes(workers: int) -> int:
+    """``EvalConfig.workers`` as a process count (0 = one per CPU)."""
+    return workers or os.cpu_count() or 1
+
+
 def run_jobs(jobs: Iterable[tuple], workers: int, progress: Callable[[str, str], None]) -> Iterator[tuple]:
     """Run ``(key, label, fn, args)`` jobs and yield ``(key, fn(*args))`` in the jobs' order.
 
@@ -260,7 +265,7 @@ def run_jobs(jobs: Iterable[tuple], workers: int, progress: Callable[[str, str],
     The jobs are independent and seeded: the same fits either way, up to the solvers' tolerance (lbfgs's
     solution moves within it with the BLAS thread count: on the demo, one row of 67 by one test user in 1,011).
     """
-    n = workers or os.cpu_count() or 1
+    n = _processes(workers)
     if n > 1:
         jobs = list(jobs)
     if n == 1 or len(jobs) < 2:
@@ -438,7 +443,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
         concat = "concat-tfidf" in cfg.baselines
         feats = tfidf_of(td) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
-        fits: dict[str, list] = {}
+        fits: dict[str, dict] = {}
         baseline_out = {}
         for key, result in run_jobs(itertools.chain(baseline_fits(), table_fits()), cfg.workers,
                                     lambda label, done: progress(f"[evaluate] {here}: {label}" + done
@@ -456,10 +461,14 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     rel = rel / f"fold{fold}"
                 save_head(out / rel, fitted)
                 saved.append(str(rel))
-            runs = fits.setdefault(f"{emb_name}/{head}", [emb_name, head, [], [], [], [], repeat])
-            runs[2].append(test_scores), runs[3].append(fit_s), runs[4].append(score_s), runs[5].extend(saved)
-        for model, (emb_name, head, scores, tr_s, inf_s, saved, repeat) in fits.items():
-            record(model, emb_name, head, scores * repeat, tr_s, inf_s, saved)
+            runs = fits.setdefault(f"{emb_name}/{head}", {"embedding": emb_name, "head": head, "scores": [], "tr_s": [],
+                                                          "inf_s": [], "saved": [], "repeat": repeat})
+            runs["scores"].append(test_scores)
+            runs["tr_s"].append(fit_s)
+            runs["inf_s"].append(score_s)
+            runs["saved"] += saved
+        for model, r in fits.items():  # one row per (table, head), its seeds' fits in seed order
+            record(model, r["embedding"], r["head"], r["scores"] * r["repeat"], r["tr_s"], r["inf_s"], r["saved"])
         if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
             for emb_name, source in cfg.embeddings.items():
                 scorer, build_s = own_scorer(emb_name, source, td.classes)
@@ -551,7 +560,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
     rows, task_info = [], []
     # With worker processes, one thread here computes a task's rows (bootstrap intervals: ~1-3 s a task on the
     # demo) while the workers fit the next task's heads; it takes the tasks in order, so the rows keep theirs.
-    pool = ThreadPoolExecutor(max_workers=1) if (cfg.workers or os.cpu_count() or 1) > 1 else None
+    pool = ThreadPoolExecutor(max_workers=1) if _processes(cfg.workers) > 1 else None
     finishing = []
     try:
         for i_task, task in enumerate(tasks, 1):

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -424,8 +425,6 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
 
     Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds).
     """
-    import time
-
     t0 = time.perf_counter()
     if retrieval:
         fitted = fit_retrieval(x["train"], y["train"], x["val"], y["val"], task=task, classes=classes, cfg=cfg,
