@@ -135,6 +135,19 @@ def test_null_columns_and_sliced_tables():
     np.testing.assert_array_equal(b["text_hash"][0], full["text_hash"][1, :1])
 
 
+def test_fit_vocabs_counts_every_event_by_hand():
+    """Counted per distinct value: a path taken by many events counts once per event, at every level it has."""
+    rows = _hand_rows()
+    rows["category"][1] = None  # user b's whole category list missing: its event has no path
+    rows["category"][0] = [["Clothing", "Shoes"], ["Clothing", "Hats"], ["Books"]]
+    rows = {k: v + v[:1] for k, v in rows.items()}  # user a twice: Clothing 4, Books 2, Shoes 2, Hats 2
+    v = fit_vocabs(rows, FeatureConfig(min_count=3, category_levels=2))
+    assert v.categories == (("Clothing",), ())  # Books (2) and every level-2 path (2 each) are under min_count 3
+    v = fit_vocabs(rows, FeatureConfig(category_levels=2))
+    assert v.categories == (("Clothing", "Books"), ("Clothing" + LEVEL_SEP + "Hats", "Clothing" + LEVEL_SEP + "Shoes"))
+    assert v.services == ("shopping", "search", "news")  # 4, 2, 1
+
+
 def test_vocabs_json_round_trip_and_min_count(tmp_path):
     tab = all_scope(table(event_rows(8)))
     v = fit_vocabs(tab, FeatureConfig(min_count=3, category_levels=2))

@@ -274,6 +274,12 @@ def _category_keys(paths: list, levels: int) -> list[list[str | None]]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _value_counts(values: pa.Array) -> dict:
+    """value -> count over a flat Arrow array (nulls counted under None)."""
+    vc = pc.value_counts(values)
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+
+
 def fit_vocabs(rows: pa.Table | Mapping[str, Any], config: FeatureConfig = FeatureConfig()) -> Vocabs:
     """Fit service, category-level and year vocabularies on the corpus ``rows``.
 
@@ -283,21 +289,30 @@ def fit_vocabs(rows: pa.Table | Mapping[str, Any], config: FeatureConfig = Featu
     table = _as_table(rows)
     flat = _flatten(table, max_events=2**62)  # every event counts when fitting
     n = len(flat.take)
+    # counted per distinct value in Arrow (one pass over the events), then expanded in Python per distinct value only
     services = Counter()
     svc = _flat_values(table, "service", flat.n_all)
     if svc is not None:
-        services.update(svc.to_pylist())
+        services.update(_value_counts(svc))
     levels = [Counter() for _ in range(config.category_levels)]
     cat = _flat_values(table, "category", flat.n_all)
-    if cat is not None and config.category_levels:
-        for keys in _category_keys(cat.to_pylist(), config.category_levels):
+    if cat is not None and config.category_levels and len(cat):
+        # a path's elements joined with a separator no key contains; paths that join alike group together
+        joined = pc.binary_join(pc.fill_null(cat, pa.scalar([], cat.type)), LEVEL_SEP + "\x1e")
+        distinct = pc.unique(joined)
+        idx = pc.index_in(joined, value_set=distinct).to_numpy(zero_copy_only=False)
+        counts = np.bincount(idx, minlength=len(distinct))
+        first = np.full(len(distinct), len(idx), np.int64)
+        np.minimum.at(first, idx, np.arange(len(idx)))
+        paths = cat.take(pa.array(first)).to_pylist()
+        for keys, c in zip(_category_keys(paths, config.category_levels), counts.tolist()):
             for k, key in enumerate(keys):
                 if key is not None:
-                    levels[k][key] += 1
+                    levels[k][key] += c
     years: list[int] = []
     if "year" in config.time_fields and n:
         us = _event_us(_flat_values(table, "ts", flat.n_all))
-        years = sorted(set((us.astype("datetime64[us]").astype("datetime64[Y]").astype(np.int64) + 1970).tolist()))
+        years = np.unique(us.astype("datetime64[us]").astype("datetime64[Y]").astype(np.int64) + 1970).tolist()
 
     def order(counter: Counter, min_count: int = 1) -> tuple:
         items = [(k, c) for k, c in counter.items() if k is not None and c >= min_count]
