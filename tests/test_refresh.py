@@ -219,6 +219,28 @@ def test_a_window_of_only_duplicates_and_bad_rows_changes_nothing(world, tmp_pat
     assert ds["version"] == 3 and ds["rows_quarantined"] == json.loads((root / "v2" / "dataset" / "manifest.json").read_text())["rows_quarantined"] + 8
 
 
+def test_a_table_with_a_similar_users_index_gets_it_updated(world, tmp_path):
+    """The parent's ANN index carries over: its cells reused, every row of the new table in it, tied to that table."""
+    import shutil
+
+    from userfm.infer.ann import read_index
+    from userfm.infer.embed import read_embeddings, write_ann
+
+    root = world["root"]
+    shutil.copytree(root / "v2" / "embeddings", tmp_path / "parent")
+    parent = write_ann(tmp_path / "parent", "on", progress=lambda s: None)  # 203 users: only "on" builds one
+    (tmp_path / "w").mkdir()
+    pq.write_table(pq.read_table(root / "window" / "day.parquet").slice(0, 3), tmp_path / "w" / "again.parquet")
+    m = run_refresh(RefreshConfig(inputs=(str(tmp_path / "w"),), data=str(root / "v2" / "dataset"),
+                                  embeddings=str(tmp_path / "parent"), model=str(root / "enc" / "model"),
+                                  out=str(tmp_path / "v3"), cpus_per_actor=0.5), **QUIET)
+    ids, x = read_embeddings(tmp_path / "v3" / "embeddings")
+    index, meta = read_index(tmp_path / "v3" / "embeddings", ids, x)  # raises if built from another table
+    assert index.ntotal == len(ids) == m["users"]["after"] == 203
+    assert meta["nlist"] == parent["nlist"] and meta["centroids"] == f"reused from {tmp_path / 'parent'}"
+    assert json.loads((tmp_path / "v3" / "embeddings" / "manifest.json").read_text())["ann"] == meta
+
+
 def test_inputs_that_do_not_belong_together_are_refused(world, tmp_path):
     root = world["root"]
     base = dict(inputs=(str(root / "window"),), data=str(root / "ds"), embeddings=str(root / "emb"))

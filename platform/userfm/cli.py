@@ -103,7 +103,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     cfg = load_config(
         EmbedConfig, args.config, args.overrides, model=args.model, data=args.data, out=args.out,
-        actors=args.actors, gpus=args.gpus, concat=args.concat, overwrite=args.overwrite,
+        actors=args.actors, gpus=args.gpus, concat=args.concat, ann=args.ann, overwrite=args.overwrite,
     )
     init_ray(args.address, num_cpus=args.num_cpus)
     run_embed(cfg)
@@ -325,13 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed every user of a dataset with a pretrained encoder (Ray Data actors)",
                        description="Batch inference over an actor pool (one model load per actor): writes "
                        "OUT/embeddings/*.parquet (user_id, embedding, model id/version, config hash), "
-                       "OUT/skipped.parquet and OUT/manifest.json (users in = embedded + skipped).")
+                       "OUT/skipped.parquet, OUT/manifest.json (users in = embedded + skipped) and, at >= 50,000 users, "
+                       "OUT/ann/ (a faiss IVF index that serve answers /similar from).")
     p.add_argument("--model", help="exported encoder folder, e.g. runs/pretrain/clue/model")
     p.add_argument("--data", help="sequence dataset folder from `userfm ingest`")
     p.add_argument("--out", help="output folder")
     p.add_argument("--actors", type=int, help="inference actors (default 1)")
     p.add_argument("--gpus", type=float, help="GPUs per actor (default 0: CPU)")
     p.add_argument("--concat", help="second embedding table to append to each user's embedding")
+    p.add_argument("--ann", choices=("auto", "on", "off"),
+                   help="similar-users index (faiss IVF) in OUT/ann: auto (default) = at >= 50,000 users, on, off")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
     _add_config_args(p)
     _add_ray_args(p)

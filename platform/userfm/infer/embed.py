@@ -44,6 +44,9 @@ from userfm.data.sequences import cut_lists, drop_last_events, history_rows
 SEQUENCE_COLUMNS = ["user_id", "split", "scope", "n_events", "ts", "service", "text", "item_id", "category", "value"]
 
 
+ANN_CHOICES = ("auto", "on", "off")
+
+
 class EmbedError(UserfmError):
     """Bad embed input (model folder, dataset, concat table)."""
 
@@ -66,12 +69,16 @@ class EmbedConfig:
     #                  0 = the model's whole context (its max_events)
     history_service: str = ""  # "" = every event; a service name: after holdout_last, only that service's events
     #                  (scope "all"; a transfer task's table: one service's history predicts the other's next event)
+    ann: str = "auto"  # similar-users index beside the table (OUT/ann, userfm.infer.ann): auto = when the table has
+    #                  >= ANN_MIN_USERS (50,000) users, on = always, off = never (serve then searches exactly)
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self):
         for name in ("batch_size", "actors", "threads_per_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ann not in ANN_CHOICES:
+            raise ValueError(f"ann must be one of {ANN_CHOICES}, got {self.ann!r}")
         if self.holdout_last < 0:
             raise ValueError(f"holdout_last must be >= 0, got {self.holdout_last}")
         if self.recent < 0:
@@ -376,4 +383,25 @@ def run_embed(cfg: EmbedConfig, progress=print) -> dict:
     write_table(out, embedded, skipped, result)
     progress(f"[embed] {users_in:,} users -> {embedded.num_rows:,} embeddings (dim {dim}), {skipped.num_rows} skipped; "
              f"{result['users_per_s']} users/s with {cfg.actors} actor(s) -> {out}")
+    ann = write_ann(out, cfg.ann, progress=progress)
+    if ann is not None:
+        result["ann"] = ann
+        (out / "manifest.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def write_ann(table_dir: Path, when: str = "auto", previous_dir: str | Path | None = None, progress=print) -> dict | None:
+    """The similar-users index of the table in ``table_dir`` (``ann`` = ``when``: auto / on / off, see EmbedConfig),
+    built from the table as ``read_embeddings`` returns it (serve's row order); ``previous_dir``: a parent table
+    whose index's centroids are reused. Returns the index metadata, or None when none is built (an old index of
+    this folder is removed, so none is left that belongs to another table)."""
+    from userfm.infer.ann import ANN_MIN_USERS, INDEX_DIR, write_index
+
+    ids, x = read_embeddings(table_dir)
+    if when == "off" or (when == "auto" and len(ids) < ANN_MIN_USERS) or len(ids) < 2:
+        shutil.rmtree(Path(table_dir) / INDEX_DIR, ignore_errors=True)
+        return None
+    meta = write_index(table_dir, ids, x, previous_dir=previous_dir)
+    progress(f"[embed] similar-users index: {meta['index']} over {meta['users']:,} users, {meta['nlist']} cells, "
+             f"nprobe {meta['nprobe']} ({meta['centroids']}; {meta['build_s']:.1f}s) -> {Path(table_dir) / INDEX_DIR}")
+    return meta

@@ -242,8 +242,9 @@ def _copy_tree_files(fs: pafs.FileSystem, src: str, dest: str) -> int:
 def run_refresh(cfg: RefreshConfig, progress: Callable[[str], None] = print) -> dict:
     """Run a refresh on the current Ray instance (``runtime.init_ray`` first); return ``out/manifest.json``."""
     from userfm.data.dataset import load_manifest
+    from userfm.infer.ann import INDEX_DIR as ANN_INDEX_DIR
     from userfm.infer.embed import (EmbedConfig, embed_rows, minilm_vectors, model_identity, prepare_out, skipped_by_reason,
-                              split_skipped, write_table)
+                              split_skipped, write_ann, write_table)
     from userfm.data.ingest import IngestConfig, _fs_path, _prepare_out, expand_inputs, validate_and_partition, write_quarantine
     from userfm.data.validate import REASONS
 
@@ -440,6 +441,12 @@ def run_refresh(cfg: RefreshConfig, progress: Callable[[str], None] = print) -> 
         "timings_s": {"inference": round(t_embed, 3)},
     }
     write_table(out_root / "embeddings", embedded, skipped, emb_manifest)
+    # the parent's similar-users index, updated: its centroids reused, every row of the new table added again
+    had_index = (Path(cfg.embeddings) / ANN_INDEX_DIR / "index.json").is_file()
+    ann = write_ann(out_root / "embeddings", "on" if had_index else "auto", previous_dir=cfg.embeddings, progress=progress)
+    if ann is not None:
+        emb_manifest["ann"] = ann
+        (out_root / "embeddings" / "manifest.json").write_text(json.dumps(emb_manifest, indent=2))
 
     manifest = {
         "kind": "userfm.refresh",

@@ -3,7 +3,7 @@
 
 import asyncio
 import contextvars
-import hashlib
+import dataclasses
 import json
 import logging
 import time
@@ -204,7 +204,8 @@ class _StoredTable:
     index: dict[str, int]  # user id -> row
     x: np.ndarray  # (N, D) float32
     norms: np.ndarray  # (N,) L2 norms of x's rows
-    meta: dict  # source, model id/version, table_version digest, users, dim, loaded_at
+    meta: dict  # source, model id/version, table_version digest, users, dim, loaded_at, similar (exact or the index)
+    ann: object = None  # the table's faiss index (userfm.infer.ann) when it has one; never sent to the ingress
 
 
 def lookup(table: _StoredTable, user_ids: list[str]) -> tuple[list[str], np.ndarray | None, dict]:
@@ -219,10 +220,14 @@ def lookup(table: _StoredTable, user_ids: list[str]) -> tuple[list[str], np.ndar
 
 @serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class EmbeddingStore:
-    """Precomputed embeddings by user id, exact top-k cosine neighbours, and a table switch in place.
+    """Precomputed embeddings by user id, top-k cosine neighbours, and a table switch in place.
 
-    Memory: ids (list + dict index), the (N, D) float32 matrix and N norms; no normalised copy (two
-    tables while a reload builds the new one).
+    Neighbours are exact (one (N, D) matrix-vector product per query) unless the table folder has an ANN index
+    that ``userfm embed`` built from this very table (``<table>/ann``, :mod:`userfm.infer.ann`, written above
+    ANN_MIN_USERS users); an index built from another table is not used (``info()["similar"]`` says why).
+
+    Memory: ids (list + dict index), the (N, D) float32 matrix and N norms, plus the index's normalised rows
+    when there is one (two tables while a reload builds the new one).
 
     Serve runs sync methods in a thread pool, so ``get``/``similar`` run while a ``reload`` is loading:
     a reload builds the whole new table off to the side and swaps one reference, and every call reads
@@ -246,12 +251,13 @@ class EmbeddingStore:
                 and ident["model_version"] != self.expected):
             raise ServeError(f"embeddings {path} were made by encoder version {ident['model_version']}, the served "
                              f"encoder is {self.expected} (version_check: refuse)")
+        from userfm.infer.ann import table_version
+
         x = np.ascontiguousarray(x)
-        digest = hashlib.blake2b(x.tobytes(), digest_size=6)
-        digest.update("\x1f".join(ids).encode("utf-8", "surrogatepass"))
-        meta = {"source": str(path), **ident, "table_version": digest.hexdigest(), "users": len(ids), "dim": int(x.shape[1]),
-                "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self.table = _StoredTable(ids, {u: i for i, u in enumerate(ids)}, x, np.linalg.norm(x, axis=1), meta)
+        ann, similar = _ann_for(path, ids, x)
+        meta = {"source": str(path), **ident, "table_version": table_version(ids, x), "users": len(ids), "dim": int(x.shape[1]),
+                "similar": similar, "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.table = _StoredTable(ids, {u: i for i, u in enumerate(ids)}, x, np.linalg.norm(x, axis=1), meta, ann)
         return meta
 
     def reconfigure(self, user_config: dict) -> None:
@@ -272,8 +278,9 @@ class EmbeddingStore:
         return lookup(self.table, user_ids)
 
     def snapshot(self) -> _StoredTable:
-        """The whole current table (one consistent version), for the ingress replicas' local copies."""
-        return self.table
+        """The whole current table (one consistent version), for the ingress replicas' local copies (without the
+        ANN index: neighbour queries go to this deployment)."""
+        return dataclasses.replace(self.table, ann=None)
 
     def similar(self, user_id: str, k: int) -> list[tuple[str, float]] | None:
         """Top-k users by cosine similarity to ``user_id`` (itself excluded), best first; None if unknown."""
@@ -281,6 +288,11 @@ class EmbeddingStore:
         i = t.index.get(user_id)
         if i is None:
             return None
+        if t.ann is not None:
+            from userfm.infer.ann import search
+
+            scores, rows = search(t.ann, t.x[i], k + 1)  # itself is (almost always) one of them
+            return [(t.ids[j], float(s)) for s, j in zip(scores[0], rows[0]) if j >= 0 and j != i][:k]
         scores = t.x @ t.x[i]  # (N,)
         denom = t.norms * t.norms[i]
         scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
@@ -291,6 +303,27 @@ class EmbeddingStore:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.lexsort((top, -scores[top]))]  # by score, ties by row: deterministic
         return [(t.ids[j], float(scores[j])) for j in top]
+
+
+def _ann_for(path: str, ids: list[str], x: np.ndarray) -> tuple[object, str]:
+    """The ANN index of the table at ``path`` (None when it has none or one built from another table) and how
+    ``similar`` answers: "exact" or the index's kind and settings, or why an index found there is not used."""
+    from userfm.infer.ann import AnnError, read_index
+
+    p = Path(path)
+    # an embed / refresh table folder holds ann/ beside embeddings/; a path to its embeddings/ or a file in it also finds it
+    folder = next((f for f in (p, p.parent, p.parent.parent) if (f / "ann").is_dir()), p)
+    try:
+        index, meta = read_index(folder, ids, x)
+    except AnnError as exc:
+        log.warning("similar users: exact search; %s", exc)
+        return None, f"exact (index not used: {exc})"
+    if index is None:
+        return None, "exact"
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one query at a time per call; Serve runs calls in a thread pool
+    return index, f"ann: {meta['library']} {meta['index']}, nlist {meta['nlist']}, nprobe {meta['nprobe']}"
 
 
 def head_outputs(head, x: np.ndarray) -> list[dict]:
