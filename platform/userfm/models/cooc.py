@@ -59,21 +59,22 @@ def user_item_matrix(rows: pa.Table, max_events: int = 64, key: str = "text") ->
         or :func:`userfm.models.features.item_hash`); X: (U, I) float32 CSR of 0/1, one row per input row,
         counting each user's last ``max_events`` events.
     """
-    from userfm.models.features import item_hash, text_hash
+    from userfm.models.features import hash_strings, item_hash
 
     texts = rows.column("text").combine_chunks() if rows.num_rows else pa.array([], pa.list_(pa.string()))
     n = pc.list_value_length(texts).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (U,)
     ends = np.cumsum(n)
     starts = ends - n
     keep_from = np.maximum(starts, ends - max_events)  # the last max_events of each row
-    flat = texts.flatten().to_pylist()
-    idx = np.concatenate([np.arange(a, b) for a, b in zip(keep_from, ends)]) if len(n) else np.zeros(0, np.int64)
-    user = np.repeat(np.arange(len(n)), ends - keep_from)
+    row = np.repeat(np.arange(len(n)), n)  # (E,) the row of each flattened event
+    idx = np.flatnonzero(np.arange(int(n.sum())) >= keep_from[row])  # kept events, row by row, oldest first
+    user = row[idx]
+    taken = pa.array(idx, pa.int64())
+    flat = texts.flatten().take(taken)
     if key == "item_id":
-        ids = rows.column("item_id").combine_chunks().flatten().to_pylist()
-        h = item_hash([ids[i] for i in idx], [flat[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
+        h = item_hash(rows.column("item_id").combine_chunks().flatten().take(taken), flat)
     else:
-        h = text_hash([flat[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
+        h = hash_strings(flat)
     hashes, col = np.unique(h, return_inverse=True)
     x = sparse.csr_matrix((np.ones(len(col), np.float32), (user, col)), shape=(len(n), len(hashes)))
     x.data[:] = 1.0  # duplicates summed by the constructor: binary "took it"

@@ -224,18 +224,37 @@ def text_hash(texts) -> np.ndarray:
 ITEM_KEY_PREFIX = "\x1fitem:"  # hashed before an item id, so an id never collides with an equal text
 
 
+def _strings(values) -> pa.Array:
+    """An Arrow string array of ``values`` (an Arrow array or chunked array, or a Python sequence; None stays null)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values if values.type == pa.string() else values.cast(pa.string())
+    return pa.array(list(values), pa.string())
+
+
+def hash_strings(values) -> np.ndarray:
+    """:func:`text_hash` of every value (null as ""), computed once per distinct value: a pass in Arrow, not a
+    Python call per event."""
+    arr = _strings(values)
+    if not len(arr):
+        return np.zeros(0, np.int64)
+    enc = pc.dictionary_encode(pc.fill_null(arr, ""))
+    return text_hash(enc.dictionary.to_pylist())[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 def item_hash(item_ids, texts) -> np.ndarray:
     """The item identity of each event as int64: :func:`text_hash` of ``ITEM_KEY_PREFIX + item_id`` where the
     event has an item id, else the hash of its text (an event without an id is the item its text names).
 
     One item is one key even when its events' texts differ (MovieLens texts carry the rating: one film is up
-    to 10 texts). Each distinct key is hashed once.
+    to 10 texts). Each distinct key is hashed once. Arrow arrays or Python sequences, of equal length.
     """
-    keys = pa.array([ITEM_KEY_PREFIX + i if i is not None else (t or "") for i, t in zip(item_ids, texts)], pa.string())
-    if not len(keys):
+    ids, txt = _strings(item_ids), _strings(texts)
+    if not len(ids):
         return np.zeros(0, np.int64)
-    enc = pc.dictionary_encode(keys).combine_chunks() if isinstance(keys, pa.ChunkedArray) else pc.dictionary_encode(keys)
-    return text_hash(enc.dictionary.to_pylist())[enc.indices.to_numpy(zero_copy_only=False)]
+    keys = pc.if_else(pc.is_null(ids), pc.fill_null(txt, ""), pc.binary_join_element_wise(ITEM_KEY_PREFIX, ids, ""))
+    return hash_strings(keys)
 
 
 def _time_values(us: np.ndarray, last_us: np.ndarray, fields: tuple[str, ...], recency_buckets: int) -> dict:
@@ -403,13 +422,13 @@ def make_batch(
     batch["time"] = scatter(time_ids, PAD_ID, np.int64)
 
     text = column("text")
-    texts = text.to_pylist() if text is not None else [""] * n_ev
-    batch["text_hash"] = scatter(text_hash(texts), 0, np.int64)
+    text = _strings(text) if text is not None else pa.array([""] * n_ev, pa.string())
+    batch["text_hash"] = scatter(hash_strings(text), 0, np.int64)
     ids = column("item_id")
-    batch["item_hash"] = scatter(item_hash(ids.to_pylist() if ids is not None else [None] * n_ev, texts), 0, np.int64)
+    batch["item_hash"] = scatter(item_hash(ids if ids is not None else pa.nulls(n_ev, pa.string()), text), 0, np.int64)
     batch["masked"] = np.zeros((b, width), dtype=bool)
     if tokenizer is not None:
-        toks = tokenizer.encode_batch(texts, cfg.max_text_tokens)
+        toks = tokenizer.encode_batch(text.to_pylist(), cfg.max_text_tokens)
         batch["tokens"] = scatter(toks, 0, np.int64)
     return batch
 
