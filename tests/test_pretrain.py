@@ -188,8 +188,16 @@ def test_resume_continues_with_the_same_next_losses(dataset):
 
 
 def test_injected_worker_failure_recovers_from_the_last_checkpoint(dataset):
+    from userfm.data.dataset import read_sequences
+
     cfg = quick(dataset, "fail", objective="clue", max_steps=6, log_every=1, checkpoint_every=2, fail_at_step=3, max_failures=1)
-    summary = run_pretrain(cfg, progress=lambda s: None)
+    lines = []
+    summary = run_pretrain(cfg, progress=lines.append)
+    # 6 steps read fewer rows than there are training users: only (6 + 1) x 16 x 2 = 224 of them are featurized,
+    # and epochs are still counted over every training user
+    train_users = read_sequences(cfg.data, split="train").num_rows
+    assert summary["train_rows"] == train_users > 224
+    assert any(f"{train_users:,} training rows" in ln and "224 featurized: what 6 steps read" in ln for ln in lines), lines
     steps = [x["step"] for x in rows(Path(cfg.out))]
     # rank 1 died after step 3 (before rank 0 logged step 3's row, or just after): the group restarted
     # from the step-2 checkpoint and ran 3..6 again
@@ -209,6 +217,15 @@ def test_bad_configs_are_rejected(dataset):
         PretrainConfig(time_fields=("week",))
     with pytest.raises(PretrainError, match="cannot fill one step"):
         run_pretrain(quick(dataset, "huge-batch", batch_size=4096), progress=lambda s: None)
+
+
+def test_featurize_limit_by_hand():
+    from userfm.train.pretrain import featurize_limit
+
+    cfg = quick(Path("unused"), "limit", max_steps=50, batch_size=64, num_workers=2, bucket_batches=8)
+    assert featurize_limit(cfg, 800_000) == (50 + 8) * 64 * 2  # 7,424: what the steps read, one bucketing window more
+    assert featurize_limit(cfg, 7_424) is None  # the budget reads every row anyway
+    assert featurize_limit(quick(Path("unused"), "limit", max_steps=50, epochs=0.5), 800_000) is None  # epoch budgets read all
 
 
 def test_lr_schedule_by_hand():

@@ -84,7 +84,16 @@ def _only_users(batch, ids):
     return batch.filter(pc.is_in(batch.column("user_id"), value_set=ids))
 
 
-def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
+def featurize_limit(cfg: PretrainConfig, train_users: int) -> int | None:
+    """Training rows worth featurizing: a fixed step budget (no ``epochs``) that reads fewer rows than there are
+    training users featurizes only the first (max_steps + bucket_batches) x batch_size x num_workers of them (one
+    length-bucketing window to spare), instead of materializing the whole set for a fraction of an epoch (1M
+    synthetic users: 12 GB spilled to disk for 50 steps, 486 s). None: every row (an epoch budget reads them all)."""
+    need = (cfg.max_steps + max(cfg.bucket_batches, 1)) * cfg.batch_size * cfg.num_workers
+    return need if not cfg.epochs and need < train_users else None
+
+
+def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None, limit_train: int | None = None):
     import pyarrow as pa
     import ray
 
@@ -106,7 +115,10 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None):
             ds = ds.map_batches(_only_users, batch_format="pyarrow", fn_kwargs={"ids": ids})
         # materialized: row counts are known (equal steps per rank) and no Data task competes with
         # the training workers for CPUs (the 2-CPU Data + Train deadlock in ray-notes.md)
-        out[split] = ds.map_batches(featurize, batch_format="pyarrow", batch_size=512, fn_kwargs={**kwargs, "split": split}).materialize()
+        ds = ds.map_batches(featurize, batch_format="pyarrow", batch_size=512, fn_kwargs={**kwargs, "split": split})
+        if split == "train" and limit_train:  # a streaming limit: reading stops once the budget's rows are featurized
+            ds = ds.limit(limit_train)
+        out[split] = ds.materialize()
     return out
 
 
@@ -221,8 +233,11 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     progress(f"[pretrain] read the rows and fitted every input ({time.perf_counter() - t0:.1f}s: the lines above)")
 
     t1 = time.perf_counter()
-    datasets = _datasets(cfg, vocabs, tok, vectors_dir)
-    n_train = datasets["train"].count()
+    limit = featurize_limit(cfg, train_rows.num_rows)
+    datasets = _datasets(cfg, vocabs, tok, vectors_dir, limit)
+    n_train = featurized = datasets["train"].count()
+    if limit and featurized == limit:  # a prefix: epochs are counted over the training users read for the fits
+        n_train = train_rows.num_rows
     per_rank = n_train // cfg.num_workers
     steps_per_epoch = per_rank // cfg.batch_size
     if steps_per_epoch < 1:
@@ -243,7 +258,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     lengths = [datasets["train"].take(min(n_train, 256))]
     key = "length" if cfg.objective != "clue" else "a.length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
-    progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch), "
+    progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch"
+             + (f"; {featurized:,} featurized: what {cfg.max_steps} steps read" if featurized < n_train else "") + "), "
              f"{datasets['val'].count():,} validation rows ({time.perf_counter() - t1:.1f}s)")
 
     trainer = TorchTrainer(
