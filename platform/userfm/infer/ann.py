@@ -77,8 +77,32 @@ def auto_nprobe(nlist: int) -> int:
     return max(32, nlist // 16)
 
 
+HNSW_QUANTIZER_FROM = 1024  # cells: from here a row finds its cell through an HNSW graph over the centroids
+
+
+def _reusable(previous, n: int, d: int) -> bool:
+    """An earlier index whose cells still fit a table of ``n`` rows of dimension ``d`` (it has not grown past 4x)."""
+    return previous is not None and previous.d == d and previous.is_trained and n <= 4 * max(previous.ntotal, 1)
+
+
+def set_search(index, nprobe: int) -> None:
+    """Probe ``nprobe`` cells per query (the HNSW quantizer, if any, searches at least twice that deep)."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(nprobe, ivf.nlist)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(2 * ivf.nprobe, 64)
+
+
 def build_index(x: np.ndarray, cfg: AnnConfig = AnnConfig(), previous=None):
     """(N, D) embeddings -> a trained, filled ``faiss.IndexIVFFlat`` (ids 0..N-1 = row numbers).
+
+    The cells are k-means centroids of a sample (``train_per_list`` rows per cell, exact k-means). Adding a row
+    searches the centroids for its cell: exactly below HNSW_QUANTIZER_FROM cells; above, through an HNSW graph of
+    the centroids, so adding N rows costs O(N log nlist) rather than O(N nlist) (with nlist ~ 4 sqrt(N) the exact
+    assignment grew as N^1.4: 0.4 s at 100k users, 10.6 s at 1M; the graph: 0.7 s, 9.0 s, same recall@10).
 
     ``previous``: an index of an earlier version of the table (same D): its trained centroids are reused and only
     the rows are added again (what a refresh does; the cells still fit while the table has not grown past 4x)."""
@@ -86,20 +110,24 @@ def build_index(x: np.ndarray, cfg: AnnConfig = AnnConfig(), previous=None):
 
     xn = normalized(x)
     n, d = xn.shape
-    if previous is not None and previous.d == d and previous.is_trained and n <= 4 * max(previous.ntotal, 1):
+    if _reusable(previous, n, d):
         index = faiss.clone_index(previous)
         index.reset()  # keeps the trained coarse quantizer, drops the rows
     else:
         nlist = cfg.nlist or auto_nlist(n)
         if n < nlist:
             raise AnnError(f"{n} rows cannot train {nlist} cells")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        hnsw = nlist >= HNSW_QUANTIZER_FROM
+        quantizer = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if hnsw:
+            index.clustering_index = faiss.IndexFlatIP(d)  # k-means assigns exactly; the graph is built on its centroids
         rng = np.random.default_rng(cfg.seed)
         sample = xn if n <= nlist * cfg.train_per_list else xn[np.sort(rng.choice(n, nlist * cfg.train_per_list, replace=False))]
         index.cp.seed = cfg.seed
         index.train(sample)
     index.add_with_ids(xn, np.arange(n, dtype=np.int64))
-    index.nprobe = min(cfg.nprobe or auto_nprobe(index.nlist), index.nlist)
+    set_search(index, cfg.nprobe or auto_nprobe(index.nlist))
     return index
 
 
@@ -113,16 +141,18 @@ def write_index(table_dir: str | Path, ids: list[str], x: np.ndarray, cfg: AnnCo
     previous = None
     if previous_dir is not None and (Path(previous_dir) / INDEX_DIR / META_FILE).is_file():
         previous = faiss.read_index(str(Path(previous_dir) / INDEX_DIR / INDEX_FILE))
+    reused = _reusable(previous, len(ids), int(x.shape[1]))
     index = build_index(x, cfg, previous)
     build_s = time.perf_counter() - t0
     folder = Path(table_dir) / INDEX_DIR
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_FILE).unlink(missing_ok=True)  # index.json last: a folder with it is complete
     faiss.write_index(index, str(folder / INDEX_FILE))
+    quantizer = faiss.downcast_index(index.quantizer)
     meta = {"kind": "userfm.ann", "library": f"faiss {faiss.__version__}", "index": "IVFFlat", "metric": "cosine",
             "users": len(ids), "dim": int(x.shape[1]), "nlist": int(index.nlist), "nprobe": int(index.nprobe),
-            "centroids": "reused from " + str(previous_dir) if previous is not None and index.nlist == previous.nlist
-            and previous_dir is not None else "trained", "table_version": table_version(ids, x),
+            "quantizer": "hnsw32" if isinstance(quantizer, faiss.IndexHNSW) else "flat",
+            "centroids": f"reused from {previous_dir}" if reused else "trained", "table_version": table_version(ids, x),
             "build_s": round(build_s, 3), "bytes": (folder / INDEX_FILE).stat().st_size}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
@@ -145,7 +175,7 @@ def read_index(table_dir: str | Path, ids: list[str] | None = None, x: np.ndarra
             raise AnnError(f"{folder}: the index was built from table version {meta.get('table_version')}, the table "
                            f"is {have} ({len(ids):,} users); rebuild it with `userfm embed` or drop {folder}")
     index = faiss.read_index(str(folder / INDEX_FILE))
-    index.nprobe = int(meta["nprobe"])
+    set_search(index, int(meta["nprobe"]))
     return index, meta
 
 
