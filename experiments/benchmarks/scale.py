@@ -304,7 +304,7 @@ def render(results: list[dict], wall: dict) -> str:
     head = ["stage"] + [f"{n:,} users (s)" for n in sizes]
     pairs = list(zip(results, results[1:]))
     head += [f"exponent {a['users']:,}->{b['users']:,}" for a, b in pairs]
-    head += [f"peak MB at {sizes[-1]:,} (driver / Ray)"]
+    head += [f"rows/s at {sizes[-1]:,}", f"peak MB at {sizes[-1]:,} (driver / Ray)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for nm in names:
         cells = [nm] + [f"{r['stages'][nm]['seconds']:.1f}" if nm in r["stages"] else "-" for r in results]
@@ -313,6 +313,9 @@ def render(results: list[dict], wall: dict) -> str:
             e = exponent(sa["seconds"], sb["seconds"], a["users"], b["users"]) if sa and sb and sa.get("rows") and sb.get("rows") else None
             cells.append("-" if e is None or nm in ("start Ray", "pretrain: train") else f"{e:.2f}")
         last = results[-1]["stages"].get(nm, {})
+        per_s = last.get("rows") / last["seconds"] if last.get("rows") and last.get("seconds") else None
+        cells.append("-" if per_s is None or nm in ("start Ray", "serve") else
+                     f"{per_s:,.2f} steps/s" if last.get("rows_kind") == "steps" else f"{per_s:,.0f}")
         cells.append(f"{last.get('driver_mb', '-')} / {last.get('ray_mb', '-')}")
         lines.append("| " + " | ".join(cells) + " |")
     out = ["| " + " | ".join(["size", "events", "MiniLM texts", "serve start (s)", "similar p50/p99 (ms)",
@@ -340,7 +343,8 @@ def render(results: list[dict], wall: dict) -> str:
                          + ("" if r.get("finished") else f" (stopped after {list(r['stages'])[-1]})") for r in results)
     return "\n".join([
         f"Measured {wall['date']} on {wall['machine']}; `{wall['command']}`; {results[0]['steps']} pretraining steps at "
-        "every size (the train row is not expected to grow with users, so it has no exponent). Wall time per "
+        "every size (the train row is not expected to grow with users, so it has no exponent). Rows/s: events for "
+        "synth and ingest, users for the other stages, steps for train. Wall time per "
         f"size (s): {per_size}.",
         "", "### Stages", "", *lines, "", "### Serving (one client, sequential requests)", "", *out, "",
         "### Similar users: index vs exact (one thread, in process)", "", *ann, "",
@@ -380,8 +384,11 @@ def main() -> None:
                for n in sizes if (Path(args.workdir) / str(n) / "scale.json").is_file()]
     if not results:
         sys.exit(f"[scale] no scale.json under {args.workdir}")
-    wall = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "command": "python experiments/benchmarks/scale.py " + " ".join(sys.argv[1:])}
+    ran = time.gmtime(max((Path(args.workdir) / str(r["users"]) / "scale.json").stat().st_mtime for r in results))
+    argv = [a for a in sys.argv[1:] if a != "--render"]
+    wall = {"date": time.strftime("%Y-%m-%d", ran), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "command": "python experiments/benchmarks/scale.py " + " ".join(argv)
+            + (" (tables rendered again from its scale.json files with --render)" if args.render else "")}
     text = render(results, wall)
     print(text)
     if args.doc:
