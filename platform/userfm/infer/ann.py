@@ -158,22 +158,25 @@ def write_index(table_dir: str | Path, ids: list[str], x: np.ndarray, cfg: AnnCo
     return meta
 
 
-def read_index(table_dir: str | Path, ids: list[str] | None = None, x: np.ndarray | None = None):
+def read_index(table_dir: str | Path, ids: list[str] | None = None, x: np.ndarray | None = None, version: str | None = None):
     """-> (faiss index, metadata) of ``table_dir/ann``, or (None, None) when the folder has no index.
 
-    With ``ids``/``x`` (the table as loaded) the index must have been built from exactly that table (same
-    ``table_version``): an index left over from another table raises AnnError rather than answer for the wrong rows."""
+    With ``ids``/``x`` (the table as loaded; or its ``version``, already computed) the index must have been built
+    from exactly that table (same ``table_version``): an index left over from another table raises AnnError rather
+    than answer for the wrong rows."""
     import faiss
 
     folder = Path(table_dir) / INDEX_DIR
     if not (folder / META_FILE).is_file():
         return None, None
     meta = json.loads((folder / META_FILE).read_text())
-    if ids is not None and x is not None:
-        have = table_version(ids, x)
+    if version is None and ids is not None and x is not None:
+        version = table_version(ids, x)
+    if version is not None:
+        have = version
         if meta.get("table_version") != have:
             raise AnnError(f"{folder}: the index was built from table version {meta.get('table_version')}, the table "
-                           f"is {have} ({len(ids):,} users); rebuild it with `userfm embed` or drop {folder}")
+                           f"is {have}; rebuild it with `userfm embed` or drop {folder}")
     index = faiss.read_index(str(folder / INDEX_FILE))
     set_search(index, int(meta["nprobe"]))
     return index, meta

@@ -254,8 +254,9 @@ class EmbeddingStore:
         from userfm.infer.ann import table_version
 
         x = np.ascontiguousarray(x)
-        ann, similar = _ann_for(path, ids, x)
-        meta = {"source": str(path), **ident, "table_version": table_version(ids, x), "users": len(ids), "dim": int(x.shape[1]),
+        version = table_version(ids, x)
+        ann, similar = _ann_for(path, version)
+        meta = {"source": str(path), **ident, "table_version": version, "users": len(ids), "dim": int(x.shape[1]),
                 "similar": similar, "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.table = _StoredTable(ids, {u: i for i, u in enumerate(ids)}, x, np.linalg.norm(x, axis=1), meta, ann)
         return meta
@@ -305,8 +306,9 @@ class EmbeddingStore:
         return [(t.ids[j], float(scores[j])) for j in top]
 
 
-def _ann_for(path: str, ids: list[str], x: np.ndarray) -> tuple[object, str]:
-    """The ANN index of the table at ``path`` (None when it has none or one built from another table) and how
+def _ann_for(path: str, version: str) -> tuple[object, str]:
+    """The ANN index of the table at ``path`` whose ``table_version`` is ``version`` (None when it has none or one
+    built from another table) and how
     ``similar`` answers: "exact" or the index's kind and settings, or why an index found there is not used."""
     from userfm.infer.ann import AnnError, read_index
 
@@ -314,7 +316,7 @@ def _ann_for(path: str, ids: list[str], x: np.ndarray) -> tuple[object, str]:
     # an embed / refresh table folder holds ann/ beside embeddings/; a path to its embeddings/ or a file in it also finds it
     folder = next((f for f in (p, p.parent, p.parent.parent) if (f / "ann").is_dir()), p)
     try:
-        index, meta = read_index(folder, ids, x)
+        index, meta = read_index(folder, version=version)
     except AnnError as exc:
         log.warning("similar users: exact search; %s", exc)
         return None, f"exact (index not used: {exc})"
