@@ -308,8 +308,8 @@ class EmbeddingStore:
 
 def _ann_for(path: str, version: str) -> tuple[object, str]:
     """The ANN index of the table at ``path`` whose ``table_version`` is ``version`` (None when it has none or one
-    built from another table) and how
-    ``similar`` answers: "exact" or the index's kind and settings, or why an index found there is not used."""
+    built from another table) and how ``similar`` answers: "exact", the index's kind and settings, or why an index
+    found there is not used."""
     from userfm.infer.ann import AnnError, read_index
 
     p = Path(path)
