@@ -317,13 +317,9 @@ def fit_vocabs(rows: pa.Table | Mapping[str, Any], config: FeatureConfig = Featu
     cat = _flat_values(table, "category", flat.n_all)
     if cat is not None and config.category_levels and len(cat):
         # a path's elements joined with a separator no key contains; paths that join alike group together
-        joined = pc.binary_join(pc.fill_null(cat, pa.scalar([], cat.type)), LEVEL_SEP + "\x1e")
-        distinct = pc.unique(joined)
-        idx = pc.index_in(joined, value_set=distinct).to_numpy(zero_copy_only=False)
-        counts = np.bincount(idx, minlength=len(distinct))
-        first = np.full(len(distinct), len(idx), np.int64)
-        np.minimum.at(first, idx, np.arange(len(idx)))
-        paths = cat.take(pa.array(first)).to_pylist()
+        joined = pc.dictionary_encode(pc.binary_join(pc.fill_null(cat, pa.scalar([], cat.type)), LEVEL_SEP + "\x1e"))
+        _, first, counts = np.unique(joined.indices.to_numpy(zero_copy_only=False), return_index=True, return_counts=True)
+        paths = cat.take(pa.array(first)).to_pylist()  # one event's path per distinct path
         for keys, c in zip(_category_keys(paths, config.category_levels), counts.tolist()):
             for k, key in enumerate(keys):
                 if key is not None:
