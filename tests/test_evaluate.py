@@ -222,6 +222,33 @@ def test_mlp_head_learns_early_stops_and_round_trips(tmp_path):
     assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pt"))
 
 
+def test_mlp_head_on_sparse_features_trains_as_on_the_same_dense_ones(tmp_path):
+    """Sparse features (TF-IDF, bag-of-items) skip the standardising and are densified a mini-batch at a time.
+    On +-1 columns balanced over the training rows the standardising is the identity (mean 0, sd 1 exactly),
+    so the sparse path must train the very head the dense path does: same batches, same weights, same
+    predictions, on dense or sparse test rows, before and after a save."""
+    from scipy.sparse import csr_matrix
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.stack([rng.permutation(np.repeat([1.0, -1.0], 150)) for _ in range(8)], axis=1),
+                        rng.choice([-1.0, 1.0], (100, 8))]).astype(np.float32)  # (400, 8): the 300 training rows balanced
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int)  # 3 classes
+    task = TaskConfig(name="t", table="a", target="b", type="multiclass")
+    cfg = EvalConfig(mlp_hidden=16, mlp_max_epochs=200, mlp_patience=10, mlp_batch_size=32, mlp_lr=1e-2)
+    dense = fit_mlp(x[:300], y[:300], x[300:350], y[300:350], task=task, classes=["a", "b", "c"], cfg=cfg, seed=0)
+    sparse = fit_mlp(csr_matrix(x[:300]), y[:300], csr_matrix(x[300:350]), y[300:350], task=task, classes=["a", "b", "c"],
+                     cfg=cfg, seed=0)
+    np.testing.assert_array_equal(dense.w["x_mean"], 0.0)
+    np.testing.assert_array_equal(dense.w["x_std"], 1.0)
+    assert sparse.meta["epochs"] == dense.meta["epochs"] and sparse.meta["val_loss"] == pytest.approx(dense.meta["val_loss"], abs=1e-6)
+    np.testing.assert_allclose(sparse.predict_proba(x[350:]), dense.predict_proba(x[350:]), atol=1e-6)
+    np.testing.assert_allclose(sparse.predict_proba(csr_matrix(x[350:])), dense.predict_proba(x[350:]), atol=1e-6)
+    assert M.compute("accuracy", y[350:], sparse.predict_proba(csr_matrix(x[350:]))) > 0.9
+    loaded = load_head(save_head(tmp_path / "sparse", sparse))
+    np.testing.assert_allclose(loaded.predict_proba(csr_matrix(x[350:])), sparse.predict_proba(x[350:]), atol=1e-6)
+    assert loaded.predict_proba(csr_matrix((0, 8), dtype=np.float32)).shape == (0, 3)
+
+
 def test_small_training_sets_get_at_least_mlp_min_steps_batches_per_epoch():
     """200 users at batch 256 would be one step per epoch (patience then counts single steps): the batch
     shrinks to ceil(n / mlp_min_steps); every row is seen once per epoch."""
@@ -287,6 +314,24 @@ def test_every_model_row_is_present(evaluated):
     assert json.loads((out / "config.json").read_text())["seeds"] == 2
 
 
+def _bag_by_hand(synth_ds, task_name: str):
+    """The task's TaskData and its binary user x item matrices (split -> dense), built with Python sets."""
+    td = task_data(synth_ds["ds"], next(t for t in load_tasks(REPO / "experiments/tasks/synthetic.yaml") if t.name == task_name),
+                   user_table(synth_ds["ds"]))
+    seq = {r["user_id"]: {i for i in r["item_id"] if i is not None}
+           for r in read_sequences(synth_ds["ds"], columns=["user_id", "item_id"]).to_pylist()}
+    vocab = sorted(set().union(*(seq[u] for u in td.ids["train"])))
+    col = {v: j for j, v in enumerate(vocab)}
+
+    def matrix(split):
+        x = np.zeros((len(td.ids[split]), len(vocab)), np.float32)
+        for k, u in enumerate(td.ids[split]):
+            x[k, [col[i] for i in seq[u] if i in col]] = 1.0
+        return x
+
+    return td, {s: matrix(s) for s in td.ids}
+
+
 def test_bag_of_items_row_by_hand(evaluated, synth_ds):
     """The bag-of-items row is a logistic regression on the binary user x item matrix of the training users'
     items, built here from the sequences with Python sets, at the C val chose."""
@@ -295,25 +340,37 @@ def test_bag_of_items_row_by_hand(evaluated, synth_ds):
 
     results, _ = evaluated
     row = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == "bag-of-items/logreg")
-    td = task_data(synth_ds["ds"], next(t for t in load_tasks(REPO / "experiments/tasks/synthetic.yaml") if t.name == "segment"),
-                   user_table(synth_ds["ds"]))
-    seq = {r["user_id"]: {i for i in r["item_id"] if i is not None}
-           for r in read_sequences(synth_ds["ds"], columns=["user_id", "item_id"]).to_pylist()}
-    vocab = sorted(set().union(*(seq[u] for u in td.ids["train"])))
-    col = {v: j for j, v in enumerate(vocab)}
-    assert row["bag_of_items"]["features"] == len(vocab) and row["bag_of_items"]["C"] in (0.1, 1.0)
-
-    def matrix(split):
-        x = np.zeros((len(td.ids[split]), len(vocab)), np.float32)
-        for k, u in enumerate(td.ids[split]):
-            x[k, [col[i] for i in seq[u] if i in col]] = 1.0
-        return x
-
-    model = LogisticRegression(C=row["bag_of_items"]["C"], max_iter=1000, random_state=0).fit(csr_matrix(matrix("train")), td.y["train"])
-    acc = np.mean(model.predict(csr_matrix(matrix("test"))) == td.y["test"])
+    td, x = _bag_by_hand(synth_ds, "segment")
+    assert row["bag_of_items"]["features"] == x["train"].shape[1] and row["bag_of_items"]["C"] in (0.1, 1.0)
+    model = LogisticRegression(C=row["bag_of_items"]["C"], max_iter=1000, random_state=0).fit(csr_matrix(x["train"]), td.y["train"])
+    acc = np.mean(model.predict(csr_matrix(x["test"])) == td.y["test"])
     assert acc == pytest.approx(row["per_seed"][0], abs=1e-6) and row["per_seed"] == [row["per_seed"][0]] * 2
     leaky = next(r for r in results["rows"] if r["task"] == "segment" and r["model"] == "leaky/logreg")
     assert set(leaky["paired"]) == {"tfidf/logreg", "bag-of-items/logreg"}
+
+
+def test_sparse_mlp_rows_are_the_u_mlp_on_the_yardsticks_features(synth_ds):
+    """``sparse-mlp`` adds ``tfidf/mlp`` and ``bag-of-items/mlp``: one U-MLP fit per seed on the very sparse
+    matrices the logistic rows read (the bag rebuilt here by hand), and both compete for the best yardstick."""
+    from scipy.sparse import csr_matrix
+
+    results = run_evaluate(_cfg(synth_ds, "sparse", embeddings={"leaky": str(synth_ds["leaky"])}, only_tasks=("segment",),
+                                baselines=("tfidf", "bag-of-items", "sparse-mlp")), progress=lambda s: None)
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"leaky/mlp", "leaky/logreg", "tfidf/logreg", "bag-of-items/logreg", "tfidf/mlp", "bag-of-items/mlp"}
+    td, x = _bag_by_hand(synth_ds, "segment")
+    cfg = EvalConfig(**{k: v for k, v in results["config"].items() if k in ("mlp_max_epochs", "mlp_patience")})
+    bag = rows["bag-of-items/mlp"]
+    assert bag["head"] == "mlp" and bag["embedding"] is None and len(bag["per_seed"]) == 2
+    assert bag["sparse_mlp"]["features"] == x["train"].shape[1] and len(bag["sparse_mlp"]["epochs"]) == 2
+    for seed in (0, 1):
+        head = fit_mlp(csr_matrix(x["train"]), td.y["train"], csr_matrix(x["val"]), td.y["val"], task=td.task,
+                       classes=td.classes, cfg=cfg, seed=seed)
+        assert M.compute("accuracy", td.y["test"], head.predict_proba(csr_matrix(x["test"]))) == pytest.approx(bag["per_seed"][seed], abs=1e-6)
+    assert rows["tfidf/mlp"]["sparse_mlp"]["features"] == rows["tfidf/logreg"]["tfidf"]["features"]
+    info = next(t for t in results["tasks"] if t["name"] == "segment")
+    assert info["best_yardstick"] == max(("tfidf/logreg", "bag-of-items/logreg", "tfidf/mlp", "bag-of-items/mlp"),
+                                         key=lambda m: rows[m]["test"]["value"])
 
 
 def test_leaky_embeddings_beat_the_random_floor(evaluated):

@@ -3,8 +3,8 @@
 One command runs, on each shared real set, convert -> ingest -> pretrain CLUE -> embed -> evaluate (the
 demo's stages, no report, no serve) and prints one table per task: every model and yardstick with its 95 %
 bootstrap interval, and the paired difference (same resampled users) to the task's best no-pretraining row
-(bag-of-items, TF-IDF, mean-MiniLM, popularity, item-kNN, SASRec trained from scratch: whichever scores highest
-on test, which favours the yardstick), plus the wall time of every stage. Small sets are cross-fitted (every
+(bag-of-items and TF-IDF, each with the logistic and the U-MLP head the embeddings get; mean-MiniLM; popularity,
+item-kNN, SASRec trained from scratch: whichever scores highest on test, which favours the yardstick), plus the wall time of every stage. Small sets are cross-fitted (every
 labelled user scored once), as the demo does on real data; Amazon is not (see SETS).
 
     python experiments/benchmarks/real.py                         # all three sets (hours on 2 cores)
@@ -157,7 +157,7 @@ def run_set(name: str, args: argparse.Namespace) -> str:
         raise SystemExit(f"[real] {name}: no folder {data} (the shared real data; --data-root points at it)")
     out = Path(args.out) / name
     cfg = DemoConfig(out=str(out / "run"), data=str(data), eval_seeds=args.seeds, report=False, serve=False,
-                     baselines=DemoConfig.baselines + ("sasrec",), objectives=tuple(args.objectives),
+                     baselines=DemoConfig.baselines + ("sasrec", "sparse-mlp"), objectives=tuple(args.objectives),
                      minilm_cache=str(Path(args.minilm_cache).resolve()) if args.minilm_cache else "",
                      **({"pretrain_steps": args.steps} if args.steps else {}),
                      **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {}),

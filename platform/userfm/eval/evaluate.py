@@ -34,6 +34,11 @@ its embedding table is the only input of a small head trained per task. For ever
                          hstacked with the TF-IDF matrix, logistic regression (ridge), C and the TF-IDF block's
                          weight chosen on val (row ``E+tfidf/logreg``; ``concat_tfidf_weights``): the "general
                          user feature + service-specific feature" of the papers (opt-in)
+               "sparse-mlp" non-retrieval tasks: the U-MLP head ("mlp" in ``heads``) also on the sparse features
+                         of "tfidf" and "bag-of-items" (whichever run), read as they are (rows ``tfidf/mlp``,
+                         ``bag-of-items/mlp``, one fit per seed): the embeddings' own nonlinear head on the
+                         yardsticks' inputs, so a table's MLP win is not the head's alone (opt-in: a hidden
+                         layer over up to ``tfidf_max_features`` inputs)
                "concat-minilm" for every real embedding table E: E hstacked with the minilm-mean table (users
                          in both), fed to the same heads as a table (rows ``E+minilm-mean/<head>``): does the
                          encoder add anything to the mean of the item vectors it reads? (the ablation of a
@@ -97,6 +102,7 @@ import pyarrow as pa
 from userfm.eval import metrics as M
 from userfm.config import ConfigError, to_dict
 from userfm.data.dataset import load_manifest
+from userfm.eval.bag_of_items import bag_of_items
 from userfm.eval.baselines import SEQ_COLUMNS, _bag_of_items_scores, _concat_scores, _item_knn_ranks, _popularity_ranks, _sasrec_ranks, _tfidf_scores, _ttrans_runs, minilm_mean_table, tfidf_features, user_texts
 from userfm.eval.embeddings import EmbeddingTable, concat_tables, embedding_model, load_embeddings, pretrain_holdout, random_embeddings
 from userfm.eval.heads import _torch_threads, fit_and_score, retrieval_ranks, save_head
@@ -131,7 +137,9 @@ def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: lis
     return {"value": _num(value), "ci": [_num(lo), _num(hi)], "n": int(len(y))}
 
 
-YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "popularity", "popularity-unseen", "item-knn", "sasrec")  # no pretraining
+YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "tfidf/mlp", "bag-of-items/mlp", "popularity", "popularity-unseen",
+              "item-knn", "sasrec")  # no pretraining
+SPARSE_MLP = "<sparse-mlp>"  # the job keys of the "sparse-mlp" fits (no embedding table can be named so)
 
 
 def best_yardstick(rows: list[dict]) -> str | None:
@@ -439,17 +447,30 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                 yield "bag-of-items", "bag-of-items/logreg", _bag_of_items_scores, (td, items(td.view), cfg, seeds[0])
             if feats is not None and "tfidf" in cfg.baselines:  # deterministic: one fit serves every seed
                 yield "tfidf", "tfidf/logreg", _tfidf_scores, (td, feats, cfg, seeds[0])
+            if "sparse-mlp" in cfg.baselines and "mlp" in cfg.heads and not retrieval:  # seeded: one fit per seed
+                sparse_x = {}
+                if "bag-of-items" in cfg.baselines:
+                    sparse_x["bag-of-items/mlp"] = bag_of_items({s: [items(td.view).get(u, []) for u in td.ids[s]]
+                                                                 for s in td.ids})[0]
+                if feats is not None and "tfidf" in cfg.baselines:
+                    sparse_x["tfidf/mlp"] = feats.x
+                for model, x in sparse_x.items():
+                    for seed in seeds:
+                        yield (SPARSE_MLP, model, seed), model, fit_and_score, ("mlp", x, td.y, task, td.classes, cfg, seed)
 
         # (TF-IDF rows skip retrieval: a logistic regression over the whole catalog is too slow)
         concat = "concat-tfidf" in cfg.baselines
         feats = tfidf_of(td) if not retrieval and ("tfidf" in cfg.baselines or concat) else None
         fits: dict[str, dict] = {}
-        baseline_out = {}
+        baseline_out, sparse_fits = {}, {}
         for key, result in run_jobs(itertools.chain(baseline_fits(), table_fits()), cfg.workers,
                                     lambda label, done: progress(f"[evaluate] {here}: {label}" + done
                                                                  + (f", fold {fold + 1} of {cfg.folds}" if fold is not None else ""))):
             if isinstance(key, str):
                 baseline_out[key] = result
+                continue
+            if key[0] == SPARSE_MLP:
+                sparse_fits.setdefault(key[1], []).append(result)
                 continue
             emb_name, source, head, seed, repeat = key
             fitted, test_scores, fit_s, score_s = result
@@ -495,6 +516,10 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         if "tfidf" in baseline_out:
             s, a, b, info = baseline_out["tfidf"]
             record("tfidf/logreg", None, "logreg", [s] * len(seeds), [a], [b], tfidf=info)
+        for model, results in sparse_fits.items():  # the seeds' fits in seed order
+            record(model, None, "mlp", [r[1] for r in results], [r[2] for r in results], [r[3] for r in results],
+                   sparse_mlp={"features": int(results[0][0].meta["input_dim"]),
+                               "epochs": [int(r[0].meta["epochs"]) for r in results]})
         if feats is not None and concat:  # every deterministic (non-random) table, + TF-IDF
             for emb_name, source in tables_here:
                 if source == RANDOM:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 from userfm.eval import metrics as M
 from userfm.eval.tasks import EvalConfig, EvalError, HEAD_FORMAT, TaskConfig
@@ -74,6 +75,9 @@ class LinearHead:
         return self.decision(x)
 
 
+SPARSE_CHUNK = 4096  # rows of a sparse input (TF-IDF, bag-of-items) densified at a time by the U-MLP
+
+
 def _mlp_module(d_in: int, hidden: int, n_out: int, dropout: float):
     from torch import nn
 
@@ -100,6 +104,10 @@ class MLPHead:
     def _out(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        if sp.issparse(x):  # a head fitted on sparse features (mean 0, std 1): densified SPARSE_CHUNK rows at a time
+            x = sp.csr_matrix(x, dtype=np.float32)
+            parts = [self._out(x[i:i + SPARSE_CHUNK].toarray()) for i in range(0, x.shape[0], SPARSE_CHUNK)]
+            return np.concatenate(parts) if parts else self._out(np.zeros((0, x.shape[1]), np.float32))
         z = (np.asarray(x, np.float32) - self.w["x_mean"]) / self.w["x_std"]
         with torch.no_grad():
             return self.module(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))).double().numpy()
@@ -224,7 +232,8 @@ def _torch_threads(n: int):
 def fit_mlp(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, task: TaskConfig,
             classes: list | None, cfg: EvalConfig, seed: int) -> MLPHead:
     """U-MLP trained with AdamW on cross-entropy (or MSE on the standardised target), early-stopped on the
-    val loss with the best epoch's weights restored."""
+    val loss with the best epoch's weights restored. ``x``: (n, D) embeddings (standardised on train), or
+    scipy sparse features (TF-IDF, bag-of-items: read as they are, densified a mini-batch at a time)."""
     with _torch_threads(cfg.torch_threads):
         return _train_mlp(x_tr, y_tr, x_va, y_va, task, classes, cfg, seed)
 
@@ -235,12 +244,24 @@ def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, c
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    mean, std = _standardize_stats(x_tr)
     regression = task.type == "regression"
     t_mean, t_std = (float(y_tr.mean()), float(y_tr.std() or 1.0)) if regression else (0.0, 1.0)
     n_out = 1 if regression else len(classes)
-    xt = torch.from_numpy(((x_tr - mean) / std).astype(np.float32))
-    xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
+    n_tr, d_in = x_tr.shape
+    if sp.issparse(x_tr):
+        # TF-IDF (unit-norm rows) or bag-of-items (binary) read as they are: centring would densify them. Each
+        # mini-batch is densified on its own, the val rows SPARSE_CHUNK at a time.
+        mean, std = np.zeros(d_in, np.float32), np.ones(d_in, np.float32)
+        xs_tr, xs_va = sp.csr_matrix(x_tr, dtype=np.float32), sp.csr_matrix(x_va, dtype=np.float32)
+        rows = lambda idx: torch.from_numpy(xs_tr[idx.numpy()].toarray())  # noqa: E731
+        val_out = lambda: torch.cat([model(torch.from_numpy(xs_va[i:i + SPARSE_CHUNK].toarray()))  # noqa: E731
+                                     for i in range(0, xs_va.shape[0], SPARSE_CHUNK)] or [torch.zeros(0, n_out)])
+    else:
+        mean, std = _standardize_stats(x_tr)
+        xt = torch.from_numpy(((x_tr - mean) / std).astype(np.float32))
+        xv = torch.from_numpy(((x_va - mean) / std).astype(np.float32))
+        rows = lambda idx: xt[idx]  # noqa: E731
+        val_out = lambda: model(xv)  # noqa: E731
     if regression:
         yt = torch.from_numpy(((y_tr - t_mean) / t_std).astype(np.float32))
         yv = torch.from_numpy(((y_va - t_mean) / t_std).astype(np.float32))
@@ -248,11 +269,11 @@ def _train_mlp(x_tr, y_tr, x_va, y_va, task: TaskConfig, classes: list | None, c
     else:
         yt, yv = torch.from_numpy(y_tr.astype(np.int64)), torch.from_numpy(y_va.astype(np.int64))
         loss_fn = F.cross_entropy
-    model = _mlp_module(xt.shape[1], cfg.mlp_hidden, n_out, cfg.mlp_dropout)
+    model = _mlp_module(d_in, cfg.mlp_hidden, n_out, cfg.mlp_dropout)
     best_state, best_epoch, best_loss, epochs = _early_stopped_fit(
-        model, len(xt), lambda idx: loss_fn(model(xt[idx]), yt[idx]), lambda: loss_fn(model(xv), yv), cfg, gen)
+        model, n_tr, lambda idx: loss_fn(model(rows(idx)), yt[idx]), lambda: loss_fn(val_out(), yv), cfg, gen)
     weights = {"x_mean": mean, "x_std": std, **{f"mlp.{k}": v.numpy() for k, v in best_state.items()}}
-    meta = {"kind": "mlp", "task": dataclasses.asdict(task), "classes": classes, "input_dim": int(xt.shape[1]),
+    meta = {"kind": "mlp", "task": dataclasses.asdict(task), "classes": classes, "input_dim": int(d_in),
             "hidden": cfg.mlp_hidden, "n_out": n_out, "dropout": cfg.mlp_dropout, "target_mean": t_mean,
             "target_std": t_std, "best_epoch": best_epoch, "epochs": epochs, "val_loss": best_loss, "seed": seed}
     return MLPHead(meta, weights)

@@ -23,7 +23,7 @@ ALLOWED_METRICS = {"binary": ("auc", "accuracy", "macro_f1", "log_loss"),
                    "retrieval": ("hr@10", "ndcg@10")}
 HEADS = ("mlp", "logreg")
 BASELINES = ("tfidf", "oracle", "t-trans", "popularity", "minilm-mean", "concat-tfidf", "concat-minilm", "bag-of-items",
-             "item-knn", "sasrec")
+             "item-knn", "sasrec", "sparse-mlp")
 MINILM_MEAN = "minilm-mean"  # the baseline name, and its embedding / model-name prefix
 CONCAT_MINILM = "concat-minilm"  # the baseline name, and the source of its tables (E+minilm-mean)
 # Rows every real embedding row is compared with (paired), when they ran: the yardsticks that need no pretraining
@@ -139,7 +139,8 @@ class EvalConfig:
     heads: tuple[str, ...] = HEADS  # heads trained on every embedding table: "mlp", "logreg"
     baselines: tuple[str, ...] = ("tfidf", "oracle", "popularity", "bag-of-items", "item-knn")  # and opt-in
     #                                 "t-trans", "minilm-mean" (mean MiniLM vector as an embedding table),
-    #                                 "concat-tfidf" (each real table + TF-IDF, logistic); see the module docstring
+    #                                 "concat-tfidf" (each real table + TF-IDF, logistic), "sparse-mlp" (the U-MLP
+    #                                 on the TF-IDF and bag-of-items features too); see the module docstring
     #                                 (random is an embeddings entry; each runs on the tasks it applies to)
     reference: str = ""  # an embeddings name: every other table's rows also get a paired difference to its row of the
     #                      same head (e.g. an encoder pretrained on both services vs on the target service alone)
