@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     folds = args.folds
     if folds < 0:
         summary = run / "demo_summary.json"
-        run = json.loads(summary.read_text()) if summary.exists() else {}
+        done = json.loads(summary.read_text()) if summary.exists() else {}
         # the folds the run evaluated with (resolved by the demo when its config left them to it)
-        folds = (run.get("evaluate") or {}).get("folds", run.get("config", {}).get("eval_folds") or 0)
+        folds = (done.get("evaluate") or {}).get("folds", done.get("config", {}).get("eval_folds") or 0)
     table = "embeddings_heldout" if holdout else "embeddings"
     t0 = time.perf_counter()
     s = run_pretrain(cfg)
