@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="downstream tasks on frozen embeddings: U-MLP / logistic heads vs baselines",
                        description="Train small heads on frozen embedding tables for the tasks of a YAML file, next to "
                        "TF-IDF, random-embedding, oracle (and opt-in T-Trans) baselines, on user-disjoint splits with "
-                       "several seeds, bootstrap 95%% intervals and a cold/heavy-user breakdown. Writes results.json, "
+                       "several seeds, bootstrap 95 % intervals and a cold/heavy-user breakdown. Writes results.json, "
                        "results.md, charts and pickle-free heads.")
     p.add_argument("--data", help="sequence dataset folder (its ingested attribute tables hold the labels)")
     p.add_argument("--embedding", action="append", default=[], metavar="NAME=PATH",
