@@ -112,7 +112,9 @@ def format_markdown(results: dict) -> str:
         refs = list(dict.fromkeys(refs))
         if t.get("best_yardstick"):
             lines += [f"Best yardstick (no pretraining; picked on test, which favours it): `{t['best_yardstick']}`.", ""]
-        ref_cols = "".join(f" vs {m.split('/')[0]} | vs {m.split('/')[0]}, cold |" for m in refs)
+        short = [m.split("/")[0] for m in refs]  # "tfidf/logreg" -> "tfidf", unless another head of it is a column too
+        names = [n if short.count(n) == 1 else m for n, m in zip(short, refs)]
+        ref_cols = "".join(f" vs {n} | vs {n}, cold |" for n in names)
         lines += [f"| model | {c['metric']} (test) | cold | heavy | vs random |{ref_cols} train s | infer s |",
                   "|---|---|---|---|---|" + "---|---|" * len(refs) + "---|---|"]
         for r in rows:
