@@ -1,15 +1,16 @@
 """Ablate one pretraining choice next to a finished quality run: same dataset, same splits, side by side.
 
-Takes the run folder that ``quality.py`` (or ``userfm demo``) wrote, reads its CLUE pretraining config,
-changes the given fields, pretrains that variant on the same dataset (Ray Train), embeds every user, and
-evaluates the variant and the run's own CLUE table on the same tasks, test users and head seeds, so the
-paired intervals in ``results.md`` compare the two directly. Baselines are left out (they do not change);
-the run's ``evaluate/results.md`` has them.
+Takes the run folder that ``quality.py`` (or ``userfm demo``) wrote, reads its CLUE pretraining config (``--base``:
+another objective's), changes the given fields, pretrains that variant on the same dataset (Ray Train), embeds every
+user, and evaluates the variant and the run's own table of that objective on the same tasks, test users and head
+seeds; the variant's rows carry the paired difference to the run's row of the same head (``reference``). Baselines
+are left out (they do not change); the run's ``evaluate/results.md`` has them.
 
     python experiments/benchmarks/quality.py --clue-only --out runs/bench-quality      # once
     python experiments/benchmarks/ablation.py runs/bench-quality/synthetic no-cooc cooc_dim=0
     python experiments/benchmarks/ablation.py runs/bench-quality/synthetic simclr objective=simclr
     python experiments/benchmarks/ablation.py runs/bench-quality/synthetic mlm objective=mlm item_encoder=category pooling=cls
+    python experiments/benchmarks/ablation.py RUN fut-steps max_steps=1200 --base future --task-file T.yaml --tasks age_group
 
 Prints the pretraining summary and the evaluation table; everything lands in ``<run>/ablation-<tag>/``.
 """
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", default=["age_bracket", "is_parent", "segment"], help="tasks to evaluate")
     ap.add_argument("--task-file", default="", help="task YAML (default: experiments/tasks/synthetic.yaml)")
     ap.add_argument("--seeds", type=int, default=2, help="head seeds per (task, model)")
+    ap.add_argument("--base", default="clue", help="the run's pretrained objective whose config is varied and whose table "
+                    "the variant is compared with (pretrain/<base>/config.json, e.g. future)")
     ap.add_argument("--folds", type=int, default=-1,
                     help="k-fold cross-fitting of the heads (default: the run's own eval_folds from demo_summary.json, else 0)")
     args = ap.parse_args(argv)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     from userfm.train.pretrain_config import PretrainConfig
 
     run = Path(args.run)
-    saved = run / "pretrain" / "clue" / "config.json"
+    saved = run / "pretrain" / args.base / "config.json"
     if not saved.exists():
         raise SystemExit(f"ablation: {saved} not found (run quality.py or userfm demo first)")
     base = json.loads(saved.read_text())["pretrain"]
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                          ") need separate ablation calls")
     holdout = int(any(held.values()))
     if holdout and not cfg.holdout_last:
-        raise SystemExit(f"ablation: {', '.join(held)} hold out the last event, but the run's CLUE was pretrained on "
+        raise SystemExit(f"ablation: {', '.join(held)} hold out the last event, but the run's {args.base} was pretrained on "
                          "whole histories (holdout_last=0); run quality.py with folds, as for MovieLens")
     folds = args.folds
     if folds < 0:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     run_embed(e)
     v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=task_file, folds=folds,
                    only_tasks=tuple(args.tasks), seeds=args.seeds, baselines=(),
-                   embeddings={"clue": str(run / table / "clue"), args.tag: e.out})
+                   embeddings={args.base: str(run / table / args.base), args.tag: e.out}, reference=args.base)
     run_evaluate(v)
     print((out / "evaluate" / "results.md").read_text())
     print(f"[ablation] {args.tag}: {time.perf_counter() - t0:.0f}s in all -> {out}")
