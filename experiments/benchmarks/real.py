@@ -4,8 +4,9 @@ One command runs, on each shared real set, convert -> ingest -> pretrain CLUE ->
 demo's stages, no report, no serve) and prints one table per task: every model and yardstick with its 95 %
 bootstrap interval, and the paired difference (same resampled users) to the task's best no-pretraining row
 (bag-of-items and TF-IDF, each with the logistic and the U-MLP head the embeddings get; mean-MiniLM; popularity,
-item-kNN, SASRec trained from scratch: whichever scores highest on test, which favours the yardstick), plus the wall time of every stage. Small sets are cross-fitted (every
-labelled user scored once), as the demo does on real data; Amazon is not (see SETS).
+item-kNN, SASRec trained from scratch: whichever scores highest on test, which favours the yardstick), plus the
+wall time of every stage. Small sets are cross-fitted (every labelled user scored once), as the demo does on real
+data; Amazon is not (see SETS).
 
     python experiments/benchmarks/real.py                         # all three sets (hours on 2 cores)
     python experiments/benchmarks/real.py --sets tenrec           # one set
