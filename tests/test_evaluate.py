@@ -650,6 +650,9 @@ def test_transfer_task_reads_one_services_history(synth_ds):
     assert row["f/logreg"]["paired"]["e/logreg"]["test"]["value"] == pytest.approx(
         row["f/logreg"]["test"]["value"] - row["e/logreg"]["test"]["value"], abs=1e-6)
     assert "e/logreg" not in row["e/logreg"]["paired"]
+    md = (Path(results["config"]["out"]) / "results.md").read_text()  # results.md shows it in its own column
+    f_line = next(line for line in md.splitlines() if line.startswith("| f/logreg |"))
+    assert "vs e (same head) |" in md and f" {row['f/logreg']['paired']['e/logreg']['test']['value']:+.3f} [" in f_line
     with pytest.raises(ValueError, match="reference 'g' must name one of the embedding tables"):
         _cfg(synth_ds, "tr3", reference="g")
     with pytest.raises(ValueError, match="history must be 'all' or 'service:<name>'"):

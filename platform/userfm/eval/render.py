@@ -115,13 +115,18 @@ def format_markdown(results: dict) -> str:
         short = [m.split("/")[0] for m in refs]  # "tfidf/logreg" -> "tfidf", unless another head of it is a column too
         names = [n if short.count(n) == 1 else m for n, m in zip(short, refs)]
         ref_cols = "".join(f" vs {n} | vs {n}, cold |" for n in names)
-        lines += [f"| model | {c['metric']} (test) | cold | heavy | vs random |{ref_cols} train s | infer s |",
-                  "|---|---|---|---|---|" + "---|---|" * len(refs) + "---|---|"]
+        own = results["config"].get("reference") or ""  # EvalConfig.reference: each row vs that table's row of its head
+        own_col = f" vs {own} (same head) |" if own else ""
+        lines += [f"| model | {c['metric']} (test) | cold | heavy | vs random |{ref_cols}{own_col} train s | infer s |",
+                  "|---|---|---|---|---|" + "---|---|" * len(refs) + ("---|" if own else "") + "---|---|"]
         for r in rows:
             metric_note = "" if r["metric"] == c["metric"] else f" ({r['metric']})"
             paired = r.get("paired", {})
             ref_cells = "".join(f" {_fmt_diff(paired.get(m, {}).get('test'))} | {_fmt_diff(paired.get(m, {}).get('cold'))} |"
                                 for m in refs)
+            if own:
+                same_head = paired.get(f"{own}/{r.get('head')}", {})
+                ref_cells += f" {_fmt_diff(same_head.get('test'))} |"
             lines.append(f"| {r['model']}{metric_note} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {_fmt(r.get('heavy'))} | "
                          f"{_fmt(r.get('vs_random'))} |{ref_cells} {r.get('train_s', '-')} | {r.get('infer_s', '-')} |")
         lines.append("")
