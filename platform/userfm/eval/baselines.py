@@ -204,16 +204,29 @@ def _tfidf_scores(td: TaskData, feats: TfidfFeatures, cfg: EvalConfig, seed: int
     return scores, feats.fit_s + fit_s, feats.transform_test_s + pred_s, {"features": feats.vocab, **info}
 
 
-def _bag_of_items_scores(td: TaskData, items: dict[str, list[str]], cfg: EvalConfig,
-                         seed: int) -> tuple[np.ndarray, float, float, dict]:
-    """Binary user x item matrix (``userfm.eval.bag_of_items``) + logistic regression (ridge), C on val."""
+@dataclass
+class BagFeatures:
+    """The binary user x item matrix of each split (``userfm.eval.bag_of_items``), columns = the training users' items."""
+
+    x: dict[str, Any]  # split -> (n, items) scipy CSR float32
+    items: int  # columns
+    build_s: float  # seconds to build every split's matrix
+
+
+def bag_features(td: TaskData, items: dict[str, list[str]]) -> BagFeatures:
+    """The task's bag-of-items matrices, built once for every head that reads them."""
     from userfm.eval.bag_of_items import bag_of_items
 
     t0 = time.perf_counter()
     x, n_items = bag_of_items({s: [items.get(u, []) for u in td.ids[s]] for s in td.ids})
-    build_s = time.perf_counter() - t0
-    scores, fit_s, pred_s, info = _linear_scores(td, x, cfg, seed)
-    return scores, build_s + fit_s, pred_s, {"features": n_items, **info}
+    return BagFeatures(x, n_items, time.perf_counter() - t0)
+
+
+def _bag_of_items_scores(td: TaskData, bag: BagFeatures, cfg: EvalConfig,
+                         seed: int) -> tuple[np.ndarray, float, float, dict]:
+    """Binary user x item matrix + logistic regression (ridge), C on val."""
+    scores, fit_s, pred_s, info = _linear_scores(td, bag.x, cfg, seed)
+    return scores, bag.build_s + fit_s, pred_s, {"features": bag.items, **info}
 
 
 def concat_features(emb: dict[str, np.ndarray], feats: TfidfFeatures, weight: float = 1.0) -> dict[str, Any]:

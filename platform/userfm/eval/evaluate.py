@@ -102,8 +102,7 @@ import pyarrow as pa
 from userfm.eval import metrics as M
 from userfm.config import ConfigError, to_dict
 from userfm.data.dataset import load_manifest
-from userfm.eval.bag_of_items import bag_of_items
-from userfm.eval.baselines import SEQ_COLUMNS, _bag_of_items_scores, _concat_scores, _item_knn_ranks, _popularity_ranks, _sasrec_ranks, _tfidf_scores, _ttrans_runs, minilm_mean_table, tfidf_features, user_texts
+from userfm.eval.baselines import SEQ_COLUMNS, _bag_of_items_scores, bag_features, _concat_scores, _item_knn_ranks, _popularity_ranks, _sasrec_ranks, _tfidf_scores, _ttrans_runs, minilm_mean_table, tfidf_features, user_texts
 from userfm.eval.embeddings import EmbeddingTable, concat_tables, embedding_model, load_embeddings, pretrain_holdout, random_embeddings
 from userfm.eval.heads import _torch_threads, fit_and_score, retrieval_ranks, save_head
 from userfm.eval.render import format_markdown, head_timings, write_charts
@@ -443,15 +442,15 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                                                td.history["train"] if retrieval else None, item_vectors, seen))
 
         def baseline_fits():
-            if "bag-of-items" in cfg.baselines and not retrieval:  # deterministic: one fit
-                yield "bag-of-items", "bag-of-items/logreg", _bag_of_items_scores, (td, items(td.view), cfg, seeds[0])
+            bag = bag_features(td, items(td.view)) if "bag-of-items" in cfg.baselines and not retrieval else None
+            if bag is not None:  # deterministic: one fit
+                yield "bag-of-items", "bag-of-items/logreg", _bag_of_items_scores, (td, bag, cfg, seeds[0])
             if feats is not None and "tfidf" in cfg.baselines:  # deterministic: one fit serves every seed
                 yield "tfidf", "tfidf/logreg", _tfidf_scores, (td, feats, cfg, seeds[0])
             if "sparse-mlp" in cfg.baselines and "mlp" in cfg.heads and not retrieval:  # seeded: one fit per seed
                 sparse_x = {}
-                if "bag-of-items" in cfg.baselines:
-                    sparse_x["bag-of-items/mlp"] = bag_of_items({s: [items(td.view).get(u, []) for u in td.ids[s]]
-                                                                 for s in td.ids})[0]
+                if bag is not None:
+                    sparse_x["bag-of-items/mlp"] = bag.x
                 if feats is not None and "tfidf" in cfg.baselines:
                     sparse_x["tfidf/mlp"] = feats.x
                 for model, x in sparse_x.items():

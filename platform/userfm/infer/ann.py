@@ -1,8 +1,9 @@
 """Approximate nearest users: a faiss IVF index written beside an embedding table, for ``/similar`` at scale.
 
 Exact cosine top-k over N users costs a (N, D) matrix-vector product and a partition per query: measured on
-one core at 128 floats, 0.1 ms at 10k users, 2.6 ms at 100k, 27 ms (p99 55 ms) at 1M (docs/results/scale.md). Above ``ANN_MIN_USERS`` ``userfm embed`` (and
-``userfm refresh``) also write an inverted-file index of the L2-normalised rows (inner product = cosine):
+one core at 128 floats, 0.1 ms at 10k users, 2.6 ms at 100k, 27 ms (p99 55 ms) at 1M (docs/results/scale.md).
+Above ``ANN_MIN_USERS`` ``userfm embed`` (and ``userfm refresh``) also write an inverted-file index of the
+L2-normalised rows (inner product = cosine):
 
     <table>/ann/index.faiss   faiss IndexIVFFlat, METRIC_INNER_PRODUCT, ids = the table's row numbers
     <table>/ann/index.json    users, dim, nlist, nprobe, table_version (the digest serve computes), timings
