@@ -58,7 +58,7 @@ class DemoConfig:
     clue_crop: float = 0.5  # clue: each step, each service view keeps a random time window of U[clue_crop, 1] of its span
     bucket_batches: int = 8  # length bucketing in pretraining (PretrainConfig.bucket_batches); measured to learn here
     compare: bool = False  # also pretrain MLM and SimCLR next to CLUE
-    objectives: tuple[str, ...] = ()  # also pretrain these next to CLUE (e.g. future: userfm.objectives.future), each embedded,
+    objectives: tuple[str, ...] = ()  # also pretrain these next to CLUE (e.g. future: userfm.objectives.future, or a sum: clue+future), each embedded,
     #                      evaluated and compared with the yardsticks like CLUE; CLUE stays the served model
     item_id_buckets: int = 0  # > 0: encoders add a learned embedding per hashed item identity (PretrainConfig.item_id_buckets)
     cooc_dim: int = 32  # item co-occurrence vectors fitted on the training users and fed to the encoders (PretrainConfig.cooc_dim); 0 = off
@@ -100,9 +100,9 @@ class DemoConfig:
             raise ValueError(f"--data {self.data!r}: no such file or folder")
         from userfm.train.pretrain_config import OBJECTIVES
 
-        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        bad = [o for o in self.objectives if any(p not in OBJECTIVES for p in o.split("+"))]
         if bad:
-            raise ValueError(f"objectives: unknown {bad}; choose from {OBJECTIVES}")
+            raise ValueError(f"objectives: unknown {bad}; choose from {OBJECTIVES}, or a sum of them (clue+future)")
         if self.tasks is not None and not Path(self.tasks).is_file():
             raise ValueError(f"--tasks {self.tasks!r}: no such file (task files: {_TASKS_DIR})")
 
@@ -169,12 +169,13 @@ def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: s
     from userfm.train.pretrain_config import PretrainConfig
 
     recipe, _ = pretrain_recipe(cfg)
+    parts = objective.split("+")  # a multi-task sum (clue+future): each part's choices
     return PretrainConfig(
         data=str(dataset), out=str(out), objective=objective,
         item_encoder="category" if objective == "mlm" else cfg.item_encoder,
-        pooling={"mlm": "cls", "next": "last"}.get(objective, "mean"), batch_size=cfg.batch_size, bucket_batches=cfg.bucket_batches,
-        size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
-        item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if objective in ("future", "next", "masked-item") else 0),
+        pooling="cls" if objective == "mlm" else "last" if "next" in parts else "mean", batch_size=cfg.batch_size,
+        bucket_batches=cfg.bucket_batches, size=cfg.size, proj_dim=cfg.proj_dim, clue_crop=cfg.clue_crop,
+        item_id_buckets=cfg.item_id_buckets or (FUTURE_ITEM_BUCKETS if {"future", "next", "masked-item"} & set(parts) else 0),
         cooc_dim=cfg.cooc_dim, time_fields=time_fields_for(cfg, objective),
         num_workers=cfg.num_workers, seed=cfg.seed, holdout_last=holdout_last, minilm_cache=cfg.minilm_cache, **recipe,
     )

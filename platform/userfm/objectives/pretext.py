@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from userfm.models.encoders import ITEM_KEYS as ENCODER_ITEM_KEYS, EncoderConfig
 from userfm.models.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.objectives.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
+from userfm.objectives.multitask import MultiTaskHead, objective_parts, sub_batch, weighted_sum
 
 OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
 ITEM_KEYS = ("service", "category", "text_hash", "item_hash", "tokens", "text_vector")  # what "replace an item" swaps
@@ -36,11 +37,25 @@ TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
 
 
+def check_objective(objective: str, weights: tuple[float, ...] = ()) -> None:
+    """``objective`` is one of OBJECTIVES or a "+"-joined sum of distinct ones, with one weight >= 0 each
+    (or none); raises ValueError naming what is wrong."""
+    parts = objective_parts(objective)
+    bad = [p for p in parts if p not in OBJECTIVES]
+    if bad:
+        raise ValueError(f"objective must be one of {OBJECTIVES} or a sum of them (clue+future), got {objective!r}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"objective {objective!r} names an objective twice")
+    if weights and (len(weights) != len(parts) or min(weights) < 0):
+        raise ValueError(f"objective_weights must be {len(parts)} numbers >= 0, one per objective of {objective!r}, "
+                         f"got {list(weights)}")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Pretext task settings (one per pretraining run; field names are Tune keys)."""
 
-    objective: str = "clue"  # "mlm" | "simclr" | "clue"
+    objective: str = "clue"  # one of OBJECTIVES, or a weighted sum of them: "clue+future" (userfm.objectives.multitask)
     mask_rate: float = 0.15  # mlm / masked-item: fraction of each user's events masked (at least one)
     temperature: float = 0.07  # simclr/clue: softmax temperature (initial value if learnable)
     learnable_temperature: bool = False  # simclr/clue: learn log(1/t), CLIP-style
@@ -53,12 +68,12 @@ class ObjectiveConfig:
     mini_batch_size: int = 0  # simclr/clue: GradCache mini-batch (rows); 0 = one plain forward
     proj_dim: int = 0  # simclr/clue: output size of SimCLR's projection MLP g(.) the loss is computed on; 0 = no projection
     future_window: int = 16  # future: events after the cut the user embedding predicts (userfm.objectives.future)
+    weights: tuple[float, ...] = ()  # a multi-task sum ("clue+future"): each objective's loss weight; () = 1 each
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective in ("future", "next", "masked-item") and self.mini_batch_size:
-            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
+        check_objective(self.objective, self.weights)
+        if self.mini_batch_size and self.objective not in ("simclr", "clue"):
+            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue alone, not {self.objective}")
         if self.future_window < 1:
             raise ValueError(f"future_window must be >= 1, got {self.future_window}")
         if self.single_service not in ("time_split", "skip"):
@@ -399,7 +414,10 @@ class FutureHead(nn.Module):
 
 def build_head(cfg: ObjectiveConfig, encoder_cfg: EncoderConfig) -> nn.Module:
     """The objective's own parameters: :class:`MLMHead` (mlm), :class:`ContrastiveHead` (simclr/clue) or
-    :class:`FutureHead` (future)."""
+    :class:`FutureHead` (future); a multi-task sum: a :class:`MultiTaskHead` of each objective's own."""
+    if "+" in cfg.objective:
+        return MultiTaskHead({p: build_head(dataclasses.replace(cfg, objective=p, weights=()), encoder_cfg)
+                              for p in objective_parts(cfg.objective)})
     if cfg.objective == "mlm":
         return MLMHead(encoder_cfg)
     if cfg.objective == "future":
@@ -438,7 +456,7 @@ def loss_and_backward(
     Returns:
         (loss detached, metrics dict of floats).
     """
-    if cfg.objective in ("mlm", "future", "next", "masked-item") or cfg.mini_batch_size <= 0:
+    if cfg.objective not in ("simclr", "clue") or cfg.mini_batch_size <= 0:
         loss, metrics = pretext_loss(model, head, batch, cfg, time_fields)
         loss.backward()
         average_grads(head)
@@ -481,6 +499,16 @@ def pretext_loss(
     Returns:
         (0-d loss tensor, metrics: per-task mlm losses/accuracies, or temperature and in-batch top-1).
     """
+    if "+" in cfg.objective:  # each objective on its own step inputs (``<name>/...``), with its own head
+        parts = objective_parts(cfg.objective)
+        losses, metrics = [], {}
+        for name in parts:
+            loss, m = pretext_loss(model, head[name], sub_batch(batch, name),
+                                   dataclasses.replace(cfg, objective=name, weights=()), time_fields)
+            losses.append(loss)
+            metrics.update({(k if "/" in k else f"{name}/{k}"): v for k, v in m.items()})  # clue/temperature, ...
+            metrics[f"{name}/loss"] = float(loss.detach())
+        return weighted_sum(torch.stack(losses), cfg.weights), metrics
     if cfg.objective == "mlm":
         z, h, _ = model(batch, return_hidden=True)  # h: (B, 1+L, d)
         loss, metrics = mlm_loss(h, batch, head, time_fields)

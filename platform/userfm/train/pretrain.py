@@ -229,7 +229,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
                  f"(taken by >= {cfg.cooc_min_users} training users; {time.perf_counter() - t_c:.1f}s)")
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
-                         item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal=cfg.objective == "next", **extra)
+                         item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal="next" in cfg.objective.split("+"), **extra)
     progress(f"[pretrain] read the rows and fitted every input ({time.perf_counter() - t0:.1f}s: the lines above)")
 
     t1 = time.perf_counter()
@@ -256,7 +256,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     # once the budget is fixed: the steps an epoch budget came to are what a resume or a reader sees
     (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     lengths = [datasets["train"].take(min(n_train, 256))]
-    key = "length" if cfg.objective != "clue" else "a.length"
+    key = "a.length" if "clue" in cfg.objective.split("+") else "length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
     progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch"
              + (f"; {featurized:,} featurized: what {cfg.max_steps} steps read" if featurized < n_train else "") + "), "
@@ -330,9 +330,23 @@ def export(checkpoint: Path, dest: Path, vocabs, tok) -> Path:
     save_encoder(dest, model, vocabs, tok)
     head = checkpoint / "head.safetensors"
     if head.exists() and "_empty" not in load_file(str(head)):
-        shutil.copyfile(head, dest / "head.safetensors")
         ocfg = _objective_config(PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["pretrain"].items()}))
-        (dest / "objective.json").write_text(json.dumps(asdict(ocfg), indent=2))
+        if "+" in ocfg.objective:  # a multi-task sum: the head of its first item-scoring objective (else its first)
+            from safetensors.torch import save_file
+
+            from userfm.infer.item_scorer import SCORING_OBJECTIVES
+
+            parts = ocfg.objective.split("+")
+            name = next((p for p in parts if p in SCORING_OBJECTIVES), parts[0])
+            prefix = f"heads.{name}."
+            state = {k[len(prefix):]: v for k, v in load_file(str(head)).items() if k.startswith(prefix)}
+            ocfg = replace(ocfg, objective=name, weights=())
+            if state:
+                save_file(state, str(dest / "head.safetensors"))
+                (dest / "objective.json").write_text(json.dumps(asdict(ocfg), indent=2))
+        else:
+            shutil.copyfile(head, dest / "head.safetensors")
+            (dest / "objective.json").write_text(json.dumps(asdict(ocfg), indent=2))
     return dest
 
 

@@ -21,9 +21,12 @@ class PretrainError(UserfmError):
 class PretrainConfig:
     data: str = ""  # sequence dataset folder (from `userfm ingest`)
     out: str = "runs/pretrain"  # run folder: metrics, checkpoints, exported model
-    objective: str = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.objectives.future) |
+    objective: str | tuple[str, ...] = "clue"  # mlm (ShopperBERT) | simclr | clue | future (PinnerFormer dense all-action, userfm.objectives.future) |
     #                          next (SASRec-style next item, causal encoder, pooling "last": userfm.objectives.next_event) |
-    #                          masked-item (BERT4Rec masked item prediction: userfm.objectives.masked_item)
+    #                          masked-item (BERT4Rec masked item prediction: userfm.objectives.masked_item) |
+    #                          a weighted multi-task sum of them: [clue, future] or clue+future (userfm.objectives.multitask;
+    #                          stored as "clue+future")
+    objective_weights: tuple[float, ...] = ()  # a multi-task sum: each objective's loss weight, in order; () = 1 each
     item_encoder: str = "text"  # category | text (BPE + item transformer) | minilm (frozen vectors)
     size: str = "tiny"  # named encoder size: tiny | small | base | large
     out_dim: int = 0  # user embedding size; 0 = the model width
@@ -91,8 +94,16 @@ class PretrainConfig:
     fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        names = self.objective if isinstance(self.objective, (tuple, list)) else str(self.objective).replace(",", "+").split("+")
+        object.__setattr__(self, "objective", "+".join(str(n).strip() for n in names))  # one spelling: "clue+future"
+        object.__setattr__(self, "objective_weights", tuple(float(w) for w in self.objective_weights))
+        parts = tuple(self.objective.split("+"))  # userfm.objectives.multitask.objective_parts (no torch import here)
+        if any(p not in OBJECTIVES for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"objective must be one of {OBJECTIVES} or a sum of distinct ones ([clue, future]), "
+                             f"got {self.objective!r}")
+        if self.objective_weights and (len(self.objective_weights) != len(parts) or min(self.objective_weights) < 0):
+            raise ValueError(f"objective_weights must be {len(parts)} numbers >= 0, one per objective of "
+                             f"{self.objective!r}, got {list(self.objective_weights)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "max_steps", "num_workers", "max_events", "log_every", "checkpoint_every", "threads_per_worker"):
@@ -111,9 +122,9 @@ class PretrainConfig:
         from userfm.models.features import FeatureConfig
 
         FeatureConfig(time_fields=tuple(self.time_fields))  # the features' own check: known and distinct names
-        if self.objective in ("future", "next", "masked-item") and self.mini_batch_size:
-            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue, not {self.objective}")
-        if (self.objective == "next") != (self.pooling == "last"):
+        if self.mini_batch_size and self.objective not in ("simclr", "clue"):
+            raise ValueError(f"mini_batch_size (GradCache) applies to simclr/clue alone, not {self.objective}")
+        if ("next" in parts) != (self.pooling == "last"):
             raise ValueError(f"objective next reads the state after the last event: it needs pooling 'last' (and only it "
                              f"does); got objective {self.objective!r} with pooling {self.pooling!r}")
         if self.future_window < 1:

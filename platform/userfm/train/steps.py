@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ def _objective_config(cfg: PretrainConfig):
         proj_dim=cfg.proj_dim,
         clue_crop=cfg.clue_crop,
         future_window=cfg.future_window,
+        weights=tuple(cfg.objective_weights),
     )
 
 
@@ -82,7 +83,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
         batch = drop_last_events(batch, holdout_last)
     if services:
         batch = restrict_services(batch, services)
-    if objective == "clue":
+    if "clue" in objective.split("+"):  # a sum with clue: its pairs (the other objectives read their views)
         uid = batch.column("user_id").to_pylist()
         # a per-batch seed from its content: the same pairs whatever block boundaries Ray Data chose
         s = seed + sum(hash_user(u) for u in uid) % 1_000_003
@@ -115,18 +116,37 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views, future's cut."""
+    """Per-step randomness on a featurized batch: mlm masks, simclr's two augmented views, future's cut.
+
+    A multi-task sum (``clue+future``): each objective's inputs under ``<name>/`` (``future/a.length``), drawn in
+    the sum's order from one ``rng``; with clue in the sum the rows are its pairs, and the others read the
+    pairs' views stacked as histories (:func:`userfm.objectives.multitask.stack_views`)."""
+    if "+" not in cfg.objective:
+        return _one_objective_inputs(nb, cfg.objective, cfg, rng)
+    from userfm.objectives.multitask import objective_parts, stack_views
+
+    parts = objective_parts(cfg.objective)
+    histories = stack_views(nb) if "clue" in parts else nb
+    out = {}
+    for name in parts:
+        one = _one_objective_inputs(nb if name == "clue" else histories, name, cfg, rng)
+        out.update({f"{name}/{k}": v for k, v in one.items()})
+    return out
+
+
+def _one_objective_inputs(nb: dict[str, np.ndarray], objective: str, cfg: PretrainConfig,
+                          rng: np.random.Generator) -> dict[str, np.ndarray]:
     from userfm.objectives.pretext import crop_views, mask_events, simclr_views
 
-    if cfg.objective in ("mlm", "masked-item"):
+    if objective in ("mlm", "masked-item"):
         return mask_events(nb, cfg.mask_rate, rng)
-    if cfg.objective == "simclr":
-        return simclr_views(nb, _objective_config(cfg), rng)
-    if cfg.objective == "future":
+    if objective == "simclr":
+        return simclr_views(nb, replace(_objective_config(cfg), objective="simclr", weights=()), rng)
+    if objective == "future":
         from userfm.objectives.future import future_views
 
         return future_views(nb, cfg.future_window, rng)
-    if cfg.objective == "next":  # no per-step randomness; nothing masked (keeps [MASK] in DDP's graph)
+    if objective == "next":  # no per-step randomness; nothing masked (keeps [MASK] in DDP's graph)
         return {**nb, "masked": np.zeros(nb["service"].shape, bool)}
     return crop_views(nb, cfg.clue_crop, rng)
 

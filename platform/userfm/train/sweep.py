@@ -177,7 +177,7 @@ def training_rows(data: str, train_users: int, objective: str) -> int:
     from userfm.train.pretrain import first_users
 
     rows = first_users(read_sequences(data, split="train", columns=["user_id", "n_events"]), train_users)
-    return int(pc.sum(pc.greater_equal(rows.column("n_events"), 2 if objective == "clue" else 1)).as_py() or 0)
+    return int(pc.sum(pc.greater_equal(rows.column("n_events"), 2 if "clue" in objective.split("+") else 1)).as_py() or 0)
 
 
 def pretext_test_loss(model_dir: str | Path, data: str, *, batch: int, temperature: float,

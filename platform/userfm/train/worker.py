@@ -137,7 +137,7 @@ def train_loop(config: dict) -> None:
     peak = cfg.peak_flops or measure_peak_flops(cfg.threads_per_worker)
     steps_per_epoch = config["steps_per_epoch"]
     events_per_sample = config["events_per_sample"]
-    views = 1 if cfg.objective in ("mlm", "next", "masked-item") else 2
+    views = sum(1 if o in ("mlm", "next", "masked-item") else 2 for o in cfg.objective.split("+"))  # encoder passes a row
     flops_sample = flops_per_sample(enc_cfg, n_events=max(1, round(events_per_sample)), n_tokens=cfg.max_text_tokens) * views
     if cfg.mini_batch_size:
         flops_sample *= 4 / 3  # GradCache: one extra forward
