@@ -160,3 +160,15 @@ def test_two_worker_clue_plus_future_run_logs_the_weighted_sum_and_exports_the_f
     catalog = sorted({i for seq in rows_tab.column("item_id").to_pylist()[:20] for i in (seq or []) if i})[:5]
     scorer = ItemScorer(model, rows_tab, catalog)
     assert scorer.scores(np.zeros((2, scorer.model.config.embed_dim), np.float32)).shape == (2, len(catalog))
+
+
+def test_demo_pretrains_a_sum_with_each_parts_choices(tmp_path):
+    from userfm.demo import FUTURE_ITEM_BUCKETS, DemoConfig, pretrain_config
+
+    cfg = DemoConfig(objectives=("clue+next", "future"))
+    p = pretrain_config(cfg, "clue+next", tmp_path / "ds", tmp_path / "out")
+    assert (p.objective, p.pooling, p.item_id_buckets) == ("clue+next", "last", FUTURE_ITEM_BUCKETS)
+    p = pretrain_config(cfg, "clue", tmp_path / "ds", tmp_path / "out")
+    assert (p.pooling, p.item_id_buckets) == ("mean", 0)
+    with pytest.raises(ValueError, match=r"objectives: unknown \['clue\+fture'\]"):
+        DemoConfig(objectives=("clue+fture",))

@@ -192,7 +192,7 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
-    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next)")
+    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next, or a multi-task sum: clue+future)")
     ap.add_argument("--minilm-cache", default="runs/real/minilm_cache",
                     help="MiniLM vectors kept between runs, each distinct text encoded once ('' = one per run)")
     ap.add_argument("--tasks", default=None,

@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(fn=cmd_ingest)
 
-    p = sub.add_parser("pretrain", help="pretrain the user encoder (mlm | simclr | clue | future | next | masked-item) on Ray Train",
+    p = sub.add_parser("pretrain", help="pretrain the user encoder (mlm | simclr | clue | future | next | masked-item, or a "
+                       "weighted sum: --set objective=clue+future) on Ray Train",
                        description="Fit vocabularies/tokenizer, featurize with Ray Data, train with DDP on Ray Train "
                        "workers, checkpoint, validate, and export OUT/model (load with userfm.load_encoder).")
     p.add_argument("--data", help="sequence dataset folder from `userfm ingest` (PretrainConfig.data)")
