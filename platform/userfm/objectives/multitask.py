@@ -26,10 +26,6 @@ def objective_parts(objective: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in objective.split("+"))
 
 
-def is_multitask(objective: str) -> bool:
-    return "+" in objective
-
-
 def weighted_sum(losses: Tensor, weights: tuple[float, ...] = ()) -> Tensor:
     """The multi-task loss.
 
