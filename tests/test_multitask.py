@@ -1,11 +1,9 @@
 """Multi-task pretraining (userfm.objectives.multitask): the weighted sum by hand, the pairs stacked as histories,
-each objective's step inputs under its own prefix, the summed pretext loss against its parts computed alone,
-and a two-worker Ray Train run of clue+future whose logged loss is the weighted sum of its logged parts."""
+each objective's step inputs under its own prefix, the summed pretext loss against its parts computed alone.
+A two-worker Ray Train run of clue+future (its logged loss the weighted sum of its logged parts, its export the
+future head) is test_pretrain.py's test_epoch_budget_and_early_stop_export_the_best."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,38 +126,6 @@ def test_summed_pretext_loss_is_the_weighted_sum_of_each_alone():
     assert all(p.grad is not None for p in head.parameters())  # both heads are trained by the one backward
     with pytest.raises(ValueError, match="GradCache"):
         ObjectiveConfig("clue+future", mini_batch_size=4)
-
-
-@pytest.mark.timeout(600)
-def test_two_worker_clue_plus_future_run_logs_the_weighted_sum_and_exports_the_future_head(tmp_path, ray_local):
-    """DDP over 2 CPU workers with two forwards per backward; model/ carries the future head as an item scorer."""
-    from userfm.data.dataset import read_sequences
-    from userfm.data.ingest import IngestConfig, run_ingest
-    from userfm.data.synth import generate
-    from userfm.data.synth_model import SynthConfig
-    from userfm.infer.item_scorer import ItemScorer, has_item_scorer
-    from userfm.train.pretrain import run_pretrain
-
-    generate(SynthConfig(n_users=300, events_per_user=12, seed=5), tmp_path / "raw")
-    run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events"),), out=str(tmp_path / "ds")), progress=lambda s: None)
-    cfg = PretrainConfig(data=str(tmp_path / "ds"), out=str(tmp_path / "run"), objective=("clue", "future"),
-                         objective_weights=(1.0, 0.5), size="tiny", max_events=16, max_text_tokens=8, text_vocab=256,
-                         batch_size=16, lr=3e-3, warmup_steps=2, max_steps=6, log_every=2, eval_every=3,
-                         checkpoint_every=100, num_workers=2, peak_flops=1e10, cooc_dim=8, item_id_buckets=64)
-    summary = run_pretrain(cfg, progress=lambda s: None)
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in logged] == [2, 3, 4, 6] and summary["final"]["step"] == 6
-    for r in logged:  # each row: window means, and the mean of a weighted sum is the weighted sum of the means
-        assert r["loss"] == pytest.approx(r["clue/loss"] + 0.5 * r["future/loss"], rel=1e-5)
-        assert r["clue/loss"] > 0 and r["future/loss"] > 0
-    assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
-    model = Path(summary["model"])
-    assert json.loads((model / "objective.json").read_text())["objective"] == "future" and has_item_scorer(model)
-    rows_tab = read_sequences(cfg.data, split="train")
-    catalog = sorted({i for seq in rows_tab.column("item_id").to_pylist()[:20] for i in (seq or []) if i})[:5]
-    scorer = ItemScorer(model, rows_tab, catalog)
-    assert scorer.scores(np.zeros((2, scorer.model.config.embed_dim), np.float32)).shape == (2, len(catalog))
 
 
 def test_demo_pretrains_a_sum_with_each_parts_choices(tmp_path):

@@ -97,12 +97,25 @@ def test_early_stop_state_by_hand():
 def test_epoch_budget_and_early_stop_export_the_best(dataset):
     """lr 0: the weights never change, so the second per-epoch validation loss equals the first (same held-out
     batches, same cuts) and patience 1 stops there, one epoch before the 3-epoch budget; model/ is the best
-    (the first evaluation), model_last/ the step it stopped at. The objective is future, so its DDP plumbing
-    (every parameter gets a gradient, targets through the encoder's forward) runs in the default suite; that
-    it learns is the slow future case of test_two_worker_run_learns_and_exports."""
-    cfg = quick(dataset, "early", lr=0.0, epochs=3, early_stop=1, max_steps=999, objective="future", cooc_dim=8,
-                item_id_buckets=64)
+    (the first evaluation), model_last/ the step it stopped at. The objective is the multi-task sum clue+future
+    (weights 1 and 0.5), so future's DDP plumbing (every parameter gets a gradient, targets through the encoder's
+    forward) and a sum's (two forwards, one backward, two heads) run in the default suite: each logged loss is
+    the weighted sum of its logged parts, and model/ carries the future head as an item scorer. That future
+    learns is the slow future case of test_two_worker_run_learns_and_exports."""
+    from userfm.data.dataset import read_sequences
+    from userfm.infer.item_scorer import ItemScorer
+
+    cfg = quick(dataset, "early", lr=0.0, epochs=3, early_stop=1, max_steps=999, objective=["clue", "future"],
+                objective_weights=(1.0, 0.5), cooc_dim=8, item_id_buckets=64)
     summary = run_pretrain(cfg, progress=lambda s: None)
+    logged = [x for x in rows(Path(cfg.out)) if "loss" in x]
+    assert logged and all(x["loss"] == pytest.approx(x["clue/loss"] + 0.5 * x["future/loss"], rel=1e-5) for x in logged)
+    model = Path(summary["model"])
+    assert json.loads((model / "objective.json").read_text())["objective"] == "future"
+    train = read_sequences(cfg.data, split="train")
+    catalog = sorted({i for seq in train.column("item_id").to_pylist()[:20] for i in (seq or []) if i})[:5]
+    scorer = ItemScorer(model, train, catalog)
+    assert scorer.scores(np.zeros((2, scorer.model.config.embed_dim), np.float32)).shape == (2, len(catalog))
     spe = summary["steps_per_epoch"]
     assert summary["max_steps"] == 3 * spe
     saved = json.loads((Path(cfg.out) / "config.json").read_text())["pretrain"]
