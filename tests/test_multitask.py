@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from userfm.objectives.multitask import objective_parts, stack_views, sub_batch, weighted_sum
+from userfm.objectives import objective_parts
+from userfm.objectives.multitask import stack_views, sub_batch, weighted_sum
 from userfm.train.pretrain_config import PretrainConfig
 
 

@@ -28,6 +28,7 @@ from typing import TextIO
 
 from userfm.config import to_dict
 from userfm.errors import UserfmError
+from userfm.objectives import OBJECTIVES, objective_parts
 from userfm.stages import StageFailed, Stages
 
 REAL_FORMATS = ("movielens", "online-retail", "amazon-reviews", "recbole")
@@ -98,9 +99,7 @@ class DemoConfig:
             raise ValueError(f"service_field applies to --format recbole only, not {self.format!r}")
         if self.data is not None and not Path(self.data).exists():
             raise ValueError(f"--data {self.data!r}: no such file or folder")
-        from userfm.train.pretrain_config import OBJECTIVES
-
-        bad = [o for o in self.objectives if any(p not in OBJECTIVES for p in o.split("+"))]
+        bad = [o for o in self.objectives if any(p not in OBJECTIVES for p in objective_parts(o))]
         if bad:
             raise ValueError(f"objectives: unknown {bad}; choose from {OBJECTIVES}, or a sum of them (clue+future)")
         if self.tasks is not None and not Path(self.tasks).is_file():
@@ -169,7 +168,7 @@ def pretrain_config(cfg: DemoConfig, objective: str, dataset: str | Path, out: s
     from userfm.train.pretrain_config import PretrainConfig
 
     recipe, _ = pretrain_recipe(cfg)
-    parts = objective.split("+")  # a multi-task sum (clue+future): each part's choices
+    parts = objective_parts(objective)  # a multi-task sum (clue+future): each part's choices
     return PretrainConfig(
         data=str(dataset), out=str(out), objective=objective,
         item_encoder="category" if objective == "mlm" else cfg.item_encoder,

@@ -21,11 +21,6 @@ import torch
 from torch import Tensor, nn
 
 
-def objective_parts(objective: str) -> tuple[str, ...]:
-    """``"clue+future"`` -> ``("clue", "future")``; a single objective -> a 1-tuple."""
-    return tuple(p.strip() for p in objective.split("+"))
-
-
 def weighted_sum(losses: Tensor, weights: tuple[float, ...] = ()) -> Tensor:
     """The multi-task loss.
 

@@ -29,26 +29,12 @@ from torch import Tensor, nn
 from userfm.models.encoders import ITEM_KEYS as ENCODER_ITEM_KEYS, EncoderConfig
 from userfm.models.features import IGNORE_INDEX, PAD_ID, Vocabs, _as_table, concat_batches, make_batch, to_torch
 from userfm.objectives.losses import Temperature, average_grads, grad_cache, nt_xent, symmetric_info_nce
-from userfm.objectives.multitask import MultiTaskHead, objective_parts, sub_batch, weighted_sum
+from userfm.objectives import check_objective, objective_parts
+from userfm.objectives.multitask import MultiTaskHead, sub_batch, weighted_sum
 
-OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
 ITEM_KEYS = ("service", "category", "text_hash", "item_hash", "tokens", "text_vector")  # what "replace an item" swaps
 TIME_KEYS = ("time", "ts")  # stay with the position when an item is replaced
 SEQ_LIST_COLUMNS = ("ts", "service", "text", "item_id", "category", "value")
-
-
-def check_objective(objective: str, weights: tuple[float, ...] = ()) -> None:
-    """``objective`` is one of OBJECTIVES or a "+"-joined sum of distinct ones, with one weight >= 0 each
-    (or none); raises ValueError naming what is wrong."""
-    parts = objective_parts(objective)
-    bad = [p for p in parts if p not in OBJECTIVES]
-    if bad:
-        raise ValueError(f"objective must be one of {OBJECTIVES} or a sum of them (clue+future), got {objective!r}")
-    if len(set(parts)) != len(parts):
-        raise ValueError(f"objective {objective!r} names an objective twice")
-    if weights and (len(weights) != len(parts) or min(weights) < 0):
-        raise ValueError(f"objective_weights must be {len(parts)} numbers >= 0, one per objective of {objective!r}, "
-                         f"got {list(weights)}")
 
 
 @dataclass(frozen=True)

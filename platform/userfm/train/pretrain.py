@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from userfm.objectives import objective_parts
 from userfm.train.pretrain_config import PretrainConfig, PretrainError
 from userfm.train.steps import featurize
 from userfm.train.worker import train_loop
@@ -229,7 +230,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
                  f"(taken by >= {cfg.cooc_min_users} training users; {time.perf_counter() - t_c:.1f}s)")
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
-                         item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal="next" in cfg.objective.split("+"), **extra)
+                         item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal="next" in objective_parts(cfg.objective), **extra)
     progress(f"[pretrain] read the rows and fitted every input ({time.perf_counter() - t0:.1f}s: the lines above)")
 
     t1 = time.perf_counter()
@@ -256,7 +257,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     # once the budget is fixed: the steps an epoch budget came to are what a resume or a reader sees
     (out / "config.json").write_text(json.dumps({"pretrain": asdict(cfg), "encoder": json.loads(enc_cfg.to_json())}, indent=2))
     lengths = [datasets["train"].take(min(n_train, 256))]
-    key = "a.length" if "clue" in cfg.objective.split("+") else "length"
+    key = "a.length" if "clue" in objective_parts(cfg.objective) else "length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
     progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch"
              + (f"; {featurized:,} featurized: what {cfg.max_steps} steps read" if featurized < n_train else "") + "), "
@@ -336,7 +337,7 @@ def export(checkpoint: Path, dest: Path, vocabs, tok) -> Path:
 
             from userfm.infer.item_scorer import SCORING_OBJECTIVES
 
-            parts = ocfg.objective.split("+")
+            parts = objective_parts(ocfg.objective)
             name = next((p for p in parts if p in SCORING_OBJECTIVES), parts[0])
             prefix = f"heads.{name}."
             state = {k[len(prefix):]: v for k, v in load_file(str(head)).items() if k.startswith(prefix)}

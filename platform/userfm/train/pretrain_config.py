@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 from userfm.errors import UserfmError
 from userfm.models.features import CALENDAR_FIELDS
-
-
-OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
+from userfm.objectives import check_objective, objective_parts
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -97,13 +95,8 @@ class PretrainConfig:
         names = self.objective if isinstance(self.objective, (tuple, list)) else str(self.objective).replace(",", "+").split("+")
         object.__setattr__(self, "objective", "+".join(str(n).strip() for n in names))  # one spelling: "clue+future"
         object.__setattr__(self, "objective_weights", tuple(float(w) for w in self.objective_weights))
-        parts = tuple(self.objective.split("+"))  # userfm.objectives.multitask.objective_parts (no torch import here)
-        if any(p not in OBJECTIVES for p in parts) or len(set(parts)) != len(parts):
-            raise ValueError(f"objective must be one of {OBJECTIVES} or a sum of distinct ones ([clue, future]), "
-                             f"got {self.objective!r}")
-        if self.objective_weights and (len(self.objective_weights) != len(parts) or min(self.objective_weights) < 0):
-            raise ValueError(f"objective_weights must be {len(parts)} numbers >= 0, one per objective of "
-                             f"{self.objective!r}, got {list(self.objective_weights)}")
+        check_objective(self.objective, self.objective_weights)
+        parts = objective_parts(self.objective)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "max_steps", "num_workers", "max_events", "log_every", "checkpoint_every", "threads_per_worker"):

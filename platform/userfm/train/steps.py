@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from userfm.objectives import objective_parts
 from userfm.train.pretrain_config import PretrainConfig
 
 
@@ -83,7 +84,7 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
         batch = drop_last_events(batch, holdout_last)
     if services:
         batch = restrict_services(batch, services)
-    if "clue" in objective.split("+"):  # a sum with clue: its pairs (the other objectives read their views)
+    if "clue" in objective_parts(objective):  # a sum with clue: its pairs (the other objectives read their views)
         uid = batch.column("user_id").to_pylist()
         # a per-batch seed from its content: the same pairs whatever block boundaries Ray Data chose
         s = seed + sum(hash_user(u) for u in uid) % 1_000_003
@@ -123,7 +124,7 @@ def step_inputs(nb: dict[str, np.ndarray], cfg: PretrainConfig, rng: np.random.G
     pairs' views stacked as histories (:func:`userfm.objectives.multitask.stack_views`)."""
     if "+" not in cfg.objective:
         return _one_objective_inputs(nb, cfg.objective, cfg, rng)
-    from userfm.objectives.multitask import objective_parts, stack_views
+    from userfm.objectives.multitask import stack_views
 
     parts = objective_parts(cfg.objective)
     histories = stack_views(nb) if "clue" in parts else nb

@@ -74,7 +74,7 @@ class SweepConfig:
     epochs: float = 0.0  # default passes over the training users; > 0 sets the steps instead of max_steps
     out_dim: int = 0  # default user embedding size (0 = model width)
     # pretraining settings shared by every trial (PretrainConfig fields of the same name)
-    objective: str = "clue"  # userfm.train.pretrain_config.OBJECTIVES: mlm | simclr | clue | future | next | masked-item
+    objective: str = "clue"  # userfm.objectives.OBJECTIVES: mlm | simclr | clue | future | next | masked-item
     item_encoder: str = "text"  # category | text | minilm
     pooling: str = "mean"  # cls | mean
     max_events: int = 16  # most recent events per user
@@ -174,10 +174,11 @@ def training_rows(data: str, train_users: int, objective: str) -> int:
     import pyarrow.compute as pc
 
     from userfm.data.dataset import read_sequences
+    from userfm.objectives import objective_parts
     from userfm.train.pretrain import first_users
 
     rows = first_users(read_sequences(data, split="train", columns=["user_id", "n_events"]), train_users)
-    return int(pc.sum(pc.greater_equal(rows.column("n_events"), 2 if "clue" in objective.split("+") else 1)).as_py() or 0)
+    return int(pc.sum(pc.greater_equal(rows.column("n_events"), 2 if "clue" in objective_parts(objective) else 1)).as_py() or 0)
 
 
 def pretext_test_loss(model_dir: str | Path, data: str, *, batch: int, temperature: float,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from userfm.objectives import objective_parts
 from userfm.train.pretrain_config import PretrainConfig
 from userfm.train.steps import _objective_config, batch_flops, checkpoint_state, early_stop_state, eval_loss, load_checkpoint, lr_at, measure_peak_flops, save_best, save_checkpoint, step_inputs, step_seed
 
@@ -137,7 +138,7 @@ def train_loop(config: dict) -> None:
     peak = cfg.peak_flops or measure_peak_flops(cfg.threads_per_worker)
     steps_per_epoch = config["steps_per_epoch"]
     events_per_sample = config["events_per_sample"]
-    views = sum(1 if o in ("mlm", "next", "masked-item") else 2 for o in cfg.objective.split("+"))  # encoder passes a row
+    views = sum(1 if o in ("mlm", "next", "masked-item") else 2 for o in objective_parts(cfg.objective))  # encoder passes a row
     flops_sample = flops_per_sample(enc_cfg, n_events=max(1, round(events_per_sample)), n_tokens=cfg.max_text_tokens) * views
     if cfg.mini_batch_size:
         flops_sample *= 4 / 3  # GradCache: one extra forward
