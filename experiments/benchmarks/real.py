@@ -11,6 +11,7 @@ data; Amazon is not (see SETS).
     python experiments/benchmarks/real.py                         # all three sets (hours on 2 cores)
     python experiments/benchmarks/real.py --sets tenrec           # one set
     python experiments/benchmarks/real.py --sets movielens --steps 100 --seeds 1
+    python experiments/benchmarks/real.py --sets tenrec --render --labels 250 1000 --seeds 3  # label budgets, over a finished run
 
 Sets (READMEs in ``../shared/data/<folder>``; nothing is copied into the project):
 
@@ -27,6 +28,10 @@ The numbers are the run's own ``evaluate/results.json`` rows (nothing is recompu
 ``--render`` writes the same files from the run folders already in ``OUT`` without running anything: for a
 run stopped part-way (the Amazon set's evaluation takes hours on 2 cores), the tables of every evaluate pass
 that finished (``evaluate/passes/<pass>/results.json``), with the passes that did not listed as such.
+
+``--labels N ...`` then evaluates again with every head and yardstick trained on N labelled users (the
+semi-supervised setting a pretrained encoder is for; the same encoders, test users and folds) and writes
+``docs/results/real-<set>-labels.md``; with ``--render``, those passes alone over a finished run.
 """
 
 from __future__ import annotations
@@ -180,6 +185,48 @@ def run_set(name: str, args: argparse.Namespace) -> str:
     return _write(args.name or name, "\n".join(text), out)
 
 
+def label_budgets(name: str, args: argparse.Namespace) -> str:
+    """``--labels N ...``: the run's evaluation again per label budget, over its finished run folder: the same
+    encoder tables (pretrained on every training user, unlabelled), tasks, folds and yardsticks, but every head
+    and yardstick trains on N labelled users (``EvalConfig.labels``; the same test users). Writes
+    ``OUT/<set>/labels.md`` and ``docs/results/real-<name>-labels.md``."""
+    from userfm.config import from_dict
+    from userfm.eval.evaluate import run_evaluate
+    from userfm.eval.tasks import EvalConfig
+
+    out = Path(args.out) / name
+    ev = out / "run" / "evaluate"
+    passes = sorted((ev / "passes").glob("*/results.json"))  # the demo's evaluate passes (one per holdout / history)
+    if not passes and not (ev / "results.json").is_file():
+        raise SystemExit(f"[real] --labels: {ev} holds no finished evaluation (run the set first)")
+    configs = {f.parent.name: json.loads(f.read_text())["config"] for f in passes} or {
+        "all": json.loads((ev / "results.json").read_text())["config"]}
+    text = [f"# Real data: {name}, label budgets ({out / 'run'})", "",
+            f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
+            f"{os.cpu_count()} CPUs)", "",
+            "The run's own evaluation again, per label budget N: the same encoder tables (pretrained on every training "
+            "user, unlabelled), tasks, folds and test users; every head and every yardstick trains on N labelled "
+            f"users (and the same share of validation users; `EvalConfig.labels`). Head seeds {args.seeds}.", ""]
+    for n in args.labels:
+        t0 = time.perf_counter()
+        merged: dict = {"tasks": [], "rows": [], "skipped_tasks": []}
+        for pass_name, base in configs.items():
+            cfg = from_dict(EvalConfig, {**base, "labels": n, "seeds": args.seeds, "save_heads": False,
+                                         "charts": False, "out": str(out / f"labels{n}" / pass_name)},
+                            where=f"{pass_name} config")
+            res = run_evaluate(cfg)
+            for k in merged:
+                merged[k] += res.get(k, [])
+        text += [f"## {n:,} labelled users ({time.perf_counter() - t0:.0f} s)", "", tables(merged)]
+        print("\n".join(text[-3:]), flush=True)
+    md = "\n".join(text)
+    (out / "labels.md").write_text(md)
+    docs = REPO / "docs" / "results" / f"real-{args.name or name}-labels.md"
+    docs.write_text(md)
+    print(f"[real] wrote {out / 'labels.md'} and {docs}", flush=True)
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -199,6 +246,10 @@ def main() -> int:
                     help="a task file to evaluate instead of the set's own (e.g. some of its tasks; one set at a time)")
     ap.add_argument("--name", default=None,
                     help="write docs/results/real-NAME.md instead of real-<set>.md (one set at a time)")
+    ap.add_argument("--labels", nargs="+", type=int, default=[], metavar="N",
+                    help="then evaluate again with every head and yardstick on N labelled users each (the encoders "
+                         "as pretrained; with --render: those passes alone, over the run folders already in --out); writes "
+                         "docs/results/real-<set>-labels.md")
     ap.add_argument("--render", action="store_true",
                     help="run nothing: write the tables of the run folders already in --out (every finished pass)")
     args = ap.parse_args()
@@ -207,7 +258,10 @@ def main() -> int:
     if args.tasks and not Path(args.tasks).is_file():
         ap.error(f"--tasks: no file {args.tasks}")
     for name in args.sets:
-        (render_set if args.render else run_set)(name, args)
+        if not (args.render and args.labels):  # --render --labels: the label passes alone (real-<set>.md kept)
+            (render_set if args.render else run_set)(name, args)
+        if args.labels:
+            label_budgets(name, args)
     return 0
 
 
