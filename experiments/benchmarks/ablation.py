@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="k-fold cross-fitting of the heads (default: the run's own eval_folds from demo_summary.json, else 0)")
     args = ap.parse_args(argv)
 
-    from userfm.demo import DemoConfig, _default_tasks
+    from userfm.demo import DemoConfig, _default_tasks, embeddings_key
     from userfm.infer.embed import EmbedConfig, run_embed
     from userfm.eval.evaluate import run_evaluate
-    from userfm.eval.tasks import LAST_EVENT, EvalConfig, load_tasks
+    from userfm.eval.tasks import EvalConfig, load_tasks
     from userfm.train.pretrain import run_pretrain
     from userfm.train.pretrain_config import PretrainConfig
 
@@ -78,28 +78,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"ablation: {out} exists; choose another tag or remove it")
     cfg = replace(cfg, out=str(out / "pretrain"), **_parse(cfg, args.overrides))
     task_file = args.task_file or str(_default_tasks(DemoConfig()))
-    held = {t.name: t.table == LAST_EVENT for t in load_tasks(task_file, tuple(args.tasks))}
-    if len(set(held.values())) > 1:  # the run evaluates these from two embedding tables (demo: two passes)
-        raise SystemExit("ablation: tasks on the held-out last event (" + ", ".join(t for t, h in held.items() if h) +
-                         ") and on full histories (" + ", ".join(t for t, h in held.items() if not h) +
-                         ") need separate ablation calls")
-    holdout = int(any(held.values()))
-    if holdout and not cfg.holdout_last:
-        raise SystemExit(f"ablation: {', '.join(held)} hold out the last event, but the run's {args.base} was pretrained on "
-                         "whole histories (holdout_last=0); run quality.py with folds, as for MovieLens")
+    views = {t.name: t.view for t in load_tasks(task_file, tuple(args.tasks))}  # (holdout, history service) each
+    if len(set(views.values())) > 1:  # the run evaluates these from separate embedding tables (demo: one pass each)
+        raise SystemExit("ablation: these tasks read different histories (" + ", ".join(
+            f"{t}: holdout {h}{f', {s} events only' if s else ''}" for t, (h, s) in views.items()) +
+            "); they need separate ablation calls")
+    holdout, service = next(iter(views.values()))
     folds = args.folds
     if folds < 0:
         summary = run / "demo_summary.json"
         done = json.loads(summary.read_text()) if summary.exists() else {}
         # the folds the run evaluated with (resolved by the demo when its config left them to it)
         folds = (done.get("evaluate") or {}).get("folds", done.get("config", {}).get("eval_folds") or 0)
-    table = "embeddings_heldout" if holdout else "embeddings"
+    # cross-fitted, every user is a test user once, so pretraining must not have read the held-out events; on the
+    # dataset's split the test users are never pretrained on (the demo's Amazon run: holdout_last 0, no folds)
+    if holdout and folds and cfg.holdout_last < holdout:
+        raise SystemExit(f"ablation: {', '.join(views)} hold out events and are cross-fitted ({folds} folds), but "
+                         f"the run's {args.base} was pretrained with holdout_last={cfg.holdout_last}; run quality.py with "
+                         "folds, as for MovieLens")
+    table = embeddings_key(holdout, service)
     t0 = time.perf_counter()
     s = run_pretrain(cfg)
     print(f"[ablation] pretrained {args.tag} in {time.perf_counter() - t0:.0f}s: "
           f"val_loss {s['final'].get('val_loss', float('nan')):.3f}, loss {s['final'].get('loss', float('nan')):.3f}", flush=True)
-    # the same histories as the run's table it is compared with: whole, or without the held-out last event
-    e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / table), holdout_last=holdout)
+    # the same histories as the run's table it is compared with: whole, or without the held-out events (and of
+    # one service only, for a transfer task)
+    e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / table), holdout_last=holdout,
+                    history_service=service)
     run_embed(e)
     v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=task_file, folds=folds,
                    only_tasks=tuple(args.tasks), seeds=args.seeds, baselines=(),
