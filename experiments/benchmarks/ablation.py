@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     # the same histories as the run's table it is compared with: whole, or without the held-out events (and of
     # one service only, for a transfer task)
     e = EmbedConfig(model=s["model"], data=cfg.data, out=str(out / table), holdout_last=holdout,
-                    history_service=service)
+                    history_service=service, minilm_cache=cfg.minilm_cache)  # the run's cache: no text encoded twice
     run_embed(e)
     v = EvalConfig(data=cfg.data, out=str(out / "evaluate"), tasks=task_file, folds=folds,
                    only_tasks=tuple(args.tasks), seeds=args.seeds, baselines=(),
