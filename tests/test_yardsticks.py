@@ -110,9 +110,11 @@ def test_pad_sequences_keeps_the_last_items_left_padded():
     np.testing.assert_array_equal(got, [[0, 5, 6, 7], [0, 0, 0, 0], [2, 3, 4, 8]])  # ids + 1, 0 = padding
 
 
-def test_sasrec_is_causal_and_learns_a_deterministic_next_item():
+@pytest.mark.parametrize("select", ["loss", "mrr"])
+def test_sasrec_is_causal_and_learns_a_deterministic_next_item(select):
     """Item k is always followed by k + 1 (mod 30): a next-item model that learned anything ranks it first
-    (chance HR@5 is 5/30). The state at position t must not change when later items do (causal mask)."""
+    (chance HR@5 is 5/30), early-stopped on either val criterion. The state at position t must not change when
+    later items do (causal mask)."""
     import torch
 
     from userfm.eval.sasrec import SASRecConfig, _model, fit_sasrec, sasrec_scorer
@@ -125,11 +127,13 @@ def test_sasrec_is_causal_and_learns_a_deterministic_next_item():
         return [q[:-1] for q in seqs], np.array([q[-1] for q in seqs])
 
     (tr_h, tr_y), (va_h, va_y), (te_h, te_y) = users(300), users(50), users(50)
-    cfg = SASRecConfig(max_len=10, dim=32, layers=1, max_epochs=40, patience=3, dropout=0.1, lr=3e-3)
+    cfg = SASRecConfig(max_len=10, dim=32, layers=1, max_epochs=40, patience=3, dropout=0.1, lr=3e-3, select=select)
     model, info = fit_sasrec([np.append(h, y) for h, y in zip(tr_h, tr_y)], va_h, va_y, 30, cfg)
     scores = sasrec_scorer(model, te_h, cfg.max_len)(np.arange(50))
     ranks = (scores > scores[np.arange(50), te_y][:, None]).sum(1)
     assert np.mean(ranks < 5) > 0.9 and info["best_epoch"] < info["epochs"] <= 40, (np.mean(ranks < 5), info)
+    # the best epoch's criterion: a mean reciprocal rank this good, or a loss below chance's log(30) = 3.4
+    assert info["select"] == select and (0.5 < info["val_mrr"] <= 1.0 if select == "mrr" else info["val_loss"] < 1.0), info
 
     m = _model(30, cfg).eval()
     x = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8, 9, 10]])
@@ -138,3 +142,17 @@ def test_sasrec_is_causal_and_learns_a_deterministic_next_item():
     with torch.no_grad():
         torch.testing.assert_close(m.states(x)[:, :7], m.states(y)[:, :7])
         assert not torch.allclose(m.states(x)[:, 7:], m.states(y)[:, 7:])
+
+
+def test_mean_reciprocal_rank_by_hand_and_the_sasrec_criterion_is_checked():
+    """Row 0: the target (score 2) is second -> 1/2; row 1: all tie, and ties count against the target (rank 2 of
+    0..2) -> 1/3; mean 5/12. An unknown early-stopping criterion is refused by name, in both configs."""
+    from userfm.eval.sasrec import SASRecConfig, mean_reciprocal_rank
+    from userfm.eval.tasks import EvalConfig
+
+    assert mean_reciprocal_rank(np.array([[3.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), np.array([2, 0])) == pytest.approx(5 / 12)
+    assert mean_reciprocal_rank(np.array([[0.0, 9.0]]), np.array([1])) == 1.0
+    with pytest.raises(ValueError, match="select must be one of"):
+        SASRecConfig(select="hr@10")
+    with pytest.raises(ValueError, match="sasrec_select must be one of"):
+        EvalConfig(sasrec_select="hr@10")

@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("run", help="a demo run folder (dataset/, pretrain/<objective>/model)")
     ap.add_argument("--objectives", nargs="*", default=["clue"], help="pretrained encoders of the run to score (default: clue)")
     ap.add_argument("--no-sasrec", action="store_true", help="skip SASRec (minutes per fit on large catalogs)")
+    ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="loss",
+                    help="SASRec's early-stopping criterion on the val users' held-out items: their cross-entropy "
+                         "(default) or their mean reciprocal rank in the full ranking")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
     ap.add_argument("--out", default=None, help="output folder (default: RUN/loo)")
@@ -146,10 +149,12 @@ def main() -> int:
 
     if not args.no_sasrec:
         t0 = time.perf_counter()
-        scfg = SASRecConfig(seed=args.seed)
+        scfg = SASRecConfig(seed=args.seed, select=args.sasrec_select)
         model, sinfo = fit_sasrec(train, hist_val, y_val, n_items, scfg)
         score("sasrec", sasrec_scorer(model, hist_test, scfg.max_len))
-        info["sasrec"] = f"best epoch {sinfo['best_epoch']} of {sinfo['epochs']}, {sinfo['params']:,} parameters"
+        crit = sinfo[f"val_{scfg.select}"]
+        info["sasrec"] = (f"best epoch {sinfo['best_epoch']} of {sinfo['epochs']} by val {scfg.select}"
+                          + (f" ({crit:.4f})" if crit is not None else "") + f", {sinfo['params']:,} parameters")
         timings["sasrec"] = time.perf_counter() - t0
         print(f"[loo] sasrec: {info['sasrec']} ({timings['sasrec']:.0f} s)", flush=True)
 

@@ -58,12 +58,14 @@ def _sasrec_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig) 
 
     t0 = time.perf_counter()
     scfg = SASRecConfig(max_len=cfg.sasrec_max_len, dim=cfg.sasrec_dim, layers=cfg.sasrec_layers,
-                        max_epochs=cfg.sasrec_max_epochs, patience=cfg.sasrec_patience, seed=cfg.seed)
+                        max_epochs=cfg.sasrec_max_epochs, patience=cfg.sasrec_patience, select=cfg.sasrec_select,
+                        seed=cfg.seed)
     model, info = fit_sasrec([np.append(h, y) for h, y in zip(td.history["train"], td.y["train"])],
                              td.history["val"], td.y["val"], len(td.classes), scfg)
     t1 = time.perf_counter()
     ranks = retrieval_ranks(sasrec_scorer(model, td.history["test"], scfg.max_len), len(td.y["test"]), td.y["test"], seen)
-    info["val_loss"] = _num(info["val_loss"]) if info["val_loss"] is not None else None
+    key = f"val_{scfg.select}"
+    info[key] = _num(info[key]) if info[key] is not None else None
     return ranks, t1 - t0, time.perf_counter() - t1, info
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from userfm.config import from_dict
+from userfm.eval.sasrec import SELECT as SASREC_SELECT
 from userfm.errors import UserfmError
 
 
@@ -192,8 +193,10 @@ class EvalConfig:
     sasrec_max_len: int = 50  # sasrec: most recent items read
     sasrec_dim: int = 64  # sasrec: embedding and hidden size
     sasrec_layers: int = 2  # sasrec: self-attention blocks
-    sasrec_max_epochs: int = 200  # sasrec: epochs at most (early-stopped on val loss, patience sasrec_patience)
+    sasrec_max_epochs: int = 200  # sasrec: epochs at most (early-stopped on sasrec_select, patience sasrec_patience)
     sasrec_patience: int = 5
+    sasrec_select: str = "loss"  # sasrec: the val criterion, "loss" (the val users' held-out items' cross-entropy) |
+    #                              "mrr" (their mean reciprocal rank, full ranking; SASRecConfig.select)
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
@@ -221,6 +224,8 @@ class EvalConfig:
             raise ValueError(f"baselines: unknown {bad}; known: {BASELINES} (the random floor is an embeddings entry: name: random)")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.sasrec_select not in SASREC_SELECT:
+            raise ValueError(f"sasrec_select must be one of {SASREC_SELECT}, got {self.sasrec_select!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = one per CPU, 1 = fit in this process), got {self.workers}")
         if self.mlp_batch_size < 1 or self.mlp_min_steps < 1:
