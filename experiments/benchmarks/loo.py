@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("run", help="a demo run folder (dataset/, pretrain/<objective>/model)")
     ap.add_argument("--objectives", nargs="*", default=["clue"], help="pretrained encoders of the run to score (default: clue)")
     ap.add_argument("--no-sasrec", action="store_true", help="skip SASRec (minutes per fit on large catalogs)")
+    ap.add_argument("--skip-before-test", type=int, default=0, metavar="N",
+                    help="score the test item from the history without the N events just before it (yardsticks only; "
+                         "the Amazon set's appended other-service target: experiments/benchmarks/amazon_order.py)")
     ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="loss",
                     help="SASRec's early-stopping criterion on the val users' held-out items: their cross-entropy "
                          "(default) or their mean reciprocal rank in the full ranking")
@@ -101,6 +104,11 @@ def main() -> int:
                          "the own-head val HR@10, never on test)")
     ap.add_argument("--minilm-cache", default="", help="MiniLM vector cache kept between runs (default: RUN/dataset/minilm_cache)")
     args = ap.parse_args()
+    if args.skip_before_test and (args.objectives or args.pretrain):
+        ap.error("--skip-before-test applies to the yardsticks alone (the encoders' tables hold out one event): "
+                 "give --objectives with no name and no --pretrain")
+    if args.skip_before_test < 0:
+        ap.error(f"--skip-before-test must be >= 0, got {args.skip_before_test}")
 
     from userfm.eval import metrics as M
     from userfm.eval.embeddings import load_embeddings
@@ -124,7 +132,9 @@ def main() -> int:
     n_items = len(catalog)
     train = [items[u][:-2] for u in users]  # what every model fits on
     hist_val, y_val = train, np.array([items[u][-2] for u in users])
-    hist_test, y_test = [items[u][:-1] for u in users], np.array([items[u][-1] for u in users])
+    # --skip-before-test N: the test history without the N events just before the held-out one (the Amazon set's
+    # appended other-service target; amazon_order.py)
+    hist_test, y_test = [items[u][:-1 - args.skip_before_test] for u in users], np.array([items[u][-1] for u in users])
     print(f"[loo] {len(users):,} users with >= 3 items ({len(items) - len(users):,} left out), {n_items:,} items", flush=True)
     counts = np.bincount(np.concatenate(train), minlength=n_items).astype(np.float64)
     ranks: dict[str, dict[bool, np.ndarray]] = {}  # model -> masked? -> (n,) test ranks
@@ -198,7 +208,9 @@ def main() -> int:
     yard = [m for m in ("popularity", "item-knn", "sasrec") if m in ranks]
     lines = [f"# Leave-one-out next item, all users: {run}", "",
              f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
-             f"{os.cpu_count()} CPUs); {len(users):,} users, {n_items:,} items, full ranking; wall {time.perf_counter() - t_all:.0f} s.", ""]
+             f"{os.cpu_count()} CPUs); {len(users):,} users, {n_items:,} items, full ranking; wall {time.perf_counter() - t_all:.0f} s."
+             + (f" Test histories without the {args.skip_before_test} event(s) just before the test item."
+                if args.skip_before_test else ""), ""]
     as_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
     hr = lambda r: M.hit_rate_at_k(r, K)  # noqa: E731
     nd = lambda r: M.ndcg_at_k(r, K)  # noqa: E731
