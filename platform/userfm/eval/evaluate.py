@@ -19,8 +19,8 @@ its embedding table is the only input of a small head trained per task. For ever
                          from the user's last m items, m chosen on val from ``item_knn_last``
                          (``userfm.eval.item_knn``)
                "sasrec"  retrieval tasks: SASRec trained from scratch on the training users' item sequences,
-                         full softmax, early-stopped on the val users' held-out items (``sasrec_select``; ``userfm.eval.sasrec``;
-                         opt-in: one fit, seed ``seed``, serves every seed)
+                         full softmax, early-stopped on the val users' held-out items (``sasrec_select``;
+                         ``userfm.eval.sasrec``; opt-in: one fit, seed ``seed``, serves every seed)
                "oracle"  synthetic data only: the Bayes-optimal accuracy from ``ground_truth.json``
                "t-trans" ShopperBERT's T-Trans: a user transformer (``encoders.UserEncoder``) + linear
                          classifier trained end to end from scratch on the task's training users' sequences,

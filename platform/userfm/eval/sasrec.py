@@ -5,9 +5,9 @@ positions, causal self-attention blocks, and the state after each position score
 same (tied) item embeddings. Trained here with the full softmax over the catalog at every position
 (cross-entropy, as in Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than
 SASRec?", RecSys 2023, which beats the original one-negative BCE), early-stopped on the val users'
-held-out-item loss (or their mean reciprocal rank in the full catalog ranking; ``select``), best epoch restored. What a recommender-systems engineer trains when asked for a
-next-item model; RecBole's own SASRec cannot be installed beside this stack (RecBole 1.2.1 requires
-ray <= 2.6.3).
+held-out-item loss (or their mean reciprocal rank in the full catalog ranking; ``select``), best epoch
+restored. What a recommender-systems engineer trains when asked for a next-item model; RecBole's own SASRec
+cannot be installed beside this stack (RecBole 1.2.1 requires ray <= 2.6.3).
 
     x     (B, L)      item ids + 1, left-padded with 0, the user's last L items (oldest first)
     h     (B, L, d)   causal transformer over item + position embeddings (pre-norm blocks)
@@ -51,6 +51,7 @@ class SASRecConfig:
     #                       a ranking criterion, as SASRec's paper validates on NDCG@10 / HR@10 and RecBole on MRR@10).
     #                       Leave-one-out, 2026-12-07 (docs/benchmarks.md): the same best epoch (1 of 7) and HR@10
     #                       (0.005) on the Amazon set, 0.025 (epoch 7) vs 0.027 (epoch 23) on MovieLens: loss stays
+    #                       the default
     seed: int = 0
 
     def __post_init__(self):
