@@ -91,6 +91,13 @@ def test_shipped_task_files_load():
         (1, "all", "all", "all"), (1, "last_service:arts", "service", "all"), (2, "last_service:office", "service", "all"),
         (2, "last_service:office", "service", "service:arts"), (1, "last_service:arts", "service", "service:office")]
     assert {t.view for t in az} == {(1, ""), (2, ""), (2, "arts"), (1, "office")}
+    # the Amazon subsets real.py --tasks runs are the full file's tasks, field for field, in its order
+    by_name = {t.name: t for t in az}
+    for subset, names in (("amazon-office-targets", ["next_item_office", "next_category_office"]),
+                          ("amazon-category", ["next_category_arts", "next_category_office",
+                                               "office_category_from_arts", "arts_category_from_office"])):
+        sub = load_tasks(REPO / f"experiments/tasks/{subset}.yaml")
+        assert [t.name for t in sub] == names and list(sub) == [by_name[n] for n in names], subset
     held = load_tasks(REPO / "experiments/tasks/synthetic-heldout.yaml")
     assert {t.table for t in held} == {"last_event"} and "retrieval" in {t.type for t in held}
 
