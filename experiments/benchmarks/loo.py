@@ -19,6 +19,7 @@ training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`).
     python experiments/benchmarks/loo.py RUN                       # a demo run folder (dataset/, pretrain/)
     python experiments/benchmarks/loo.py runs/real/movielens/run --objectives clue future --name movielens
     python experiments/benchmarks/loo.py RUN --pretrain future next --no-sasrec   # RUN needs only dataset/
+    python experiments/benchmarks/loo.py RUN --objectives --service arts  # one service's events and items alone
 
 Writes ``OUT/loo.md`` (default: RUN/loo/) and, with ``--name``, ``docs/results/loo-<name>.md``.
 """
@@ -81,6 +82,19 @@ def _pretrain(run: Path, objective: str, out: Path, cache: str, overrides: list[
     return dest / "model"
 
 
+def service_catalog(catalog: list[str], items: dict[str, np.ndarray], service: str
+                    ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One service's histories (indices into the whole ``catalog``) -> (the items they hold, in catalog order;
+    the histories re-indexed into that catalog). Users with no event of the service are dropped."""
+    used = np.unique(np.concatenate([h for h in items.values() if len(h)] or [np.zeros(0, np.int64)]))
+    if not len(used):
+        raise SystemExit(f"[loo] --service {service}: no event of that service (the dataset's services are its "
+                         "events' 'service' field)")
+    index = np.full(len(catalog), -1, dtype=np.int64)
+    index[used] = np.arange(len(used))
+    return [catalog[i] for i in used], {u: index[h] for u, h in items.items() if len(h)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
@@ -90,6 +104,10 @@ def main() -> int:
     ap.add_argument("--skip-before-test", type=int, default=0, metavar="N",
                     help="score the test item from the history without the N events just before it (yardsticks only; "
                          "the Amazon set's appended other-service target: experiments/benchmarks/amazon_order.py)")
+    ap.add_argument("--service", default="", metavar="NAME",
+                    help="each user's events of this service alone, in their order, over this service's items "
+                         "(yardsticks only): whether a sequence model learns from one service's order when the "
+                         "services' merged order is left out")
     ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="loss",
                     help="SASRec's early-stopping criterion on the val users' held-out items: their cross-entropy "
                          "(default) or their mean reciprocal rank in the full ranking")
@@ -104,9 +122,10 @@ def main() -> int:
                          "the own-head val HR@10, never on test)")
     ap.add_argument("--minilm-cache", default="", help="MiniLM vector cache kept between runs (default: RUN/dataset/minilm_cache)")
     args = ap.parse_args()
-    if args.skip_before_test and (args.objectives or args.pretrain):
-        ap.error("--skip-before-test applies to the yardsticks alone (the encoders' tables hold out one event): "
-                 "give --objectives with no name and no --pretrain")
+    for flag, given in (("--skip-before-test", args.skip_before_test), ("--service", args.service)):
+        if given and (args.objectives or args.pretrain):
+            ap.error(f"{flag} applies to the yardsticks alone (the encoders' tables hold out one event of the whole "
+                     "history): give --objectives with no name and no --pretrain")
     if args.skip_before_test < 0:
         ap.error(f"--skip-before-test must be >= 0, got {args.skip_before_test}")
 
@@ -127,7 +146,9 @@ def main() -> int:
     out = Path(args.out) if args.out else run / "loo"
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    catalog, items = item_histories(data)
+    catalog, items = item_histories(data, service=args.service)
+    if args.service:
+        catalog, items = service_catalog(catalog, items, args.service)
     users = sorted(u for u, h in items.items() if len(h) >= 3)
     n_items = len(catalog)
     train = [items[u][:-2] for u in users]  # what every model fits on
@@ -210,7 +231,9 @@ def main() -> int:
              f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
              f"{os.cpu_count()} CPUs); {len(users):,} users, {n_items:,} items, full ranking; wall {time.perf_counter() - t_all:.0f} s."
              + (f" Test histories without the {args.skip_before_test} event(s) just before the test item."
-                if args.skip_before_test else ""), ""]
+                if args.skip_before_test else "")
+             + (f" Each user's {args.service} events alone, ranked among the {args.service} items."
+                if args.service else ""), ""]
     as_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
     hr = lambda r: M.hit_rate_at_k(r, K)  # noqa: E731
     nd = lambda r: M.ndcg_at_k(r, K)  # noqa: E731
