@@ -128,7 +128,11 @@ def test_sasrec_is_causal_and_learns_a_deterministic_next_item(select):
 
     (tr_h, tr_y), (va_h, va_y), (te_h, te_y) = users(300), users(50), users(50)
     cfg = SASRecConfig(max_len=10, dim=32, layers=1, max_epochs=40, patience=3, dropout=0.1, lr=3e-3, select=select)
-    model, info = fit_sasrec([np.append(h, y) for h, y in zip(tr_h, tr_y)], va_h, va_y, 30, cfg)
+    lines = []
+    model, info = fit_sasrec([np.append(h, y) for h, y in zip(tr_h, tr_y)], va_h, va_y, 30, cfg, progress=lines.append)
+    # one progress line per epoch run, counted from 1; best_epoch counts from 0, so its line is number best_epoch + 1
+    assert len(lines) == info["epochs"] and lines[0].startswith("[sasrec] epoch 1: train loss "), lines
+    assert lines[info["best_epoch"]].endswith(f"val {select} {info[f'val_{select}']:.4f}"), (lines, info)
     scores = sasrec_scorer(model, te_h, cfg.max_len)(np.arange(50))
     ranks = (scores > scores[np.arange(50), te_y][:, None]).sum(1)
     assert np.mean(ranks < 5) > 0.9 and info["best_epoch"] < info["epochs"] <= 40, (np.mean(ranks < 5), info)

@@ -64,7 +64,8 @@ def _tuning_notes(rows: list[dict]) -> list[str]:
         if "bag_of_items" in r:
             notes.append(f"{r['model']}: {r['bag_of_items']['features']:,} items, C={r['bag_of_items']['C']:g}")
         if "sasrec" in r:
-            notes.append(f"{r['model']}: best epoch {r['sasrec']['best_epoch']} of {r['sasrec']['epochs']}, "
+            notes.append(f"{r['model']}: best epoch {r['sasrec']['best_epoch'] + 1} of {r['sasrec']['epochs']} "
+                         "(counting from 1), "
                          f"{r['sasrec']['params']:,} parameters")
         if "item_knn" in r:
             notes.append(f"{r['model']}: last {r['item_knn']['last'] or 'all'} items (val HR@10 by last: "

@@ -49,8 +49,8 @@ class SASRecConfig:
     select: str = "loss"  # the val criterion early stopping watches, on the val users' held-out items: "loss" (their
     #                       cross-entropy) | "mrr" (their mean reciprocal rank in the full catalog ranking, ties against:
     #                       a ranking criterion, as SASRec's paper validates on NDCG@10 / HR@10 and RecBole on MRR@10).
-    #                       Leave-one-out, 2026-12-07 (docs/benchmarks.md): the same best epoch (1 of 7) and HR@10
-    #                       (0.005) on the Amazon set, 0.025 (epoch 7) vs 0.027 (epoch 23) on MovieLens: loss stays
+    #                       Leave-one-out, 2026-12-07 (docs/benchmarks.md): the same best epoch (the 2nd of 7) and HR@10
+    #                       (0.005) on the Amazon set, 0.025 (epoch 8) vs 0.027 (epoch 24) on MovieLens: loss stays
     #                       the default
     seed: int = 0
 
@@ -103,10 +103,12 @@ def _model(n_items: int, cfg: SASRecConfig):
 
 
 def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: np.ndarray, n_items: int,
-               cfg: SASRecConfig = SASRecConfig()) -> tuple[object, dict]:
+               cfg: SASRecConfig = SASRecConfig(), progress: Callable[[str], None] | None = None
+               ) -> tuple[object, dict]:
     """Train on whole training sequences (every position predicts the next item), early-stop on the val
     users' held-out item given their history (``cfg.select``). Returns (model in eval mode, info: epochs,
-    best_epoch, select, and the best epoch's ``val_mrr`` or ``val_loss``)."""
+    best_epoch (counted from 0), select, and the best epoch's ``val_mrr`` or ``val_loss``). ``progress`` gets one line per epoch
+    (the training loss and the val criterion)."""
     import torch
     import torch.nn.functional as F
 
@@ -135,7 +137,10 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
     # Adam (AdamW without weight decay), as the paper trains it
     state, best_epoch, best, epochs = early_stopped_fit(model, len(seqs), batch_loss, val_criterion, lr=cfg.lr,
                                                         weight_decay=0.0, batch_size=cfg.batch_size,
-                                                        max_epochs=cfg.max_epochs, patience=cfg.patience, gen=gen)
+                                                        max_epochs=cfg.max_epochs, patience=cfg.patience, gen=gen,
+                                                        on_epoch=None if progress is None else lambda e, tr, v: progress(
+                                                            f"[sasrec] epoch {e + 1}: train loss {tr:.4f}, val {cfg.select} "
+                                                            f"{-v if cfg.select == 'mrr' else v:.4f}"))
     model.load_state_dict(state)
     model.eval()
     best = (-best if cfg.select == "mrr" else best) if math.isfinite(best) else None
