@@ -95,7 +95,8 @@ def test_shipped_task_files_load():
     by_name = {t.name: t for t in az}
     for subset, names in (("amazon-office-targets", ["next_item_office", "next_category_office"]),
                           ("amazon-category", ["next_category_arts", "next_category_office",
-                                               "office_category_from_arts", "arts_category_from_office"])):
+                                               "office_category_from_arts", "arts_category_from_office"]),
+                          ("amazon-next-arts-category", ["next_category_arts"])):
         sub = load_tasks(REPO / f"experiments/tasks/{subset}.yaml")
         assert [t.name for t in sub] == names and list(sub) == [by_name[n] for n in names], subset
     held = load_tasks(REPO / "experiments/tasks/synthetic-heldout.yaml")
