@@ -108,9 +108,9 @@ def main() -> int:
                     help="each user's events of this service alone, in their order, over this service's items "
                          "(yardsticks only): whether a sequence model learns from one service's order when the "
                          "services' merged order is left out")
-    ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="loss",
-                    help="SASRec's early-stopping criterion on the val users' held-out items: their cross-entropy "
-                         "(default) or their mean reciprocal rank in the full ranking")
+    ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="mrr",
+                    help="SASRec's early-stopping criterion on the val users' held-out items: their mean reciprocal "
+                         "rank in the full ranking (default) or their cross-entropy (the default before 2026-12-07)")
     ap.add_argument("--sasrec-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SASRecConfig field (repeatable; e.g. dropout=0.5, the SASRec paper's sparse-set "
                          "rate); compare settings on the val criterion the table prints, never on test")

@@ -195,8 +195,8 @@ class EvalConfig:
     sasrec_layers: int = 2  # sasrec: self-attention blocks
     sasrec_max_epochs: int = 200  # sasrec: epochs at most (early-stopped on sasrec_select, patience sasrec_patience)
     sasrec_patience: int = 5
-    sasrec_select: str = "loss"  # sasrec: the val criterion, "loss" (the val users' held-out items' cross-entropy) |
-    #                              "mrr" (their mean reciprocal rank, full ranking; SASRecConfig.select)
+    sasrec_select: str = "mrr"  # sasrec: the val criterion, "mrr" (the val users' held-out items' mean reciprocal rank,
+    #                              full ranking) | "loss" (their cross-entropy); why mrr: SASRecConfig.select
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by
