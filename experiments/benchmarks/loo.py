@@ -131,6 +131,14 @@ def main() -> int:
                      "history): give --objectives with no name and no --pretrain")
     if args.skip_before_test < 0:
         ap.error(f"--skip-before-test must be >= 0, got {args.skip_before_test}")
+    from userfm.config import ConfigError, from_dict, parse_overrides
+    from userfm.eval.sasrec import SASRecConfig
+
+    try:  # checked before any data is read
+        scfg = from_dict(SASRecConfig, {"seed": args.seed, "select": args.sasrec_select,
+                                        **parse_overrides(args.sasrec_set)}, where="--sasrec-set")
+    except ConfigError as exc:
+        ap.error(str(exc))
 
     from userfm.eval import metrics as M
     from userfm.eval.embeddings import load_embeddings
@@ -139,7 +147,7 @@ def main() -> int:
     from userfm.eval.task_data import item_histories
     from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.eval.item_knn import item_cosine, knn_scorer
-    from userfm.eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
+    from userfm.eval.sasrec import fit_sasrec, sasrec_scorer
     from userfm.data.dataset import read_sequences
     from userfm.infer.embed import minilm_vectors
     from userfm.infer.item_scorer import ItemScorer, has_item_scorer
@@ -183,10 +191,6 @@ def main() -> int:
 
     if not args.no_sasrec:
         t0 = time.perf_counter()
-        from userfm.config import from_dict, parse_overrides
-
-        scfg = from_dict(SASRecConfig, {"seed": args.seed, "select": args.sasrec_select,
-                                        **parse_overrides(args.sasrec_set)}, where="--sasrec-set")
         model, sinfo = fit_sasrec(train, hist_val, y_val, n_items, scfg, progress=lambda m: print(m, flush=True))
         score("sasrec", sasrec_scorer(model, hist_test, scfg.max_len))
         crit = sinfo[f"val_{scfg.select}"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -108,8 +109,8 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
                ) -> tuple[object, dict]:
     """Train on whole training sequences (every position predicts the next item), early-stop on the val
     users' held-out item given their history (``cfg.select``). Returns (model in eval mode, info: epochs,
-    best_epoch (counted from 0), select, and the best epoch's ``val_mrr`` or ``val_loss``). ``progress`` gets one line per epoch
-    (the training loss and the val criterion)."""
+    best_epoch (counted from 0), select, and the best epoch's ``val_mrr`` or ``val_loss``). ``progress``
+    gets one line per epoch (the training loss and the val criterion)."""
     import torch
     import torch.nn.functional as F
 
