@@ -96,6 +96,8 @@ def service_catalog(catalog: list[str], items: dict[str, np.ndarray], service: s
 
 
 def main() -> int:
+    from userfm.eval.sasrec import SELECT, SASRecConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("run", help="a demo run folder (dataset/, pretrain/<objective>/model)")
@@ -108,7 +110,7 @@ def main() -> int:
                     help="each user's events of this service alone, in their order, over this service's items "
                          "(yardsticks only): whether a sequence model learns from one service's order when the "
                          "services' merged order is left out")
-    ap.add_argument("--sasrec-select", choices=["loss", "mrr"], default="mrr",
+    ap.add_argument("--sasrec-select", choices=SELECT, default=SASRecConfig.select,
                     help="SASRec's early-stopping criterion on the val users' held-out items: their mean reciprocal "
                          "rank in the full ranking (default) or their cross-entropy (the default before 2026-12-07)")
     ap.add_argument("--sasrec-set", action="append", default=[], metavar="KEY=VALUE",
@@ -132,7 +134,6 @@ def main() -> int:
     if args.skip_before_test < 0:
         ap.error(f"--skip-before-test must be >= 0, got {args.skip_before_test}")
     from userfm.config import ConfigError, from_dict, parse_overrides
-    from userfm.eval.sasrec import SASRecConfig
 
     try:  # checked before any data is read
         scfg = from_dict(SASRecConfig, {"seed": args.seed, "select": args.sasrec_select,

@@ -130,11 +130,13 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
         keep = (x > 0) & (y > 0)  # positions with an input item and a next item
         return F.cross_entropy(model.logits(model.states(x)[keep]), y[keep] - 1)
 
-    def val_criterion() -> float:  # lower is better
+    sign = -1.0 if cfg.select == "mrr" else 1.0  # early stopping minimises sign x criterion: a higher MRR is better
+
+    def val_criterion() -> float:
         logits = model.logits(model.states(xv)[:, -1])
         if cfg.select == "loss":
-            return float(F.cross_entropy(logits, yv))
-        return -mean_reciprocal_rank(logits.double().numpy(), yv.numpy())
+            return sign * float(F.cross_entropy(logits, yv))
+        return sign * mean_reciprocal_rank(logits.double().numpy(), yv.numpy())
 
     # Adam (AdamW without weight decay), as the paper trains it
     state, best_epoch, best, epochs = early_stopped_fit(model, len(seqs), batch_loss, val_criterion, lr=cfg.lr,
@@ -142,10 +144,10 @@ def fit_sasrec(train_seqs: list[np.ndarray], val_hist: list[np.ndarray], val_y: 
                                                         max_epochs=cfg.max_epochs, patience=cfg.patience, gen=gen,
                                                         on_epoch=None if progress is None else lambda e, tr, v: progress(
                                                             f"[sasrec] epoch {e + 1}: train loss {tr:.4f}, val {cfg.select} "
-                                                            f"{-v if cfg.select == 'mrr' else v:.4f}"))
+                                                            f"{sign * v:.4f}"))
     model.load_state_dict(state)
     model.eval()
-    best = (-best if cfg.select == "mrr" else best) if math.isfinite(best) else None
+    best = sign * best if math.isfinite(best) else None
     return model, {"epochs": epochs, "best_epoch": best_epoch, "select": cfg.select, f"val_{cfg.select}": best,
                    "params": int(sum(p.numel() for p in model.parameters()))}
 
