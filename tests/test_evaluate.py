@@ -1255,3 +1255,65 @@ def test_label_budget_runs_every_model_on_the_budget(synth_ds):
     rows = {r["model"]: r for r in res["rows"]}
     assert rows["tfidf/logreg"]["test"]["n"] == u0["test"] and rows["leaky/logreg"]["test"]["n"] == u0["test"]
     assert "Label budget: heads and baselines train on 60 labelled" in (synth_ds["root"] / "lab60" / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------------- val-chosen row
+
+
+def test_val_chosen_by_hand():
+    """Per seed, the candidate with the best val metric (ties: the first; NaN never wins), and its test scores."""
+    from userfm.eval.evaluate import val_chosen
+
+    a, b, c = (np.full(3, k, float) for k in (1, 2, 3))
+    cands = {"e1/logreg": {"val": [0.50, 0.70], "scores": [a, a]},
+             "e1/mlp": {"val": [0.60, 0.70], "scores": [b, b]},
+             "e2/mlp": {"val": [float("nan"), 0.65], "scores": [c, c]}}
+    chosen, scores = val_chosen(cands, higher_is_better=True)
+    assert chosen == ["e1/mlp", "e1/logreg"] and scores[0] is b and scores[1] is a
+    chosen, scores = val_chosen(cands, higher_is_better=False)  # rmse-like: the lowest wins
+    assert chosen == ["e1/logreg", "e2/mlp"] and scores[1] is c
+    only_nan = {"x/mlp": {"val": [float("nan")], "scores": [a]}, "y/mlp": {"val": [float("nan")], "scores": [b]}}
+    assert val_chosen(only_nan, True)[0] == ["x/mlp"]
+
+
+def test_val_chosen_row_is_the_val_best_table_per_fold_and_seed(synth_ds):
+    """Two pretrained tables (the leaky one and a noisier copy), 3 folds, 2 seeds: each fold's saved heads,
+    scored here on that fold's val users, give the val metrics the row records; per fold and seed the row
+    takes the test predictions of the (table, head) best on val, and its value is recomputed from those heads."""
+    leaky = load_embeddings(synth_ds["leaky"])
+    ids = leaky.ids.to_pylist()
+    noisy_x = leaky.lookup(ids) + np.random.default_rng(5).normal(0, 2.0, (len(ids), leaky.dim))
+    noisy = _write_table(synth_ds["root"] / "noisy.parquet", ids, noisy_x)
+    cfg = _cfg(synth_ds, "valchosen", embeddings={"leaky": str(synth_ds["leaky"]), "noisy": str(noisy)},
+               only_tasks=("segment",), folds=3, baselines=("tfidf",))
+    results = run_evaluate(cfg, progress=lambda s: None)
+    rows = {r["model"]: r for r in results["rows"]}
+    row = rows["val-chosen"]
+    assert row["embedding"] == "val-chosen" and row["vs_best"]["model"] == "tfidf/logreg"
+    per_fold = row["val_chosen"]["per_fold"]
+    assert len(per_fold) == 3 and all(len(f["chosen"]) == 2 for f in per_fold)
+    task = TaskConfig(name="segment", table="attributes", target="segment", type="multiclass")
+    tables = {"leaky": leaky, "noisy": load_embeddings(noisy)}
+    hits = {0: [], 1: []}
+    for f in range(3):
+        td = task_data(synth_ds["ds"], task, user_table(synth_ds["ds"]), fold=(f, 3))
+        val, test_pred = {}, {}
+        for model in ("leaky/logreg", "leaky/mlp", "noisy/logreg", "noisy/mlp"):
+            saved = [h for h in rows[model]["heads"] if h.endswith(f"fold{f}")]
+            heads = [load_head(Path(cfg.out) / h) for h in saved] * (2 // len(saved))  # logreg: one fit, both seeds
+            table = tables[model.split("/")[0]]
+            val[model] = [M.compute("accuracy", td.y["val"], h.predict_proba(table.lookup(td.ids["val"]))) for h in heads]
+            test_pred[model] = [h.predict_proba(table.lookup(td.ids["test"])).argmax(1) for h in heads]
+            assert per_fold[f]["val"][model] == pytest.approx(val[model], abs=1e-6)
+        for seed in range(2):
+            best = max(val, key=lambda m: val[m][seed])  # dict order = row order: a tie keeps the first
+            assert per_fold[f]["chosen"][seed] == best
+            hits[seed] += list(test_pred[best][seed] == td.y["test"])
+    assert row["per_seed"] == pytest.approx([np.mean(hits[0]), np.mean(hits[1])], abs=1e-6)
+    assert row["test"]["n"] == rows["leaky/mlp"]["test"]["n"] == len(hits[0])
+    assert "val-chosen: " in (Path(cfg.out) / "results.md").read_text()
+
+
+def test_no_val_chosen_row_with_one_pretrained_table(evaluated):
+    """One real table (the random floor does not count): nothing to choose between, no row."""
+    assert not any(r["model"] == "val-chosen" for r in evaluated[0]["rows"])

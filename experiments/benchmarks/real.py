@@ -63,7 +63,7 @@ def _num(v) -> str:
 def tables(results: dict) -> str:
     """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
     interval and its paired difference to the task's best yardstick."""
-    from userfm.eval.render import _fmt, _fmt_diff
+    from userfm.eval.render import _fmt, _fmt_diff, _tuning_notes
 
     out = []
     for task in results["tasks"]:
@@ -88,7 +88,7 @@ def tables(results: dict) -> str:
             other = "".join(f"{v:.3f} | " if v is not None else "- | " for v in r["other_metrics"].values())
             vs = "(best)" if r["model"] == best else _fmt_diff(r.get("vs_best"))
             out.append(f"| {r['model']} | {_fmt(r['test'])} | {_fmt(r.get('cold'))} | {vs} | {other}{r['train_s']:.1f} |")
-        out.append("")
+        out += ["", *_tuning_notes(rows)]
     for sk in results.get("skipped_tasks", []):
         out.append(f"Skipped task {sk['task']}: {sk['reason']}")
     return "\n".join(out) + "\n"

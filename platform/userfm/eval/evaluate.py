@@ -43,6 +43,10 @@ its embedding table is the only input of a small head trained per task. For ever
                          in both), fed to the same heads as a table (rows ``E+minilm-mean/<head>``): does the
                          encoder add anything to the mean of the item vectors it reads? (the ablation of a
                          residual path from the input; opt-in, needs what minilm-mean needs)
+    row "val-chosen" non-retrieval tasks with two or more pretrained tables (several objectives): per fold
+                         and seed, the test scores of the (table, head) whose task metric is best on the val
+                         users (``val_chosen``): what a recipe that pretrains every objective and keeps the one
+                         its own val users prefer would report, with test never read to choose
 
 Users come with the dataset's user-disjoint train/val/test split (ingest hashes the user id): heads fit
 on train, select on val, and every number reported is on test: the mean over ``seeds`` of the task's
@@ -139,6 +143,23 @@ def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: lis
 YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "tfidf/mlp", "bag-of-items/mlp", "popularity", "popularity-unseen",
               "item-knn", "sasrec")  # no pretraining
 SPARSE_MLP = "<sparse-mlp>"  # the job keys of the "sparse-mlp" fits (no embedding table can be named so)
+VAL_CHOSEN = "val-chosen"  # the row of the pretrained (table, head) that scores best on val, per fold and seed
+
+
+def val_chosen(candidates: dict[str, dict], higher_is_better: bool) -> tuple[list[str], list[np.ndarray]]:
+    """Per seed, the candidate with the best val metric, and its test scores: the row a recipe that pretrains
+    several objectives and keeps, per task, the (table, head) best on its val users would report (test
+    never read to choose).
+
+    ``candidates``: model -> {"val": [val metric per seed], "scores": [test scores per seed]}, in row order
+    (a tie keeps the first; a NaN val metric, e.g. AUC on one class, never wins).
+    Returns (the chosen model per seed, its test scores per seed).
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    n = len(next(iter(candidates.values()))["scores"])
+    chosen = [max(candidates, key=lambda m: -np.inf if np.isnan(v := candidates[m]["val"][i]) else sign * v)
+              for i in range(n)]
+    return chosen, [candidates[m]["scores"][i] for i, m in enumerate(chosen)]
 
 
 def best_yardstick(rows: list[dict]) -> str | None:
@@ -481,14 +502,24 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     rel = rel / f"fold{fold}"
                 save_head(out / rel, fitted)
                 saved.append(str(rel))
-            runs = fits.setdefault(f"{emb_name}/{head}", {"embedding": emb_name, "head": head, "scores": [], "tr_s": [],
-                                                          "inf_s": [], "saved": [], "repeat": repeat})
+            runs = fits.setdefault(f"{emb_name}/{head}", {"embedding": emb_name, "source": source, "head": head,
+                                                          "scores": [], "val": [], "tr_s": [], "inf_s": [], "saved": [],
+                                                          "repeat": repeat})
             runs["scores"].append(test_scores)
+            runs["val"].append(fitted.meta.get("val_metric", float("nan")))
             runs["tr_s"].append(fit_s)
             runs["inf_s"].append(score_s)
             runs["saved"] += saved
         for model, r in fits.items():  # one row per (table, head), its seeds' fits in seed order
             record(model, r["embedding"], r["head"], r["scores"] * r["repeat"], r["tr_s"], r["inf_s"], r["saved"])
+        # Several pretrained tables: the one (with its head) best on val, per seed (and fold), as its own row
+        cands = {m: {"val": r["val"] * r["repeat"], "scores": r["scores"] * r["repeat"]} for m, r in fits.items()
+                 if r["source"] not in (RANDOM, MINILM_MEAN, CONCAT_MINILM)}
+        if not retrieval and len({m.split("/")[0] for m in cands}) > 1:
+            chosen, scores = val_chosen(cands, M.HIGHER_IS_BETTER[task.metric])
+            record(VAL_CHOSEN, VAL_CHOSEN, VAL_CHOSEN, scores,
+                   [sum(t for m in cands for t in fits[m]["tr_s"])], [fits[m]["inf_s"][0] for m in chosen],
+                   val_chosen={"chosen": chosen, "val": {m: [_num(v) for v in c["val"]] for m, c in cands.items()}})
         if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
             for emb_name, source in cfg.embeddings.items():
                 scorer, build_s = own_scorer(emb_name, source, td.classes)

@@ -444,7 +444,9 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
     (the train users' catalog indices) and score the test users' targets' ranks (``seen`` removed).
     A module-level function, so evaluate's worker processes can run it (``EvalConfig.workers``).
 
-    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds).
+    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds). A
+    non-retrieval head also keeps the task's metric on the val users in ``head.meta["val_metric"]`` (what
+    evaluate's ``val-chosen`` row picks by).
     """
     t0 = time.perf_counter()
     if retrieval:
@@ -460,4 +462,7 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
         scores = retrieval_ranks(lambda r: fitted.logits(x_te[r]), len(x_te), y["test"], seen)
     else:
         scores = fitted.scores(x_te)
-    return fitted, scores, t1 - t0, time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if not retrieval and len(y["val"]):  # what a recipe choosing among tables may read (never test)
+        fitted.meta["val_metric"] = float(M.compute(task.metric, y["val"], fitted.scores(x["val"])))
+    return fitted, scores, t1 - t0, t2 - t1

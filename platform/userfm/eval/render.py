@@ -74,6 +74,10 @@ def _tuning_notes(rows: list[dict]) -> list[str]:
             c = r["concat"]
             notes.append(f"{r['model']}: {c['embedding_dim']} + {c['tfidf_features']:,} features, C={c['C']:g}, "
                          f"TF-IDF factor {c['tfidf_weight']:g}")
+        if "val_chosen" in r:
+            picks = [c for f in r["val_chosen"].get("per_fold", [r["val_chosen"]]) for c in f["chosen"]]
+            notes.append(f"{r['model']}: " + ", ".join(f"{m} {picks.count(m)}x" for m in dict.fromkeys(picks))
+                         + f" (of {len(picks)} fold x seed choices)")
         if "t_trans" in r and "lr_grid" in r["t_trans"]:
             grid = ", ".join(f"{g['lr']:g}: {g['val_loss']:.4f}" if g["val_loss"] is not None else f"{g['lr']:g}: -"
                              for g in r["t_trans"]["lr_grid"])
