@@ -653,7 +653,7 @@ def test_transfer_task_reads_one_services_history(synth_ds):
     info = results["tasks"][0]
     assert info["history"] == f"service:{b}" and info["users"]["test"] == len(td.ids["test"])
     assert {r["model"]: r["test"]["n"] for r in results["rows"]} == dict.fromkeys(
-        ("e/logreg", "f/logreg", "popularity", "popularity-unseen"), len(td.ids["test"]))
+        ("e/logreg", "f/logreg", "val-chosen", "popularity", "popularity-unseen"), len(td.ids["test"]))
     row = {r["model"]: r for r in results["rows"]}
     assert row["f/logreg"]["paired"]["e/logreg"]["test"]["value"] == pytest.approx(
         row["f/logreg"]["test"]["value"] - row["e/logreg"]["test"]["value"], abs=1e-6)

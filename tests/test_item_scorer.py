@@ -154,3 +154,17 @@ def test_evaluate_adds_the_own_head_row_of_a_future_table_and_its_hr_by_hand(tmp
     want = M.hit_rate_at_k(M.target_rank(scorer.scores(z), td.y["test"]), 10)
     row = next(r for r in res["rows"] if r["model"] == "fut/own-head")
     assert 0.05 < want < 0.95 and row["test"]["value"] == pytest.approx(want, abs=1e-6) and row["head"] == "own-head"
+    # two tables: a val-chosen row, its val HR@10s by hand (own head: the scorer; logreg: the saved head), and
+    # the test ranks of the best of them (the two logreg rows read the same vectors: the tie keeps fut's)
+    from userfm.eval.heads import load_head
+
+    by = {r["model"]: r for r in res["rows"]}
+    picked = by["val-chosen"]["val_chosen"]
+    z_val = load_embeddings(tmp_path / "emb").lookup(td.ids["val"])
+    lr = load_head(tmp_path / "ev" / by["fut/logreg"]["heads"][0])
+    for model, scores in (("fut/own-head", scorer.scores(z_val)), ("fut/logreg", lr.logits(z_val))):
+        assert picked["val"][model] == [pytest.approx(M.hit_rate_at_k(M.target_rank(scores, td.y["val"]), 10), abs=1e-6)]
+    assert picked["val"]["plain/logreg"] == picked["val"]["fut/logreg"]
+    best = max(picked["val"], key=lambda m: picked["val"][m][0])
+    assert picked["chosen"] == [best] and best != "plain/logreg"
+    assert by["val-chosen"]["per_seed"] == by[best]["per_seed"]

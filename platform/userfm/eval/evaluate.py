@@ -43,8 +43,8 @@ its embedding table is the only input of a small head trained per task. For ever
                          in both), fed to the same heads as a table (rows ``E+minilm-mean/<head>``): does the
                          encoder add anything to the mean of the item vectors it reads? (the ablation of a
                          residual path from the input; opt-in, needs what minilm-mean needs)
-    row "val-chosen" non-retrieval tasks with two or more pretrained tables (several objectives): per fold
-                         and seed, the test scores of the (table, head) whose task metric is best on the val
+    row "val-chosen" with two or more pretrained tables (several objectives): per fold and seed, the test
+                         scores of the (table, head), own heads included, whose task metric is best on the val
                          users (``val_chosen``): what a recipe that pretrains every objective and keeps the one
                          its own val users prefer would report, with test never read to choose
 
@@ -423,6 +423,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         task = td.task
         retrieval = task.type == "retrieval"
         seen = td.excluded("test", cfg.retrieval_mask_seen) if retrieval else None
+        seen_val = td.excluded("val", cfg.retrieval_mask_seen) if retrieval else None
         item_vectors = None
         if retrieval and cfg.retrieval_item_factors:  # no labels: the training users' histories only
             from userfm.models.cooc import catalog_vectors
@@ -460,7 +461,8 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                         x = {s: table.lookup(td.ids[s]) for s in td.ids}
                         yield ((emb_name, source, head, seed, len(seeds) // len(fit_seeds)), f"{emb_name}/{head}",
                                fit_and_score, (head, x, td.y, task, td.classes, cfg, seed, retrieval,
-                                               td.history["train"] if retrieval else None, item_vectors, seen))
+                                               td.history["train"] if retrieval else None, item_vectors, seen,
+                                               seen_val))
 
         def baseline_fits():
             bag = bag_features(td, items(td.view)) if "bag-of-items" in cfg.baselines and not retrieval else None
@@ -512,14 +514,9 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             runs["saved"] += saved
         for model, r in fits.items():  # one row per (table, head), its seeds' fits in seed order
             record(model, r["embedding"], r["head"], r["scores"] * r["repeat"], r["tr_s"], r["inf_s"], r["saved"])
-        # Several pretrained tables: the one (with its head) best on val, per seed (and fold), as its own row
-        cands = {m: {"val": r["val"] * r["repeat"], "scores": r["scores"] * r["repeat"]} for m, r in fits.items()
-                 if r["source"] not in (RANDOM, MINILM_MEAN, CONCAT_MINILM)}
-        if not retrieval and len({m.split("/")[0] for m in cands}) > 1:
-            chosen, scores = val_chosen(cands, M.HIGHER_IS_BETTER[task.metric])
-            record(VAL_CHOSEN, VAL_CHOSEN, VAL_CHOSEN, scores,
-                   [sum(t for m in cands for t in fits[m]["tr_s"])], [fits[m]["inf_s"][0] for m in chosen],
-                   val_chosen={"chosen": chosen, "val": {m: [_num(v) for v in c["val"]] for m, c in cands.items()}})
+        # the pretrained rows a recipe could keep: every (real table, head) fit, and the own heads below
+        cands = {m: {"val": r["val"] * r["repeat"], "scores": r["scores"] * r["repeat"], "tr_s": sum(r["tr_s"]),
+                     "inf_s": r["inf_s"][0]} for m, r in fits.items() if r["source"] not in (RANDOM, MINILM_MEAN, CONCAT_MINILM)}
         if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
             for emb_name, source in cfg.embeddings.items():
                 scorer, build_s = own_scorer(emb_name, source, td.classes)
@@ -527,7 +524,19 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     x_te = real[emb_name].lookup(td.ids["test"])
                     t0 = time.perf_counter()
                     s = retrieval_ranks(lambda r: scorer.scores(x_te[r]), len(x_te), td.y["test"], seen)
-                    record(f"{emb_name}/own-head", emb_name, "own-head", [s] * len(seeds), [build_s], [time.perf_counter() - t0])
+                    inf_s = time.perf_counter() - t0
+                    record(f"{emb_name}/own-head", emb_name, "own-head", [s] * len(seeds), [build_s], [inf_s])
+                    x_va = real[emb_name].lookup(td.ids["val"])
+                    val = M.compute(task.metric, td.y["val"],
+                                    retrieval_ranks(lambda r: scorer.scores(x_va[r]), len(x_va), td.y["val"], seen_val))
+                    cands[f"{emb_name}/own-head"] = {"val": [val] * len(seeds), "scores": [s] * len(seeds),
+                                                     "tr_s": build_s, "inf_s": inf_s}
+        # Several pretrained tables: the one (with its head) best on val, per seed (and fold), as its own row
+        if len({m.split("/")[0] for m in cands}) > 1:
+            chosen, scores = val_chosen(cands, M.HIGHER_IS_BETTER[task.metric])
+            record(VAL_CHOSEN, VAL_CHOSEN, VAL_CHOSEN, scores, [sum(c["tr_s"] for c in cands.values())],
+                   [cands[m]["inf_s"] for m in chosen],
+                   val_chosen={"chosen": chosen, "val": {m: [_num(v) for v in c["val"]] for m, c in cands.items()}})
         if "popularity" in cfg.baselines and retrieval:
             s, a, b = _popularity_ranks(td, seen)  # deterministic: one count serves every seed
             record("popularity", None, "popularity", [s] * len(seeds), [a], [b])

@@ -437,16 +437,17 @@ def retrieval_ranks(score_fn: Callable[[np.ndarray], np.ndarray], n: int, target
 def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray], task: TaskConfig, classes: list | None,
                   cfg: EvalConfig, seed: int, retrieval: bool = False, history: list[np.ndarray] | None = None,
                   item_vectors: np.ndarray | None = None,
-                  seen: list[np.ndarray] | None = None) -> tuple[LinearHead | MLPHead, np.ndarray, float, float]:
+                  seen: list[np.ndarray] | None = None,
+                  seen_val: list[np.ndarray] | None = None) -> tuple[LinearHead | MLPHead, np.ndarray, float, float]:
     """Fit one ``head`` ("mlp" or "logreg") on ``x["train"]`` (val picks C / the epoch) and score ``x["test"]``.
 
     ``x`` and ``y``: split -> (n, D) user vectors and (n,) targets. Retrieval heads train towards ``history``
     (the train users' catalog indices) and score the test users' targets' ranks (``seen`` removed).
     A module-level function, so evaluate's worker processes can run it (``EvalConfig.workers``).
 
-    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds). A
-    non-retrieval head also keeps the task's metric on the val users in ``head.meta["val_metric"]`` (what
-    evaluate's ``val-chosen`` row picks by).
+    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds). The
+    head also keeps the task's metric on the val users (ranked without ``seen_val``) in
+    ``head.meta["val_metric"]``: what evaluate's ``val-chosen`` row picks by.
     """
     t0 = time.perf_counter()
     if retrieval:
@@ -463,6 +464,9 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
     else:
         scores = fitted.scores(x_te)
     t2 = time.perf_counter()
-    if not retrieval and len(y["val"]):  # what a recipe choosing among tables may read (never test)
-        fitted.meta["val_metric"] = float(M.compute(task.metric, y["val"], fitted.scores(x["val"])))
+    if len(y["val"]):  # what a recipe choosing among tables may read (never test)
+        x_va = x["val"]
+        val = (retrieval_ranks(lambda r: fitted.logits(x_va[r]), len(x_va), y["val"], seen_val) if retrieval
+               else fitted.scores(x_va))
+        fitted.meta["val_metric"] = float(M.compute(task.metric, y["val"], val))
     return fitted, scores, t1 - t0, t2 - t1
