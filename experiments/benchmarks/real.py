@@ -61,8 +61,9 @@ def _num(v) -> str:
 
 
 def tables(results: dict) -> str:
-    """Markdown: per task, every row (pretrained first, then the yardsticks, the random floor last) with its
-    interval and its paired difference to the task's best yardstick."""
+    """Markdown: per task, every row (pretrained first, the val-chosen one at their top, then the yardsticks, the
+    random floor last) with its interval and its paired difference to the task's best yardstick, then what val
+    chose."""
     from userfm.eval.render import _fmt, _fmt_diff, _tuning_notes
 
     out = []
@@ -82,7 +83,7 @@ def tables(results: dict) -> str:
 
         def order(r):
             emb = r["embedding"]
-            return (2 if emb == "random" else 0 if emb not in (None, "minilm-mean") else 1, r["model"])
+            return (2 if emb == "random" else 0 if emb not in (None, "minilm-mean") else 1, r["model"] != "val-chosen", r["model"])
 
         for r in sorted(rows, key=order):
             other = "".join(f"{v:.3f} | " if v is not None else "- | " for v in r["other_metrics"].values())
