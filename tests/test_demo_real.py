@@ -167,7 +167,7 @@ def _models(kind: str) -> set[str]:
 
 def _tiny(out: Path, src: Path, fmt: str, **kw) -> DemoConfig:
     # category items, a tiny encoder and no mean-MiniLM baseline: nothing loads MiniLM in these tests
-    base = dict(out=str(out), data=str(src), format=fmt, pretrain_steps=2, batch_size=2, num_workers=1,
+    base = dict(out=str(out), data=str(src), format=fmt, pretrain_steps=2, batch_size=2, num_workers=1, objectives=("clue",),
                 item_encoder="category", size="tiny", eval_seeds=1, report=False, serve=False,
                 baselines=("tfidf", "oracle", "popularity"), eval_folds=0)
     return DemoConfig(**{**base, **kw})
@@ -444,6 +444,22 @@ def test_pretrain_recipe(tmp_path):
     assert "epochs" not in fixed and fixed["max_steps"] == 80 and why == "80 steps, the last weights (set in the config)"
     mine, _ = pretrain_recipe(DemoConfig(pretrain_epochs=5, pretrain_patience=2))
     assert (mine["epochs"], mine["early_stop"]) == (5, 2)
+
+
+def test_demo_objectives(tmp_path):
+    """Synthetic data: CLUE alone; real data: CLUE and every REAL_OBJECTIVES one (each task gets a val-chosen row);
+    a config's own list wins (CLUE always first, once); --compare adds MLM and SimCLR."""
+    from userfm.demo import REAL_OBJECTIVES, demo_objectives
+
+    assert demo_objectives(DemoConfig())[0] == ("clue",)
+    objectives, why = demo_objectives(DemoConfig(data=str(tmp_path), format="events"))
+    assert objectives == ("clue", "simclr", "mlm", "next", "future") == ("clue", *REAL_OBJECTIVES)
+    assert "val-chosen" in why and "objectives=[clue]" in why
+    assert demo_objectives(DemoConfig(data=str(tmp_path), format="events", objectives=("clue",)))[0] == ("clue",)
+    assert demo_objectives(DemoConfig(data=str(tmp_path), format="events", objectives=()))[0] == ("clue",)
+    assert demo_objectives(DemoConfig(objectives=("future", "clue")))[0] == ("clue", "future")
+    both, why = demo_objectives(DemoConfig(compare=True, objectives=("future",)))
+    assert both == ("clue", "mlm", "simclr", "future") and "--compare" in why
 
 
 def test_eval_folds_config(tmp_path):

@@ -164,7 +164,8 @@ def run_set(name: str, args: argparse.Namespace) -> str:
         raise SystemExit(f"[real] {name}: no folder {data} (the shared real data; --data-root points at it)")
     out = Path(args.out) / name
     cfg = DemoConfig(out=str(out / "run"), data=str(data), eval_seeds=args.seeds, report=False, serve=False,
-                     baselines=DemoConfig.baselines + ("sasrec", "sparse-mlp"), objectives=tuple(args.objectives),
+                     baselines=DemoConfig.baselines + ("sasrec", "sparse-mlp"),
+                     objectives=tuple(args.objectives) if args.objectives is not None else None,
                      minilm_cache=str(Path(args.minilm_cache).resolve()) if args.minilm_cache else "",
                      **({"pretrain_steps": args.steps} if args.steps else {}),
                      **{**fields, **({"eval_folds": args.folds} if args.folds is not None else {}),
@@ -240,7 +241,10 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
-    ap.add_argument("--objectives", nargs="*", default=[], help="pretrain these too, next to CLUE (e.g. future next, or a multi-task sum: clue+future)")
+    ap.add_argument("--objectives", nargs="*", default=None,
+                    help="pretrain these too, next to CLUE (e.g. future next, or a multi-task sum: clue+future; none "
+                         "given: CLUE alone). Default: the demo's own choice on real data, userfm.demo.REAL_OBJECTIVES "
+                         "(every task then gets a val-chosen row)")
     ap.add_argument("--minilm-cache", default="runs/real/minilm_cache",
                     help="MiniLM vectors kept between runs, each distinct text encoded once ('' = one per run)")
     ap.add_argument("--tasks", default=None,
