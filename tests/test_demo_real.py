@@ -350,6 +350,9 @@ def test_plan_recbole(ordered, tmp_path, ray_local):
     ds = run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events.parquet"),), out=str(tmp_path / "ds"),
                                  attributes=attrs, overwrite=True), progress=lambda s: None)
     assert (ds["rows_kept"], ds["time"]) == (36, m["time"])  # the order-only clock is inside ingest's valid range
+    from userfm.demo import _has_categories
+
+    assert not _has_categories(tmp_path / "ds")  # ids and titles only: the demo's default then skips MLM
     plan = _plan_tasks(_default_tasks(DemoConfig(data=str(src), format="recbole")), tmp_path / "ds")  # order: from the manifest
     split = {"train": 8, "val": 1, "test": 3}
     if ordered:
@@ -389,6 +392,9 @@ def test_plan_amazon_tasks(tmp_path, ray_local):
     run_ingest(IngestConfig(inputs=(str(tmp_path / "raw" / "events.parquet"),), out=str(tmp_path / "ds")), progress=lambda s: None)
     plan = _plan_tasks(REPO / "experiments/tasks/amazon-arts-office.yaml", tmp_path / "ds")
     assert plan.skipped == ()
+    from userfm.demo import _has_categories
+
+    assert _has_categories(tmp_path / "ds")  # the .item categories: the demo's default keeps MLM
     assert plan.passes == {(1, ""): ("next_item", "next_item_arts", "next_category_arts"),
                            (1, "office"): ("arts_from_office", "arts_category_from_office"),
                            (2, ""): ("next_item_office", "next_category_office"),
@@ -460,6 +466,13 @@ def test_demo_objectives(tmp_path):
     assert demo_objectives(DemoConfig(objectives=("future", "clue")))[0] == ("clue", "future")
     both, why = demo_objectives(DemoConfig(compare=True, objectives=("future",)))
     assert both == ("clue", "mlm", "simclr", "future") and "--compare" in why
+    # once ingest has run: no order, no next; no categories, no MLM (its loss is 0 on id-only logs)
+    real = DemoConfig(data=str(tmp_path), format="events")
+    assert demo_objectives(real, "ordinal", True)[0] == ("clue", *REAL_OBJECTIVES)
+    ids_only, why = demo_objectives(real, "none", False)
+    assert ids_only == ("clue", "simclr", "future") and "not next: the data has no event order" in why
+    assert "not mlm: the data has no categories" in why
+    assert demo_objectives(DemoConfig(data=str(tmp_path), format="events", objectives=("mlm",)), "none", False)[0] == ("clue", "mlm")
 
 
 def test_eval_folds_config(tmp_path):

@@ -114,18 +114,34 @@ REAL_OBJECTIVES = ("simclr", "mlm", "next", "future")  # real data, next to CLUE
 #   the (table, head) its validation users prefer (Amazon: MLM in 5 of 5 folds, 0.455 vs 0.442, +0.012 [+0.004, +0.020])
 
 
-def demo_objectives(cfg: DemoConfig) -> tuple[tuple[str, ...], str]:
-    """The objectives the demo pretrains (CLUE first) and why."""
+def demo_objectives(cfg: DemoConfig, time: str | None = None, categories: bool = True) -> tuple[tuple[str, ...], str]:
+    """The objectives the demo pretrains (CLUE first) and why. Once ingest has run, ``time`` (the manifest's:
+    real / ordinal / none) and ``categories`` (does any event have one) drop, from the real-data default, the
+    objectives the data gives nothing to learn: ``next`` without event order, MLM without categories (its
+    targets; on id-only logs its loss is 0 from the first step)."""
     if cfg.objectives is not None:
         extra, why = tuple(o for o in cfg.objectives if o != "clue"), "set in the config"
     elif cfg.data is not None:
-        extra, why = REAL_OBJECTIVES, ("real data: no one objective wins on every real set; each task's val-chosen row "
-                                       "keeps the one its validation users prefer (--set 'objectives=[clue]': CLUE alone)")
+        dropped = {"next": "no event order" if time == "none" else "", "mlm": "" if categories else "no categories"}
+        extra = tuple(o for o in REAL_OBJECTIVES if not dropped.get(o))
+        why = ("real data: no one objective wins on every real set; each task's val-chosen row keeps the one its "
+               "validation users prefer (--set 'objectives=[clue]': CLUE alone)"
+               + "".join(f"; not {o}: the data has {r}" for o, r in dropped.items() if r))
     else:
         extra, why = (), "synthetic data: CLUE, the model the generator's services are built for"
     if cfg.compare:
         why += "; --compare: MLM and SimCLR too"
     return tuple(dict.fromkeys((("clue", "mlm", "simclr") if cfg.compare else ("clue",)) + extra)), why
+
+
+def _has_categories(dataset: str | Path) -> bool:
+    """Whether any event of the dataset has a category path."""
+    import pyarrow.compute as pc
+
+    from userfm.data.dataset import read_sequences
+
+    paths = pc.list_flatten(read_sequences(dataset, columns=["category"]).column("category").combine_chunks())
+    return len(pc.list_flatten(paths)) > 0
 
 
 def time_fields_for(cfg: DemoConfig, objective: str) -> tuple[str, ...]:
@@ -460,6 +476,8 @@ def _pipeline(cfg: DemoConfig, out: Path, details: TextIO | None, address: str |
     print(format_summary(summary))
 
     plan = None
+    if objectives and cfg.objectives is None and cfg.data is not None:  # the default set, now that the data is known
+        objectives, objectives_why = demo_objectives(cfg, manifest["time"], _has_categories(dataset))
     if objectives:
         plan = _plan_tasks(tasks, dataset)
         for sk in plan.skipped:
