@@ -1262,7 +1262,7 @@ def test_label_budget_runs_every_model_on_the_budget(synth_ds):
 
 def test_val_chosen_by_hand():
     """Per seed, the candidate with the best val metric (ties: the first; NaN never wins), and its test scores."""
-    from userfm.eval.evaluate import val_chosen
+    from userfm.eval.val_chosen import val_chosen
 
     a, b, c = (np.full(3, k, float) for k in (1, 2, 3))
     cands = {"e1/logreg": {"val": [0.50, 0.70], "scores": [a, a]},

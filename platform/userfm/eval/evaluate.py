@@ -45,7 +45,7 @@ its embedding table is the only input of a small head trained per task. For ever
                          residual path from the input; opt-in, needs what minilm-mean needs)
     row "val-chosen" with two or more pretrained tables (several objectives): per fold and seed, the test
                          scores of the (table, head), own heads included, whose task metric is best on the val
-                         users (``val_chosen``): what a recipe that pretrains every objective and keeps the one
+                         users (``userfm.eval.val_chosen``): what a recipe that pretrains every objective and keeps the one
                          its own val users prefer would report, with test never read to choose
 
 Users come with the dataset's user-disjoint train/val/test split (ingest hashes the user id): heads fit
@@ -112,6 +112,7 @@ from userfm.eval.heads import _torch_threads, fit_and_score, retrieval_ranks, sa
 from userfm.eval.render import format_markdown, head_timings, write_charts
 from userfm.eval.task_data import TaskData, _attribute_table, merge_folds, stack_folds, task_data, user_table
 from userfm.eval.tasks import _num, CONCAT_MINILM, EvalConfig, EvalError, LAST_EVENT, MINILM_MEAN, PAIRED_WITH, RANDOM, SECONDARY_METRICS, TaskConfig, _category_level, load_tasks
+from userfm.eval.val_chosen import VAL_CHOSEN, val_chosen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,25 +144,6 @@ def _difference(metric: str, y: np.ndarray, scores: list[np.ndarray], floor: lis
 YARDSTICKS = ("tfidf/logreg", "bag-of-items/logreg", "tfidf/mlp", "bag-of-items/mlp", "popularity", "popularity-unseen",
               "item-knn", "sasrec")  # no pretraining
 SPARSE_MLP = "<sparse-mlp>"  # the job keys of the "sparse-mlp" fits (no embedding table can be named so)
-VAL_CHOSEN = "val-chosen"  # the row of the pretrained (table, head) that scores best on val, per fold and seed
-
-
-def val_chosen(candidates: dict[str, dict], higher_is_better: bool) -> tuple[list[str], list[np.ndarray]]:
-    """Per seed, the candidate with the best val metric, and its test scores: the row a recipe that pretrains
-    several objectives and keeps, per task, the (table, head) best on its val users would report (test
-    never read to choose).
-
-    ``candidates``: model -> {"val": [val metric per seed], "scores": [test scores per seed]}, in row order
-    (a tie keeps the first; a NaN val metric, e.g. AUC on one class, never wins).
-    Returns (the chosen model per seed, its test scores per seed).
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    n = len(next(iter(candidates.values()))["scores"])
-    chosen = [max(candidates, key=lambda m: -np.inf if np.isnan(v := candidates[m]["val"][i]) else sign * v)
-              for i in range(n)]
-    return chosen, [candidates[m]["scores"][i] for i, m in enumerate(chosen)]
-
-
 def best_yardstick(rows: list[dict]) -> str | None:
     """The model name of the best no-pretraining row of one task (``YARDSTICKS`` and ``minilm-mean/*``) by its
     test value: what a pretrained table must beat. Picked on test, so it favours the yardstick, never the
