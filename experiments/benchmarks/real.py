@@ -1,7 +1,9 @@
 """Real-data benchmark: the pretrained embeddings against the yardsticks that need no pretraining, on real logs.
 
-One command runs, on each shared real set, convert -> ingest -> pretrain CLUE -> embed -> evaluate (the
-demo's stages, no report, no serve) and prints one table per task: every model and yardstick with its 95 %
+One command runs, on each shared real set, convert -> ingest -> pretrain -> embed -> evaluate (the demo's
+stages, no report, no serve; the demo's objectives on real data, CLUE, SimCLR, MLM, next and future where the data
+supports them, unless ``--objectives`` names others) and prints one table per task: every model (with the
+``val-chosen`` row, the objective and head each task's validation users prefer) and yardstick with its 95 %
 bootstrap interval, and the paired difference (same resampled users) to the task's best no-pretraining row
 (bag-of-items and TF-IDF, each with the logistic and the U-MLP head the embeddings get; mean-MiniLM; popularity,
 item-kNN, SASRec trained from scratch: whichever scores highest on test, which favours the yardstick), plus the
@@ -236,7 +238,7 @@ def main() -> int:
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"),
                     help="folder holding the shared real sets (default: ../shared/data beside the repository)")
     ap.add_argument("--out", default="runs/real", help="run folders, one per set (each replaced)")
-    ap.add_argument("--steps", type=int, default=0, help="CLUE pretraining steps (0 = the demo's default)")
+    ap.add_argument("--steps", type=int, default=0, help="pretraining steps of each objective, at most (0 = the demo's default)")
     ap.add_argument("--seeds", type=int, default=2, help="head trainings per (task, model)")
     ap.add_argument("--folds", type=int, default=None,
                     help="cross-fitting folds (default: the demo's rule, 5 when a task has < 2,000 test users; 0 = split)")
