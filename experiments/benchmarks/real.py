@@ -67,6 +67,7 @@ def tables(results: dict) -> str:
     random floor last) with its interval and its paired difference to the task's best yardstick, then what val
     chose."""
     from userfm.eval.render import _fmt, _fmt_diff, _tuning_notes
+    from userfm.eval.val_chosen import VAL_CHOSEN
 
     out = []
     for task in results["tasks"]:
@@ -85,7 +86,7 @@ def tables(results: dict) -> str:
 
         def order(r):
             emb = r["embedding"]
-            return (2 if emb == "random" else 0 if emb not in (None, "minilm-mean") else 1, r["model"] != "val-chosen", r["model"])
+            return (2 if emb == "random" else 0 if emb not in (None, "minilm-mean") else 1, r["model"] != VAL_CHOSEN, r["model"])
 
         for r in sorted(rows, key=order):
             other = "".join(f"{v:.3f} | " if v is not None else "- | " for v in r["other_metrics"].values())

@@ -405,7 +405,10 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
         task = td.task
         retrieval = task.type == "retrieval"
         seen = td.excluded("test", cfg.retrieval_mask_seen) if retrieval else None
-        seen_val = td.excluded("val", cfg.retrieval_mask_seen) if retrieval else None
+        # several pretrained tables: a val-chosen row, for which every pretrained fit is also scored on val
+        choose = len(real) > 1
+        pretrained = lambda source: source not in (RANDOM, MINILM_MEAN, CONCAT_MINILM)  # noqa: E731 (a table's source)
+        seen_val = td.excluded("val", cfg.retrieval_mask_seen) if retrieval and choose else None
         item_vectors = None
         if retrieval and cfg.retrieval_item_factors:  # no labels: the training users' histories only
             from userfm.models.cooc import catalog_vectors
@@ -444,7 +447,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                         yield ((emb_name, source, head, seed, len(seeds) // len(fit_seeds)), f"{emb_name}/{head}",
                                fit_and_score, (head, x, td.y, task, td.classes, cfg, seed, retrieval,
                                                td.history["train"] if retrieval else None, item_vectors, seen,
-                                               seen_val))
+                                               choose and pretrained(source), seen_val))
 
         def baseline_fits():
             bag = bag_features(td, items(td.view)) if "bag-of-items" in cfg.baselines and not retrieval else None
@@ -498,7 +501,7 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
             record(model, r["embedding"], r["head"], r["scores"] * r["repeat"], r["tr_s"], r["inf_s"], r["saved"])
         # the pretrained rows a recipe could keep: every (real table, head) fit, and the own heads below
         cands = {m: {"val": r["val"] * r["repeat"], "scores": r["scores"] * r["repeat"], "tr_s": sum(r["tr_s"]),
-                     "inf_s": r["inf_s"][0]} for m, r in fits.items() if r["source"] not in (RANDOM, MINILM_MEAN, CONCAT_MINILM)}
+                     "inf_s": r["inf_s"][0]} for m, r in fits.items() if pretrained(r["source"])}
         if retrieval and cfg.own_heads:  # a future/next encoder's own head: nothing trained on top
             for emb_name, source in cfg.embeddings.items():
                 scorer, build_s = own_scorer(emb_name, source, td.classes)
@@ -508,13 +511,13 @@ def run_evaluate(cfg: EvalConfig, progress: Callable[[str], None] = print) -> di
                     s = retrieval_ranks(lambda r: scorer.scores(x_te[r]), len(x_te), td.y["test"], seen)
                     inf_s = time.perf_counter() - t0
                     record(f"{emb_name}/own-head", emb_name, "own-head", [s] * len(seeds), [build_s], [inf_s])
-                    x_va = real[emb_name].lookup(td.ids["val"])
-                    val = M.compute(task.metric, td.y["val"],
-                                    retrieval_ranks(lambda r: scorer.scores(x_va[r]), len(x_va), td.y["val"], seen_val))
-                    cands[f"{emb_name}/own-head"] = {"val": [val] * len(seeds), "scores": [s] * len(seeds),
-                                                     "tr_s": build_s, "inf_s": inf_s}
-        # Several pretrained tables: the one (with its head) best on val, per seed (and fold), as its own row
-        if len({m.split("/")[0] for m in cands}) > 1:
+                    if choose:
+                        x_va = real[emb_name].lookup(td.ids["val"])
+                        val = M.compute(task.metric, td.y["val"],
+                                        retrieval_ranks(lambda r: scorer.scores(x_va[r]), len(x_va), td.y["val"], seen_val))
+                        cands[f"{emb_name}/own-head"] = {"val": [val] * len(seeds), "scores": [s] * len(seeds),
+                                                         "tr_s": build_s, "inf_s": inf_s}
+        if choose and cands:  # the one (with its head) best on val, per seed (and fold), as its own row
             chosen, scores = val_chosen(cands, M.HIGHER_IS_BETTER[task.metric])
             record(VAL_CHOSEN, VAL_CHOSEN, VAL_CHOSEN, scores, [sum(c["tr_s"] for c in cands.values())],
                    [cands[m]["inf_s"] for m in chosen],

@@ -437,7 +437,7 @@ def retrieval_ranks(score_fn: Callable[[np.ndarray], np.ndarray], n: int, target
 def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray], task: TaskConfig, classes: list | None,
                   cfg: EvalConfig, seed: int, retrieval: bool = False, history: list[np.ndarray] | None = None,
                   item_vectors: np.ndarray | None = None,
-                  seen: list[np.ndarray] | None = None,
+                  seen: list[np.ndarray] | None = None, val_metric: bool = False,
                   seen_val: list[np.ndarray] | None = None) -> tuple[LinearHead | MLPHead, np.ndarray, float, float]:
     """Fit one ``head`` ("mlp" or "logreg") on ``x["train"]`` (val picks C / the epoch) and score ``x["test"]``.
 
@@ -445,9 +445,10 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
     (the train users' catalog indices) and score the test users' targets' ranks (``seen`` removed).
     A module-level function, so evaluate's worker processes can run it (``EvalConfig.workers``).
 
-    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds). The
-    head also keeps the task's metric on the val users (ranked without ``seen_val``) in
-    ``head.meta["val_metric"]``: what evaluate's ``val-chosen`` row picks by.
+    Returns (the fitted head, test scores: ``head.scores`` or (n,) ranks, fit seconds, scoring seconds). With
+    ``val_metric``, the head also keeps the task's metric on the val users (ranked without ``seen_val``) in
+    ``head.meta["val_metric"]``: what evaluate's ``val-chosen`` row picks by (a second full ranking on
+    retrieval tasks, so only when that row is made).
     """
     t0 = time.perf_counter()
     if retrieval:
@@ -458,15 +459,14 @@ def fit_and_score(head: str, x: dict[str, np.ndarray], y: dict[str, np.ndarray],
         fitted = _FITTERS[head](x["train"], y["train"], x["val"], y["val"], task=task, classes=classes, cfg=cfg,
                                 seed=seed)
     t1 = time.perf_counter()
-    x_te = x["test"]
-    if retrieval:
-        scores = retrieval_ranks(lambda r: fitted.logits(x_te[r]), len(x_te), y["test"], seen)
-    else:
-        scores = fitted.scores(x_te)
+
+    def outputs(split: str, excluded: list[np.ndarray] | None) -> np.ndarray:
+        """A split's class scores, or its held-out items' ranks in the full catalog (``excluded`` removed)."""
+        xs = x[split]
+        return retrieval_ranks(lambda r: fitted.logits(xs[r]), len(xs), y[split], excluded) if retrieval else fitted.scores(xs)
+
+    scores = outputs("test", seen)
     t2 = time.perf_counter()
-    if len(y["val"]):  # what a recipe choosing among tables may read (never test)
-        x_va = x["val"]
-        val = (retrieval_ranks(lambda r: fitted.logits(x_va[r]), len(x_va), y["val"], seen_val) if retrieval
-               else fitted.scores(x_va))
-        fitted.meta["val_metric"] = float(M.compute(task.metric, y["val"], val))
+    if val_metric and len(y["val"]):  # what a recipe choosing among tables may read (never test)
+        fitted.meta["val_metric"] = float(M.compute(task.metric, y["val"], outputs("val", seen_val)))
     return fitted, scores, t1 - t0, t2 - t1
