@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 
@@ -54,8 +56,11 @@ def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
     # the clue run also fits the item co-occurrence table (checked in the export test below)
     cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4,
                 cooc_dim=8 if objective in ("clue", "future") else 0, item_id_buckets=64 if objective in ("future", "next", "masked-item") else 0,
-                pooling="last" if objective == "next" else "mean")
-    summary = run_pretrain(cfg, progress=lambda s: None)
+                pooling="last" if objective == "next" else "mean", windows=objective in ("next", "masked-item"))
+    lines = []
+    summary = run_pretrain(cfg, progress=lines.append)
+    windowed = [ln for ln in lines if "training rows (every 32-event window of each history)" in ln]
+    assert len(windowed) == cfg.windows, lines  # next and masked-item read every window, the others one row per user
     r = rows(Path(cfg.out))
     losses = [x["loss"] for x in r if "loss" in x]
     assert [x["step"] for x in r] == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -302,6 +307,43 @@ def test_holdout_last_drops_each_users_last_event_before_featurizing(dataset):
                                                                read_sequences(cfg.data, split="train").column("n_events").to_pylist()]
     with pytest.raises(ValueError, match="holdout_last"):
         quick(dataset, "x", holdout_last=-1)
+
+
+def test_windows_featurize_every_window_of_each_history_for_event_objectives(dataset):
+    """windows=True at max_events 8: an event objective gets one row per window_bounds window (a history of 20
+    events: 3 rows), each row the same events as a plain featurize of that window's events; contrastive
+    objectives (clue, simclr, a sum with either) read one row per user as before."""
+    from userfm.data.dataset import read_sequences
+    from userfm.data.sequences import window_bounds
+    from userfm.objectives import reads_windows
+    from userfm.train.pretrain import _fit_resources, _train_rows
+    from userfm.train.steps import featurize
+
+    from userfm.models.features import make_batch
+
+    cfg = quick(dataset, "unused-windows", objective="mlm", item_encoder="category", max_events=8)
+    rows_ = read_sequences(cfg.data)
+    vocabs, _ = _fit_resources(cfg, _train_rows(cfg))
+    kw = dict(split="train", vocabs_json=vocabs.to_json(), tokenizer_json=None, vectors_dir=None, max_events=8,
+              single_service="time_split", seed=0)
+    train = rows_.filter(pa.compute.equal(rows_.column("split"), "train"))
+    lengths = np.asarray([len(t) for t in train.column("ts").to_pylist()])
+    assert lengths.max() > 2 * 8  # some histories span three windows or more
+    plain, win = featurize(rows_, objective="mlm", **kw), featurize(rows_, objective="mlm", windows=True, **kw)
+    row, start, end = window_bounds(lengths, 8)
+    assert list(win["length"]) == list((end - start)[end > start]) and len(plain["length"]) == (lengths > 0).sum()
+    u = int(np.argmax(lengths))  # the longest history: its windows, newest first, come after those of the users before it
+    first = int(((end > start) & (row < u)).sum())
+    cats = make_batch(train.slice(u, 1), vocabs, None, max_events=256)["category"][0]  # every event of it
+    assert len(start[row == u]) >= 3
+    for k, (a, b) in enumerate(zip(start[row == u], end[row == u])):
+        assert (win["category"][first + k][:b - a] == cats[a:b]).all() and win["length"][first + k] == b - a
+    assert (win["category"][first] == plain["category"][int((lengths[:u] > 0).sum())]).all()  # the newest: the plain row
+    for objective in ("clue", "simclr", "mlm+simclr"):
+        assert not reads_windows(objective)
+    assert reads_windows("future+next") and reads_windows("masked-item")
+    assert len(featurize(rows_, objective="simclr", windows=True, **kw)["length"]) == len(plain["length"])
+    assert len(featurize(rows_, objective="clue", windows=True, **kw)["a.length"]) == len(featurize(rows_, objective="clue", **kw)["a.length"])
 
 
 def test_order_only_datasets_drop_the_calendar_fields(tmp_path):

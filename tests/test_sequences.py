@@ -141,3 +141,38 @@ def test_service_rows_from_combined_rows_equal_the_by_service_output():
     got = service_rows(res.sequences).sort_by([("user_id", "ascending"), ("scope", "ascending")])
     want = res.service_sequences.sort_by([("user_id", "ascending"), ("scope", "ascending")])
     assert got.equals(want)
+
+
+def test_window_bounds_by_hand_cover_every_next_event_target_once():
+    """Width 3, newest window first, neighbours sharing one event: 4 events -> [1, 4), [0, 2); 7 -> [4, 7),
+    [2, 5), [0, 3); a history of at most 3 is itself. Over random lengths every event but the first is a
+    next-event target (a window position after its first) exactly once."""
+    import numpy as np
+
+    from userfm.data.sequences import window_bounds
+
+    row, start, end = window_bounds(np.array([3, 4, 7, 1, 0]), 3)
+    assert row.tolist() == [0, 1, 1, 2, 2, 2, 3, 4]
+    assert list(zip(start.tolist(), end.tolist())) == [(0, 3), (1, 4), (0, 2), (4, 7), (2, 5), (0, 3), (0, 1), (0, 0)]
+    lengths = np.random.default_rng(0).integers(0, 40, 200)
+    for width in (2, 5, 16):
+        row, start, end = window_bounds(lengths, width)
+        assert ((end - start) <= width).all() and (start >= 0).all()
+        for u, n in enumerate(lengths):
+            targets = np.concatenate([np.arange(a + 1, b) for a, b in zip(start[row == u], end[row == u])])
+            assert sorted(targets.tolist()) == list(range(1, n)), (width, n)
+    with pytest.raises(ValueError, match="width >= 2"):
+        window_bounds(lengths, 1)
+
+
+def test_history_windows_cut_every_list_column_alike():
+    """User a's 5 events at width 3 -> events 3..5 and 1..3, n_events 3 each; b's 2 events stay one row; a
+    null list column stays null; the other columns repeat."""
+    from userfm.data.sequences import history_windows
+
+    t = pa.table({"user_id": ["a", "b"], "split": ["train", "val"], "n_events": pa.array([5, 2], pa.int64()),
+                  "ts": pa.array([[1, 2, 3, 4, 5], [7, 8]], pa.list_(pa.int64())),
+                  "text": pa.array([["p", "q", "r", "s", "t"], None], pa.list_(pa.string()))})
+    assert history_windows(t, 3).to_pydict() == {
+        "user_id": ["a", "a", "b"], "split": ["train", "train", "val"], "n_events": [3, 3, 2],
+        "ts": [[3, 4, 5], [1, 2, 3], [7, 8]], "text": [["r", "s", "t"], ["p", "q", "r"], None]}

@@ -148,6 +148,18 @@ def test_sasrec_is_causal_and_learns_a_deterministic_next_item(select):
         assert not torch.allclose(m.states(x)[:, 7:], m.states(y)[:, 7:])
 
 
+def test_sasrec_windows_train_on_every_item():
+    """max_len 10 reads windows of 11 items: a 25-item sequence is 3 of them ([14, 25), [4, 15), [0, 5)), a 3-item
+    one 1, a 1-item one none (no next item); without windows each sequence is one row (its last 11)."""
+    from userfm.eval.sasrec import SASRecConfig, fit_sasrec
+
+    seqs = [np.arange(25) % 30, np.array([1, 2, 3]), np.array([4])]
+    for windows, rows in ((True, 4), (False, 2)):
+        cfg = SASRecConfig(max_len=10, dim=8, layers=1, max_epochs=1, windows=windows)
+        _, info = fit_sasrec(seqs, [np.array([1, 2])], np.array([3]), 30, cfg)
+        assert info["train_rows"] == rows, (windows, info)
+
+
 def test_mean_reciprocal_rank_by_hand_and_the_sasrec_criterion_is_checked():
     """Row 0: the target (score 2) is second -> 1/2; row 1: all tie, and ties count against the target (rank 2 of
     0..2) -> 1/3; mean 5/12. An unknown early-stopping criterion is refused by name, in both configs."""

@@ -342,3 +342,33 @@ def history_rows(rows: pa.Table, holdout: int = 0, service: str = "") -> pa.Tabl
     that service's events (:func:`drop_last_events`, :func:`keep_services`)."""
     rows = drop_last_events(rows, holdout)
     return keep_services(rows, (service,)) if service else rows
+
+
+def window_bounds(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ``width``-event window of histories of ``lengths`` (n,), newest first, consecutive windows sharing
+    one event: ``[n - width, n)``, ``[n - 2 width + 1, n - width + 1)``, ... down to the oldest, so each event
+    but a history's first is a next-event target in exactly one window, and a history of at most ``width``
+    events is one window, itself.
+
+    Returns (row, start, end), each (n_windows,): the history each window cuts, and its ``[start, end)``.
+    """
+    if width < 2:
+        raise ValueError(f"windows need width >= 2 (an event and its next), got {width}")
+    lengths = np.asarray(lengths, np.int64)
+    count = 1 + np.maximum(0, -(-(lengths - width) // (width - 1)))  # 1 + ceil((n - width) / (width - 1)), n > width
+    row = np.repeat(np.arange(len(lengths)), count)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)  # window index within its history
+    end = lengths[row] - k * (width - 1)
+    return row, np.maximum(end - width, 0), end
+
+
+def history_windows(rows: pa.Table, width: int) -> pa.Table:
+    """Sequence rows -> one row per ``width``-event window of each history (:func:`window_bounds` over the
+    ``ts`` lists): every list column cut the same way, ``n_events`` the window's length, other columns
+    repeated. Pretraining's event objectives read every event this way, not only each user's last ``width``."""
+    lengths = pc.list_value_length(rows.column("ts")).fill_null(0).to_numpy(zero_copy_only=False)
+    row, start, end = window_bounds(lengths, width)
+    rows = rows.take(pa.array(row, pa.int64()))
+    n = lengths[row]  # a null list column (length 0) stays empty
+    return cut_lists(rows, lambda have: (np.where(have == n, start, 0), np.where(have == n, end, 0)),
+                     n_events=lambda col: pa.array(end - start, pa.int64()))

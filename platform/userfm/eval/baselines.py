@@ -52,14 +52,14 @@ def _popularity_ranks(td: TaskData, seen: list[np.ndarray] | None,
 
 
 def _sasrec_ranks(td: TaskData, seen: list[np.ndarray] | None, cfg: EvalConfig) -> tuple[np.ndarray, float, float, dict]:
-    """SASRec from scratch (``userfm.eval.sasrec``) on the training users' whole sequences (held-out item last),
+    """SASRec from scratch (``userfm.eval.sasrec``) on the training users' sequences (held-out item last; every window),
     early-stopped on the val users' held-out items -> (test ranks, fit s, infer s, info)."""
     from userfm.eval.sasrec import SASRecConfig, fit_sasrec, sasrec_scorer
 
     t0 = time.perf_counter()
     scfg = SASRecConfig(max_len=cfg.sasrec_max_len, dim=cfg.sasrec_dim, layers=cfg.sasrec_layers,
                         max_epochs=cfg.sasrec_max_epochs, patience=cfg.sasrec_patience, select=cfg.sasrec_select,
-                        seed=cfg.seed)
+                        windows=cfg.sasrec_windows, seed=cfg.seed)
     model, info = fit_sasrec([np.append(h, y) for h, y in zip(td.history["train"], td.y["train"])],
                              td.history["val"], td.y["val"], len(td.classes), scfg)
     t1 = time.perf_counter()

@@ -197,6 +197,7 @@ class EvalConfig:
     sasrec_patience: int = 5
     sasrec_select: str = "mrr"  # sasrec: the val criterion, "mrr" (the val users' held-out items' mean reciprocal rank,
     #                              full ranking) | "loss" (their cross-entropy); why mrr: SASRecConfig.select
+    sasrec_windows: bool = True  # sasrec: train on every max_len + 1 window of each sequence, not only its last (SASRecConfig.windows)
     retrieval_mask_seen: bool = False  # retrieval: rank only items the user has not interacted with (default: full catalog)
     folds: int = 0  # 0: heads fit on the dataset's train users, scored on its test users. k >= 3: k-fold
     #                 cross-fitting over every labelled user (fold f = test, fold f+1 = val, the rest = train, folds by

@@ -7,11 +7,19 @@ Here, importable without torch: the objectives' names and how a multi-task sum i
 from __future__ import annotations
 
 OBJECTIVES = ("mlm", "simclr", "clue", "future", "next", "masked-item")
+# whose targets are the user's own events, never other users: they can train on every window of a history
+# (PretrainConfig.windows); simclr and clue contrast users, so two windows of one user would be each other's negative
+EVENT_OBJECTIVES = ("mlm", "future", "next", "masked-item")
 
 
 def objective_parts(objective: str) -> tuple[str, ...]:
     """``"clue+future"`` -> ``("clue", "future")``; a single objective -> a 1-tuple."""
     return tuple(p.strip() for p in objective.split("+"))
+
+
+def reads_windows(objective: str) -> bool:
+    """True when every part of ``objective`` is one of EVENT_OBJECTIVES."""
+    return all(p in EVENT_OBJECTIVES for p in objective_parts(objective))
 
 
 def check_objective(objective: str, weights: tuple[float, ...] = ()) -> None:

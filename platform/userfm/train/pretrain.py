@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from userfm.objectives import objective_parts
+from userfm.objectives import objective_parts, reads_windows
 from userfm.train.pretrain_config import PretrainConfig, PretrainError
 from userfm.train.steps import featurize
 from userfm.train.worker import train_loop
@@ -106,7 +106,7 @@ def _datasets(cfg: PretrainConfig, vocabs, tok, vectors_dir: str | None, limit_t
         objective=cfg.objective, vocabs_json=vocabs.to_json(), tokenizer_json=tok.to_json() if tok else None,
         # hashes only (vectors_dir None): each worker looks its step's MiniLM vectors up (add_vectors)
         vectors_dir=None, max_events=cfg.max_events, single_service=cfg.single_service, seed=cfg.seed,
-        services=tuple(cfg.services), holdout_last=cfg.holdout_last,
+        services=tuple(cfg.services), holdout_last=cfg.holdout_last, windows=cfg.windows,
     )
     out = {}
     for split in ("train", "val"):
@@ -166,7 +166,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
             raise PretrainError(f"{out}: no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())["pretrain"]
         cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
-                                                    "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last") if k in saved},
+                                                    "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last", "windows") if k in saved},
                       services=tuple(saved.get("services", ())),
                       time_fields=tuple(saved.get("time_fields", PretrainConfig.time_fields)),
                       # a run from before the co-occurrence vectors has none: resume it without them
@@ -259,7 +259,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     lengths = [datasets["train"].take(min(n_train, 256))]
     key = "a.length" if "clue" in objective_parts(cfg.objective) else "length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
-    progress(f"[pretrain] {n_train:,} training rows ({steps_per_epoch} steps/epoch"
+    windows = cfg.windows and reads_windows(cfg.objective)
+    progress(f"[pretrain] {n_train:,} training rows" + (f" (every {cfg.max_events}-event window of each history)" if windows else "")
+             + f" ({steps_per_epoch} steps/epoch"
              + (f"; {featurized:,} featurized: what {cfg.max_steps} steps read" if featurized < n_train else "") + "), "
              f"{datasets['val'].count():,} validation rows ({time.perf_counter() - t1:.1f}s)")
 

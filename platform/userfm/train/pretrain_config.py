@@ -88,6 +88,10 @@ class PretrainConfig:
     holdout_last: int = 0  # pretrain on each user's history without its last n events (every split): the encoder never
     #                        sees the events a leave-one-out evaluation holds out (next item / genre), also for users
     #                        a cross-fitted evaluation (`evaluate --set folds=k`) scores; 0 = whole histories
+    windows: bool = True  # event objectives (mlm, future, next, masked-item and their sums) train on every max_events
+    #                        window of each history (userfm.data.sequences.history_windows), not only its last one (MovieLens
+    #                        latest-small: the last 64 events are 34 % of them); no effect with clue or simclr (they contrast
+    #                        users). Default since 2026-12-08, chosen on validation (docs/benchmarks.md, "Every window")
     train_users: int = 0  # use only the first N training users by user-id hash (0 = all): the data-length axis of scaling sweeps
     fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from userfm.objectives import objective_parts
+from userfm.objectives import objective_parts, reads_windows
 from userfm.train.pretrain_config import PretrainConfig
 
 
@@ -62,13 +62,14 @@ def _resources(vocabs_json: str, tokenizer_json: str | None, vectors_dir: str | 
 
 def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_json: str | None,
               vectors_dir: str | None, max_events: int, single_service: str, seed: int,
-              services: tuple[str, ...] = (), holdout_last: int = 0) -> dict[str, np.ndarray]:
+              services: tuple[str, ...] = (), holdout_last: int = 0, windows: bool = False) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: sequence rows -> fixed-shape feature rows.
 
     mlm / simclr: one row per user with events (masking and augmentation are drawn per step in the
     loop, so every epoch sees new ones). clue: one row per user pair (a.* / b.*: two services, or an
     earlier/later split of a one-service history), built here, not in the loop. ``holdout_last``: each
-    user's last n events are dropped first (the leave-one-out evaluation's labels).
+    user's last n events are dropped first (the leave-one-out evaluation's labels). ``windows`` (event objectives
+    alone, :func:`userfm.objectives.reads_windows`): one row per ``max_events`` window of each history, not only its last.
     """
     from userfm.models.features import make_batch, pad_events
     from userfm.objectives.pretext import add_vectors, clue_batch
@@ -84,6 +85,10 @@ def featurize(batch, *, split: str, objective: str, vocabs_json: str, tokenizer_
         batch = drop_last_events(batch, holdout_last)
     if services:
         batch = restrict_services(batch, services)
+    if windows and reads_windows(objective):
+        from userfm.data.sequences import history_windows
+
+        batch = history_windows(batch, max_events)
     if "clue" in objective_parts(objective):  # a sum with clue: its pairs (the other objectives read their views)
         uid = batch.column("user_id").to_pylist()
         # a per-batch seed from its content: the same pairs whatever block boundaries Ray Data chose
