@@ -26,3 +26,13 @@ def test_service_catalog_reindexes_one_services_items():
 def test_service_catalog_refuses_an_absent_service():
     with pytest.raises(SystemExit, match="--service toys"):
         loo.service_catalog(["a"], {"u1": np.array([], dtype=np.int64)}, "toys")
+
+
+def test_val_chosen_row_follows_the_yardsticks_with_the_val_best_rows_ranks():
+    """Two pretrained rows, the logistic head better on val (0.2 vs 0.1): val-chosen is its ranks, placed after
+    the yardsticks; a tie keeps the first row; the other rows keep their order."""
+    ranks = {"popularity": "P", "item-knn": "K", "a/own-head": "R1", "a/logreg": "R2"}
+    rows, picked = loo.with_val_chosen(ranks, {"a/own-head": 0.1, "a/logreg": 0.2}, ["popularity", "item-knn"])
+    assert picked == "a/logreg" and list(rows.items()) == [("popularity", "P"), ("item-knn", "K"), ("val-chosen", "R2"),
+                                                           ("a/own-head", "R1"), ("a/logreg", "R2")]
+    assert loo.with_val_chosen(ranks, {"a/own-head": 0.2, "a/logreg": 0.2}, ["popularity"])[1] == "a/own-head"

@@ -14,7 +14,10 @@ what every yardstick fits on (each training user's items minus the last two), so
 nor the test item was ever a pretraining target, and recipes can be compared on the validation HR@10.
 
 Encoders pretrained with ``future`` or ``next`` also score the catalog with their own objective head, zero
-training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`).
+training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`). With any encoder, the row
+``val-chosen`` is the default recipe's (the demo pretrains several objectives and keeps one per task): the
+encoders' (table, head) row with the best HR@10 on the validation item of the 10 % of users no head trained on
+(:mod:`userfm.eval.val_chosen`), test never read to choose.
 
     python experiments/benchmarks/loo.py RUN                       # a demo run folder (dataset/, pretrain/)
     python experiments/benchmarks/loo.py runs/real/movielens/run --objectives clue future --name movielens
@@ -95,6 +98,17 @@ def service_catalog(catalog: list[str], items: dict[str, np.ndarray], service: s
     return [catalog[i] for i in used], {u: index[h] for u, h in items.items() if len(h)}
 
 
+def with_val_chosen(ranks: dict, choice: dict[str, float], yard: list[str]) -> tuple[dict, str]:
+    """``ranks`` (row -> ranks) with the row ``val-chosen`` after the yardsticks ``yard``: the ranks of the ``choice``
+    row (pretrained (table, head) -> its val HR@10) with the highest val metric (a tie keeps the first). Returns
+    (the reordered rows, the chosen row's name)."""
+    from userfm.eval.val_chosen import VAL_CHOSEN, val_chosen
+
+    (picked,), _ = val_chosen({m: {"val": [v], "scores": [m]} for m, v in choice.items()}, higher_is_better=True)
+    rest = {m: r for m, r in ranks.items() if m not in yard}
+    return {**{m: ranks[m] for m in yard}, VAL_CHOSEN: ranks[picked], **rest}, picked
+
+
 def main() -> int:
     from userfm.eval.sasrec import SELECT, SASRecConfig
 
@@ -149,6 +163,7 @@ def main() -> int:
     from userfm.eval.tasks import EvalConfig, TaskConfig
     from userfm.eval.item_knn import item_cosine, knn_scorer
     from userfm.eval.sasrec import fit_sasrec, sasrec_scorer
+    from userfm.eval.val_chosen import VAL_CHOSEN
     from userfm.data.dataset import read_sequences
     from userfm.infer.embed import minilm_vectors
     from userfm.infer.item_scorer import ItemScorer, has_item_scorer
@@ -196,7 +211,7 @@ def main() -> int:
         score("sasrec", sasrec_scorer(model, hist_test, scfg.max_len))
         crit = sinfo[f"val_{scfg.select}"]
         info["sasrec"] = (f"best epoch {sinfo['best_epoch'] + 1} of {sinfo['epochs']} (counting from 1) by val {scfg.select}"
-                          + (f" ({crit:.4f})" if crit is not None else "") + f", {sinfo['params']:,} parameters"
+                          + (f" ({crit:.4f})" if crit is not None else "") + f", {sinfo['params']:,} parameters, {sinfo['train_rows']:,} training sequences"
                           + (f"; set {', '.join(args.sasrec_set)}" if args.sasrec_set else ""))
         timings["sasrec"] = time.perf_counter() - t0
         print(f"[loo] sasrec: {info['sasrec']} ({timings['sasrec']:.0f} s)", flush=True)
@@ -212,6 +227,7 @@ def main() -> int:
         runtime.init_ray()
         encoders.update({o: (_pretrain(run, o, out, args.minilm_cache, args.pretrain_set), False) for o in args.pretrain})
     rows = None
+    choice: dict[str, float] = {}  # pretrained (table, head) -> val HR@10 on the is_val users, what val-chosen picks by
     for obj, (model, own) in encoders.items():
         pre = json.loads((model.parent / "config.json").read_text())["pretrain"]
         x2 = load_embeddings(_embed(run, model, obj, 2, out, own, args.minilm_cache)).lookup(uid)
@@ -223,7 +239,9 @@ def main() -> int:
             scorer = ItemScorer(model, rows, catalog, minilm_vectors(str(model), str(data), args.minilm_cache, progress=lambda s: None))
             name = f"{obj}/own-head"
             score(name, lambda r, f=scorer: f.scores(x1[r]))
-            val = M.hit_rate_at_k(retrieval_ranks(lambda r, f=scorer: f.scores(x2[r]), len(y_val), y_val), K)
+            val_ranks = retrieval_ranks(lambda r, f=scorer: f.scores(x2[r]), len(y_val), y_val)
+            val = M.hit_rate_at_k(val_ranks, K)
+            choice[name] = M.hit_rate_at_k(val_ranks[is_val], K)
             info[name] = (f"the {obj} objective's own head, no training on top (val HR@10 {val:.4f}: the second-to-last item "
                           f"from the items before it); encoder holdout_last={pre.get('holdout_last', 0)} {where}")
             timings[name] = time.perf_counter() - t0
@@ -234,11 +252,18 @@ def main() -> int:
                                    cfg=ecfg, seed=args.seed, history=[h for h, v in zip(train, is_val) if not v], hidden=hidden)
             name = f"{obj}/{head}"
             score(name, lambda r, f=fitted: f.logits(x1[r]))
+            choice[name] = M.hit_rate_at_k(retrieval_ranks(lambda r, f=fitted: f.logits(x2[is_val][r]), int(is_val.sum()),
+                                                           y_val[is_val]), K)
             info[name] = f"encoder pretrained with holdout_last={pre.get('holdout_last', 0)} {where}"
             timings[name] = time.perf_counter() - t0
             print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
 
     yard = [m for m in ("popularity", "item-knn", "sasrec") if m in ranks]
+    if choice:  # the default recipe's row: the (table, head) best on the validation item of the users no head trained on
+        ranks, picked = with_val_chosen(ranks, choice, yard)
+        timings[VAL_CHOSEN] = sum(timings[m] for m in choice)
+        info[VAL_CHOSEN] = (f"{picked}, the best val HR@10 on the {int(is_val.sum()):,} users whose second-to-last item "
+                            "early-stops the heads (" + ", ".join(f"{m} {v:.4f}" for m, v in choice.items()) + ")")
     lines = [f"# Leave-one-out next item, all users: {run}", "",
              f"Command: `{' '.join(['python', *sys.argv])}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
              f"{os.cpu_count()} CPUs); {len(users):,} users, {n_items:,} items, full ranking; wall {time.perf_counter() - t_all:.0f} s."
