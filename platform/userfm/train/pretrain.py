@@ -166,11 +166,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
             raise PretrainError(f"{out}: no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())["pretrain"]
         cfg = replace(cfg, **{k: saved[k] for k in ("objective", "item_encoder", "size", "out_dim", "pooling",
-                                                    "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last", "windows") if k in saved},
+                                                    "max_events", "max_text_tokens", "text_vocab", "seed", "holdout_last") if k in saved},
                       services=tuple(saved.get("services", ())),
                       time_fields=tuple(saved.get("time_fields", PretrainConfig.time_fields)),
                       # a run from before the co-occurrence vectors has none: resume it without them
-                      cooc_dim=saved.get("cooc_dim", 0), cooc_min_users=saved.get("cooc_min_users", 2))
+                      cooc_dim=saved.get("cooc_dim", 0), cooc_min_users=saved.get("cooc_min_users", 2),
+                      windows=saved.get("windows", False))  # and before windows, one row per user
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(out))
     if resume_from is None:
