@@ -36,3 +36,21 @@ def test_val_chosen_row_follows_the_yardsticks_with_the_val_best_rows_ranks():
     assert picked == "a/logreg" and list(rows.items()) == [("popularity", "P"), ("item-knn", "K"), ("val-chosen", "R2"),
                                                            ("a/own-head", "R1"), ("a/logreg", "R2")]
     assert loo.with_val_chosen(ranks, {"a/own-head": 0.2, "a/logreg": 0.2}, ["popularity"])[1] == "a/own-head"
+
+
+def test_head_pairs_are_each_users_last_prefixes_inside_items_minus_two():
+    """u1 = a b c d e f (items[:-2] = a b c d), u2 = x y z (items[:-2] = x: no pair), u3 = p q r s.
+    j = 1: a b c -> d, p -> q; j = 2: a b -> c (u3's prefix would be empty); j = 3: a -> b."""
+    items = {"u1": np.arange(6), "u2": np.array([10, 11, 12]), "u3": np.array([20, 21, 22, 23])}
+    users = ["u1", "u2", "u3"]
+    pairs = loo.head_pairs(items, users, 3)
+    assert [h for h, *_ in pairs] == [3, 4, 5]  # events held out of each prefix's embedding
+    (_, r1, y1, p1), (_, r2, y2, p2), (_, r3, y3, p3) = pairs
+    assert r1.tolist() == [0, 2] and y1.tolist() == [3, 21] and [p.tolist() for p in p1] == [[0, 1, 2], [20]]
+    assert r2.tolist() == [0] and y2.tolist() == [2] and [p.tolist() for p in p2] == [[0, 1]]
+    assert r3.tolist() == [0] and y3.tolist() == [1] and [p.tolist() for p in p3] == [[0]]
+    for h, rows, y, prefixes in pairs:  # no target is the validation (item[-2]) or the test (item[-1]) item
+        for i, t, p in zip(rows, y, prefixes):
+            full = items[users[i]]
+            assert t == full[len(p)] and len(p) + 1 <= len(full) - 2
+    assert loo.head_pairs(items, users, 0) == []

@@ -5,8 +5,12 @@ Every user with at least 3 items is scored. Models train on every user's items m
 the second-to-last (given the items before it), and are tested on the last (given every item before it), with
 full ranking over the catalog; HR@10 and NDCG@10 with 95 % bootstrap intervals over users, seen items masked
 and not, and each row's paired difference to the best yardstick (popularity, item-kNN, SASRec from scratch).
-A pretrained encoder enters frozen: its embedding of items[:-2] trains a retrieval head towards item[-2]
-(90 % of users; the other 10 % early-stop it), and its embedding of items[:-1] is scored on item[-1]. The
+A pretrained encoder enters frozen: its embeddings of each user's last K prefixes of items[:-2] train a
+retrieval head towards the item after each (items[:-2-j] -> item[-2-j], j = 1..K, ``--head-pairs K``, default
+1), every user's embedding of items[:-2] early-stops it on item[-2], and its embedding of items[:-1] is scored on
+item[-1]: heads fit on the same items as the yardsticks and select on the same item. (``--head-pairs 0``, the
+protocol before 2026-12-08: the head trains on item[-2] itself for 90 % of users, the other 10 % early-stop it
+and choose val-chosen.) The
 encoder is the demo run's, so pretrained on the training users' histories (with whatever holdout_last the run
 used): the table says which. ``--pretrain`` makes them here instead, with the demo's real-data recipe
 (epoch budget, early stopping on the validation loss, best weights) and ``holdout_last=2``: the encoder reads
@@ -16,8 +20,8 @@ nor the test item was ever a pretraining target, and recipes can be compared on 
 Encoders pretrained with ``future`` or ``next`` also score the catalog with their own objective head, zero
 training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`). With any encoder, the row
 ``val-chosen`` is the default recipe's (the demo pretrains several objectives and keeps one per task): the
-encoders' (table, head) row with the best HR@10 on the validation item of the 10 % of users no head trained on
-(:mod:`userfm.eval.val_chosen`), test never read to choose.
+encoders' (table, head) row with the best HR@10 on the validation item of the users no head trained on (all of
+them; 10 % with ``--head-pairs 0``; :mod:`userfm.eval.val_chosen`), test never read to choose.
 
     python experiments/benchmarks/loo.py RUN                       # a demo run folder (dataset/, pretrain/)
     python experiments/benchmarks/loo.py runs/real/movielens/run --objectives clue future --name movielens
@@ -98,6 +102,20 @@ def service_catalog(catalog: list[str], items: dict[str, np.ndarray], service: s
     return [catalog[i] for i in used], {u: index[h] for u, h in items.items() if len(h)}
 
 
+def head_pairs(items: dict[str, np.ndarray], users: list[str], k: int
+               ) -> list[tuple[int, np.ndarray, np.ndarray, list[np.ndarray]]]:
+    """The heads' training pairs inside each user's items[:-2] (what every yardstick fits on): for j = 1..``k``,
+    the prefix items[:-2-j] -> the item after it, item[-2-j], for the users whose prefix is not empty.
+    Returns, per j, (holdout = 2 + j events, the users' row indices in ``users``, their targets, their prefixes)."""
+    out = []
+    for j in range(1, k + 1):
+        h = 2 + j
+        rows = np.array([i for i, u in enumerate(users) if len(items[u]) > h], dtype=np.int64)
+        out.append((h, rows, np.array([items[users[i]][-h] for i in rows], dtype=np.int64),
+                    [items[users[i]][:-h] for i in rows]))
+    return out
+
+
 def with_val_chosen(ranks: dict, choice: dict[str, float], yard: list[str]) -> tuple[dict, str]:
     """``ranks`` (row -> ranks) with the row ``val-chosen`` after the yardsticks ``yard``: the ranks of the ``choice``
     row (pretrained (table, head) -> its val HR@10) with the highest val metric (a tie keeps the first). Returns
@@ -130,6 +148,10 @@ def main() -> int:
     ap.add_argument("--sasrec-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SASRecConfig field (repeatable; e.g. dropout=0.5, the SASRec paper's sparse-set "
                          "rate); compare settings on the val criterion the table prints, never on test")
+    ap.add_argument("--head-pairs", type=int, default=1, metavar="K",
+                    help="heads on the encoders fit on each user's last K (prefix -> next item) pairs of items[:-2] and "
+                         "early-stop on every user's second-to-last item (default 1); 0: they fit on the "
+                         "second-to-last item of 90 %% of users and early-stop on the other 10 %% (before 2026-12-08)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
     ap.add_argument("--out", default=None, help="output folder (default: RUN/loo)")
@@ -145,6 +167,8 @@ def main() -> int:
         if given and (args.objectives or args.pretrain):
             ap.error(f"{flag} applies to the yardsticks alone (the encoders' tables hold out one event of the whole "
                      "history): give --objectives with no name and no --pretrain")
+    if args.head_pairs < 0:
+        ap.error(f"--head-pairs must be >= 0, got {args.head_pairs}")
     if args.skip_before_test < 0:
         ap.error(f"--skip-before-test must be >= 0, got {args.skip_before_test}")
     from userfm.config import ConfigError, from_dict, parse_overrides
@@ -218,7 +242,9 @@ def main() -> int:
 
     ecfg = EvalConfig()
     task = TaskConfig(name="loo", table="last_event", target="item_id", type="retrieval")
-    is_val = _split_users(users)
+    # who selects: every user's item[-2] when heads fit on earlier pairs, else the 10 % no head trains on
+    is_val = _split_users(users) if not args.head_pairs else np.ones(len(users), dtype=bool)
+    pairs = head_pairs(items, users, args.head_pairs)
     uid = np.asarray(users, dtype=object)
     encoders = {o: (run / "pretrain" / o / "model", True) for o in args.objectives}
     if args.pretrain:
@@ -246,10 +272,16 @@ def main() -> int:
                           f"from the items before it); encoder holdout_last={pre.get('holdout_last', 0)} {where}")
             timings[name] = time.perf_counter() - t0
             print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
+        if pairs:  # the heads' training pairs inside items[:-2]: one embedding table per prefix length
+            x_fit = np.concatenate([load_embeddings(_embed(run, model, obj, h, out, own, args.minilm_cache)).lookup(uid[r])
+                                    for h, r, _, _ in pairs])
+            y_fit, h_fit = np.concatenate([y for _, _, y, _ in pairs]), [p for *_, hs in pairs for p in hs]
+        else:
+            x_fit, y_fit, h_fit = x2[~is_val], y_val[~is_val], [h for h, v in zip(train, is_val) if not v]
         for head, hidden in (("logreg", 0), ("mlp", ecfg.mlp_hidden)):
             t0 = time.perf_counter()
-            fitted = fit_retrieval(x2[~is_val], y_val[~is_val], x2[is_val], y_val[is_val], task=task, classes=catalog,
-                                   cfg=ecfg, seed=args.seed, history=[h for h, v in zip(train, is_val) if not v], hidden=hidden)
+            fitted = fit_retrieval(x_fit, y_fit, x2[is_val], y_val[is_val], task=task, classes=catalog,
+                                   cfg=ecfg, seed=args.seed, history=h_fit, hidden=hidden)
             name = f"{obj}/{head}"
             score(name, lambda r, f=fitted: f.logits(x1[r]))
             choice[name] = M.hit_rate_at_k(retrieval_ranks(lambda r, f=fitted: f.logits(x2[is_val][r]), int(is_val.sum()),
@@ -270,7 +302,11 @@ def main() -> int:
              + (f" Test histories without the {args.skip_before_test} event(s) just before the test item."
                 if args.skip_before_test else "")
              + (f" Each user's {args.service} events alone, ranked among the {args.service} items."
-                if args.service else ""), ""]
+                if args.service else "")
+             + ((f" Heads on the encoders fit on {sum(len(r) for _, r, _, _ in pairs):,} (prefix -> next item) pairs, each "
+                 f"user's last {args.head_pairs} inside items[:-2] (--head-pairs {args.head_pairs}), and early-stop on every "
+                 "user's second-to-last item." if pairs else " Heads on the encoders fit on the second-to-last item of "
+                 "90 % of users and early-stop on the other 10 % (--head-pairs 0).") if choice else ""), ""]
     as_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
     hr = lambda r: M.hit_rate_at_k(r, K)  # noqa: E731
     nd = lambda r: M.ndcg_at_k(r, K)  # noqa: E731
