@@ -30,6 +30,11 @@ def test_user_item_matrix_is_binary_over_the_last_max_events():
     assert [dense[0, col[t]] for t in "abd"] == [1, 1, 0]  # a twice: still 1
     assert dense[1].sum() == 0  # no events
     assert [dense[2, col[t]] for t in "abd"] == [1, 1, 1]
+    # max_events=0 counts every event (what an encoder trained on every window reads): c gets its column
+    every, x0 = user_item_matrix(tab, max_events=0)
+    assert every.tolist() == sorted(text_hash(list("abcd")).tolist()) and x0.sum() == 2 + 0 + 4
+    with pytest.raises(ValueError, match="max_events must be >= 0"):
+        CoocConfig(max_events=-1)
 
 
 def test_item_id_key_makes_one_column_per_item_whatever_its_texts():

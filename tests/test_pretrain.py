@@ -56,11 +56,17 @@ def test_two_worker_run_learns_and_exports(dataset, objective, item_encoder):
     # the clue run also fits the item co-occurrence table (checked in the export test below)
     cfg = quick(dataset, f"run-{objective}", objective=objective, item_encoder=item_encoder, max_steps=16, eval_every=4,
                 cooc_dim=8 if objective in ("clue", "future") else 0, item_id_buckets=64 if objective in ("future", "next", "masked-item") else 0,
-                pooling="last" if objective == "next" else "mean", windows=objective in ("next", "masked-item"))
+                pooling="last" if objective == "next" else "mean", windows=objective in ("next", "masked-item", "future"),
+                cooc_windows=objective == "future")
     lines = []
     summary = run_pretrain(cfg, progress=lines.append)
     windowed = [ln for ln in lines if "training rows (every 32-event window of each history)" in ln]
-    assert len(windowed) == cfg.windows, lines  # next and masked-item read every window, the others one row per user
+    assert len(windowed) == cfg.windows, lines  # next, masked-item and future read every window, the others one row per user
+    # the co-occurrence vectors count every event with cooc_windows and windows (future), else the last max_events (clue)
+    cooc = [ln for ln in lines if "item co-occurrence vectors" in ln]
+    assert len(cooc) == bool(cfg.cooc_dim) and all(("counting every event" if cfg.windows and cfg.cooc_windows
+                                                    else "counting their last 32 events")
+                                                   in ln for ln in cooc), cooc
     r = rows(Path(cfg.out))
     losses = [x["loss"] for x in r if "loss" in x]
     assert [x["step"] for x in r] == [2, 4, 6, 8, 10, 12, 14, 16]

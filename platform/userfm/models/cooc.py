@@ -7,7 +7,8 @@ like the MiniLM cache) gets a ``dim``-vector from the item-item co-occurrence of
 histories, factorised as in Levy & Goldberg 2014 ("Neural word embedding as implicit matrix
 factorization"; item2vec's SGNS solves the same problem):
 
-    X      (U, I)  binary: user u took item i (among u's last ``max_events`` events, what the encoder sees)
+    X      (U, I)  binary: user u took item i (among u's last ``max_events`` events, what the encoder sees;
+                   every event when it trains on every window, ``PretrainConfig.cooc_windows``)
     C      (I, I)  X^T X without the diagonal (users who took both items)
     PPMI   (I, I)  max(0, log(C_ij * N / (c_i * c_j))),  c_i = sum_j C_ij,  N = sum_ij C_ij
     V      (I, dim) = U_k * sqrt(S_k) of a truncated SVD of PPMI, rows scaled to norm sqrt(dim)
@@ -35,7 +36,7 @@ from scipy import sparse
 class CoocConfig:
     dim: int = 32  # vector size (truncated-SVD rank); reduced to items - 1 on tiny catalogues
     min_users: int = 2  # items taken by fewer training users get no vector
-    max_events: int = 64  # each user's most recent events counted (the encoder's window)
+    max_events: int = 64  # each user's most recent events counted (the encoder's window); 0 = every event
     seed: int = 0  # randomized SVD seed
     key: str = "text"  # what one item is: "text" (the event text's hash) | "item_id" (features.item_hash: its item id)
 
@@ -44,8 +45,8 @@ class CoocConfig:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
         if self.min_users < 1:
             raise ValueError(f"min_users must be >= 1, got {self.min_users}")
-        if self.max_events < 1:
-            raise ValueError(f"max_events must be >= 1, got {self.max_events}")
+        if self.max_events < 0:
+            raise ValueError(f"max_events must be >= 0 (0: every event), got {self.max_events}")
         if self.key not in ("text", "item_id"):
             raise ValueError(f"key must be 'text' or 'item_id', got {self.key!r}")
 
@@ -57,7 +58,7 @@ def user_item_matrix(rows: pa.Table, max_events: int = 64, key: str = "text") ->
     Returns:
         hashes: (I,) int64, sorted, the key of each column (:func:`userfm.models.features.text_hash` of the text,
         or :func:`userfm.models.features.item_hash`); X: (U, I) float32 CSR of 0/1, one row per input row,
-        counting each user's last ``max_events`` events.
+        counting each user's last ``max_events`` events (0: all of them).
     """
     from userfm.models.features import hash_strings, item_hash
 
@@ -65,7 +66,7 @@ def user_item_matrix(rows: pa.Table, max_events: int = 64, key: str = "text") ->
     n = pc.list_value_length(texts).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (U,)
     ends = np.cumsum(n)
     starts = ends - n
-    keep_from = np.maximum(starts, ends - max_events)  # the last max_events of each row
+    keep_from = starts if max_events == 0 else np.maximum(starts, ends - max_events)  # the last max_events of each row
     row = np.repeat(np.arange(len(n)), n)  # (E,) the row of each flattened event
     idx = np.flatnonzero(np.arange(int(n.sum())) >= keep_from[row])  # kept events, row by row, oldest first
     user = row[idx]

@@ -171,7 +171,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
                       time_fields=tuple(saved.get("time_fields", PretrainConfig.time_fields)),
                       # a run from before the co-occurrence vectors has none: resume it without them
                       cooc_dim=saved.get("cooc_dim", 0), cooc_min_users=saved.get("cooc_min_users", 2),
-                      windows=saved.get("windows", False))  # and before windows, one row per user
+                      windows=saved.get("windows", False),  # and before windows, one row per user
+                      cooc_windows=saved.get("cooc_windows", False))  # and its vectors' table the same size
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, out=str(out))
     if resume_from is None:
@@ -223,12 +224,15 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         from userfm.models.cooc import CoocConfig, fit_item_vectors
 
         t_c = time.perf_counter()
+        every = cfg.cooc_windows and cfg.windows and reads_windows(cfg.objective)  # what the encoder trains on
         cooc = fit_item_vectors(train_rows, CoocConfig(dim=cfg.cooc_dim, min_users=cfg.cooc_min_users,
-                                                       max_events=cfg.max_events, seed=cfg.seed, key=cfg.item_key))
+                                                       max_events=0 if every else cfg.max_events, seed=cfg.seed,
+                                                       key=cfg.item_key))
         if len(cooc[0]):
             extra.update(cooc_items=len(cooc[0]), cooc_dim=cooc[1].shape[1])
         progress(f"[pretrain] item co-occurrence vectors: {len(cooc[0]):,} items x {cooc[1].shape[1]} "
-                 f"(taken by >= {cfg.cooc_min_users} training users; {time.perf_counter() - t_c:.1f}s)")
+                 f"(taken by >= {cfg.cooc_min_users} training users, counting "
+                 f"{'every event' if every else f'their last {cfg.max_events} events'}; {time.perf_counter() - t_c:.1f}s)")
     enc_cfg = config_for(cfg.size, vocabs, tok, item_encoder=cfg.item_encoder, out_dim=cfg.out_dim,
                          pooling=cfg.pooling, dropout=cfg.dropout, max_events=cfg.max_events,
                          item_id_buckets=cfg.item_id_buckets, item_key=cfg.item_key, causal="next" in objective_parts(cfg.objective), **extra)

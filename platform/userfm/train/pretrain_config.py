@@ -92,6 +92,9 @@ class PretrainConfig:
     #                        window of each history (userfm.data.sequences.history_windows), not only its last one (MovieLens
     #                        latest-small: the last 64 events are 34 % of them); no effect with clue or simclr (they contrast
     #                        users). Default since 2026-12-08, chosen on validation (docs/benchmarks.md, "Every window")
+    cooc_windows: bool = False  # with windows and an event objective, the co-occurrence vectors count every event of each
+    #                        training history (what the encoder then trains on), not its last max_events. Off: on MovieLens
+    #                        leave-one-out it lowered the val-chosen validation HR@10 0.064 -> 0.055 (docs/benchmarks.md)
     train_users: int = 0  # use only the first N training users by user-id hash (0 = all): the data-length axis of scaling sweeps
     fail_at_step: int = 0  # testing: the last rank raises after this step, once (0 = never)
 
