@@ -54,3 +54,13 @@ def test_head_pairs_are_each_users_last_prefixes_inside_items_minus_two():
             full = items[users[i]]
             assert t == full[len(p)] and len(p) + 1 <= len(full) - 2
     assert loo.head_pairs(items, users, 0) == []
+
+
+def test_popularity_alpha_by_hand():
+    """3 items; the head ranks item 1 first (0.5) over item 2 (0.2); only item 2 has training counts (log 1).
+    HR@1 of targets [2, 2, 1]: alpha 0 and 0.25 keep item 1 on top (0.45 < 0.5): 1/3; alpha >= 0.5 puts item 2 on
+    top (0.7, 1.2, ...): 2/3, a tie the smallest (0.5) wins."""
+    scores = lambda r: np.tile([0.0, 0.5, 0.2], (len(r), 1))  # noqa: E731
+    alpha, hr = loo.popularity_alpha(scores, np.array([0.0, 0.0, 1.0]), 3, np.array([2, 2, 1]), k=1)
+    assert alpha == 0.5
+    assert hr == pytest.approx({0.0: 1 / 3, 0.25: 1 / 3, 0.5: 2 / 3, 1.0: 2 / 3, 2.0: 2 / 3, 4.0: 2 / 3})

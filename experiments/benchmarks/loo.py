@@ -18,7 +18,9 @@ what every yardstick fits on (each training user's items minus the last two), so
 nor the test item was ever a pretraining target, and recipes can be compared on the validation HR@10.
 
 Encoders pretrained with ``future`` or ``next`` also score the catalog with their own objective head, zero
-training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`). With any encoder, the row
+training on top (``<objective>/own-head``: :mod:`userfm.infer.item_scorer`), and with the popularity prior that
+the log-frequency correction took out in training put back, its weight chosen on validation
+(``<objective>/own-head+pop``: + alpha x log(1 + the item's training count)). With any encoder, the row
 ``val-chosen`` is the default recipe's (the demo pretrains several objectives and keeps one per task): the
 encoders' (table, head) row with the best HR@10 on the validation item of the users no head trained on (all of
 them; 10 % with ``--head-pairs 0``; :mod:`userfm.eval.val_chosen`), test never read to choose.
@@ -116,6 +118,22 @@ def head_pairs(items: dict[str, np.ndarray], users: list[str], k: int
     return out
 
 
+POP_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # weights of the popularity prior an own head may add (chosen on val)
+
+
+def popularity_alpha(score_fn, log_counts: np.ndarray, n: int, y: np.ndarray, alphas=POP_ALPHAS, k: int = K
+                     ) -> tuple[float, dict[float, float]]:
+    """An own head's scores plus ``alpha`` * ``log_counts`` (log(1 + each item's training count), the prior the
+    log-frequency correction of sampled softmax took out in training): the ``alphas`` value with the best HR@``k``
+    of the ``n`` rows' targets ``y`` (a tie keeps the smaller). ``score_fn(rows)`` -> (len(rows), n_items).
+    Returns (alpha, HR@k per alpha)."""
+    from userfm.eval import metrics as M
+    from userfm.eval.heads import retrieval_ranks
+
+    hr = {a: M.hit_rate_at_k(retrieval_ranks(lambda r, a=a: score_fn(r) + a * log_counts, n, y), k) for a in alphas}
+    return max(alphas, key=lambda a: (hr[a], -a)), hr
+
+
 def with_val_chosen(ranks: dict, choice: dict[str, float], yard: list[str]) -> tuple[dict, str]:
     """``ranks`` (row -> ranks) with the row ``val-chosen`` after the yardsticks ``yard``: the ranks of the ``choice``
     row (pretrained (table, head) -> its val HR@10) with the highest val metric (a tie keeps the first). Returns
@@ -209,6 +227,7 @@ def main() -> int:
     hist_test, y_test = [items[u][:-1 - args.skip_before_test] for u in users], np.array([items[u][-1] for u in users])
     print(f"[loo] {len(users):,} users with >= 3 items ({len(items) - len(users):,} left out), {n_items:,} items", flush=True)
     counts = np.bincount(np.concatenate(train), minlength=n_items).astype(np.float64)
+    log_counts = np.log1p(counts)
     ranks: dict[str, dict[bool, np.ndarray]] = {}  # model -> masked? -> (n,) test ranks
     info: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -272,6 +291,16 @@ def main() -> int:
                           f"from the items before it); encoder holdout_last={pre.get('holdout_last', 0)} {where}")
             timings[name] = time.perf_counter() - t0
             print(f"[loo] {name}: HR@10 {M.hit_rate_at_k(ranks[name][False], K):.4f} ({timings[name]:.0f} s)", flush=True)
+            t0, pop = time.perf_counter(), f"{obj}/own-head+pop"  # the same head with the popularity prior put back
+            alpha, by_alpha = popularity_alpha(lambda r, f=scorer: f.scores(x2[is_val][r]), log_counts, int(is_val.sum()),
+                                               y_val[is_val])
+            score(pop, lambda r, f=scorer, a=alpha: f.scores(x1[r]) + a * log_counts)
+            choice[pop] = by_alpha[alpha]
+            info[pop] = (f"the own head + {alpha:g} x log(1 + the item's training count), the weight the best val HR@10 of "
+                         f"{', '.join(f'{a:g}' for a in POP_ALPHAS)} (" + ", ".join(f"{v:.4f}" for v in by_alpha.values())
+                         + "; its val figure is the best of six)")
+            timings[pop] = time.perf_counter() - t0
+            print(f"[loo] {pop}: alpha {alpha:g}, HR@10 {M.hit_rate_at_k(ranks[pop][False], K):.4f}", flush=True)
         if pairs:  # the heads' training pairs inside items[:-2]: one embedding table per prefix length
             x_fit = np.concatenate([load_embeddings(_embed(run, model, obj, h, out, own, args.minilm_cache)).lookup(uid[r])
                                     for h, r, _, _ in pairs])
