@@ -298,7 +298,7 @@ def main() -> int:
             choice[pop] = by_alpha[alpha]
             info[pop] = (f"the own head + {alpha:g} x log(1 + the item's training count), the weight the best val HR@10 of "
                          f"{', '.join(f'{a:g}' for a in POP_ALPHAS)} (" + ", ".join(f"{v:.4f}" for v in by_alpha.values())
-                         + "; its val figure is the best of six)")
+                         + f"; its val figure is the best of {len(POP_ALPHAS)})")
             timings[pop] = time.perf_counter() - t0
             print(f"[loo] {pop}: alpha {alpha:g}, HR@10 {M.hit_rate_at_k(ranks[pop][False], K):.4f}", flush=True)
         if pairs:  # the heads' training pairs inside items[:-2]: one embedding table per prefix length

@@ -219,12 +219,13 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
         progress(f"[pretrain] MiniLM cache ready: {built['encoded']:,} of {built['texts']:,} distinct texts encoded "
                  f"({time.perf_counter() - t_m:.1f}s)")
         extra["text_vector_dim"] = 384
+    windows = cfg.windows and reads_windows(cfg.objective)  # the encoder trains on every window of each history
     cooc = None
     if cfg.cooc_dim:
         from userfm.models.cooc import CoocConfig, fit_item_vectors
 
         t_c = time.perf_counter()
-        every = cfg.cooc_windows and cfg.windows and reads_windows(cfg.objective)  # what the encoder trains on
+        every = cfg.cooc_windows and windows  # count what the encoder trains on
         cooc = fit_item_vectors(train_rows, CoocConfig(dim=cfg.cooc_dim, min_users=cfg.cooc_min_users,
                                                        max_events=0 if every else cfg.max_events, seed=cfg.seed,
                                                        key=cfg.item_key))
@@ -264,7 +265,6 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, progress=print, c
     lengths = [datasets["train"].take(min(n_train, 256))]
     key = "a.length" if "clue" in objective_parts(cfg.objective) else "length"
     events_per_sample = float(np.mean([r[key] for r in lengths[0]]))
-    windows = cfg.windows and reads_windows(cfg.objective)
     progress(f"[pretrain] {n_train:,} training rows" + (f" (every {cfg.max_events}-event window of each history)" if windows else "")
              + f" ({steps_per_epoch} steps/epoch"
              + (f"; {featurized:,} featurized: what {cfg.max_steps} steps read" if featurized < n_train else "") + "), "
